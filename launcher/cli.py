@@ -1,0 +1,21 @@
+"""What every entry point shares: a user's mistake ends in one clear paragraph, not a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+from data.errors import DataError
+from launcher.config import ConfigError
+
+T = TypeVar("T")
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def run_entry_point(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except (ConfigError, DataError) as err:
+        kind = "configuration" if isinstance(err, ConfigError) else "data"
+        print(f"zeroforge: {kind} error: {err}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT_CODE)

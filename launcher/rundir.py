@@ -1,0 +1,30 @@
+"""The run directory: what a run needs to be understood later, written before it starts."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_run_dir(cfg: DictConfig) -> Path:
+    """Create run.dir and write the resolved config (with the code version) as config.yaml."""
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    resolved["code_version"] = git_commit()
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(resolved))
+    tmp.replace(run_dir / "config.yaml")
+    return run_dir

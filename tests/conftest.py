@@ -1,0 +1,56 @@
+"""Shared test set-up: CPU DeepSpeed, no wandb, one prepared copy of the embedded corpus."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Two ranks share two cores in the multi-rank tests; more threads per rank only thrash.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """The embedded corpus, prepared once for the whole session (every test shares the cache)."""
+    from data.prepare import prepare
+    from launcher.config import compose_config
+
+    cache = tmp_path_factory.mktemp("data-cache")
+    prepare(compose_config([f"data.cache_dir={cache}"]).data)
+    return cache
+
+
+@pytest.fixture
+def smoke_overrides(data_cache: Path, tmp_path: Path) -> list[str]:
+    return [
+        "experiment=smoke",
+        f"data.cache_dir={data_cache}",
+        f"run.dir={tmp_path / 'run'}",
+        "logging.wandb.mode=disabled",
+    ]
+
+
+def run_module(module: str, args: Sequence[str], cwd: Path, timeout: float = 600, launcher: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Run a real entry point (`python -m module`, or through `launcher`, e.g. torchrun)."""
+    cmd = list(launcher) if launcher else [sys.executable]
+    cmd += ["-m", module, *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]

@@ -1,0 +1,117 @@
+"""Typed configs of the trainer's components; Hydra checks every override against them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on a GPU, fp32 on the CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"  # linear warmup, then cosine down to min_lr_ratio * lr
+    wsd = "wsd"  # warmup, stable, then linear decay over decay_fraction of the steps
+    constant = "constant"  # linear warmup, then flat
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # Any model type transformers' AutoConfig knows; the fields below are mapped onto it.
+    model_type: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 1024
+    # null: the tokenizer's vocabulary, rounded up to a multiple of 64.
+    vocab_size: Optional[int] = None
+    tie_word_embeddings: bool = False
+    attn_implementation: str = "sdpa"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # Passed verbatim to AutoConfig.for_model, for fields the common ones above don't cover.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw_cosine"
+    lr: float = 4e-3
+    min_lr_ratio: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+    # torch's AdamW inside DeepSpeed: no compiler toolchain needed, fused kernels on CUDA.
+    torch_adam: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    name: str = "zero2"
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Merged verbatim into DeepSpeed's zero_optimization section (bucket sizes, overlap_comm, ...).
+    zero_extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 700
+    micro_batch_size: int = 16
+    global_batch_size: int = 16
+    precision: Precision = Precision.auto
+
+
+@dataclass
+class WandbConfig:
+    # auto: online when credentials exist, offline otherwise; disabled: no wandb at all.
+    mode: str = "auto"
+    project: str = "zeroforge"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    name: str = "default"
+    every: int = 10
+    level: str = "INFO"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    # 0: only at the end of training.
+    every: int = 0
+    dir: str = "${run.dir}/checkpoints"
+    export_dir: str = "${run.dir}/export"
+
+
+@dataclass
+class EvalConfig:
+    # 0: no validation inside the training loop.
+    every: int = 0
+    batch_size: int = 8
+    batches: int = 8
+    model_path: str = "${checkpoint.export_dir}"
+
+
+@dataclass
+class GenerateConfig:
+    model_path: str = "${checkpoint.export_dir}"
+    prompts: list[str] = field(default_factory=lambda: ["import os\n", "def ", "class "])
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    seed: int = 0

@@ -1,0 +1,39 @@
+"""DeepSpeed's config, generated from the Hydra config: batch sizes and everything else live there."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.validate import Plan
+
+
+def deepspeed_config(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
+    optim, ds = cfg.optim, cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": plan.device == "cuda"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": plan.device == "cuda"}
+    zero.update(OmegaConf.to_container(ds.zero_extra, resolve=True))
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": plan.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                "torch_adam": optim.torch_adam,
+            },
+        },
+        # zeroforge logs its own metrics; DeepSpeed's periodic prints would duplicate them.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }

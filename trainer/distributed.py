@@ -1,0 +1,98 @@
+"""Process-group set-up with a fallback chain: torchrun env -> Slurm env -> a single process."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistInfo:
+    """Who this process is, read from the environment before any process group exists."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return DistInfo(0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join (or, alone, create) the process group: nccl on GPUs, gloo on the CPU."""
+    import deepspeed
+
+    info = dist_env()
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if info.world_size > 1:
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run; start it with torchrun.")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if device == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    return info
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rank_zero_first(info: DistInfo, fn: Callable[[], T]) -> T:
+    """Run fn on rank 0, then on the others (which then find its cached result).
+
+    Ranks agree on whether rank 0 succeeded, so a failure there never leaves the others waiting
+    at a barrier until the collective timeout.
+    """
+    failure: BaseException | None = None
+    result = None
+    if info.is_main:
+        try:
+            result = fn()
+        except BaseException as err:  # re-raised below, after the other ranks are told
+            failure = err
+    ok = torch.tensor([0.0 if failure else 1.0])
+    if dist.is_initialized() and info.world_size > 1:
+        dist.broadcast(ok, src=0)
+    if failure is not None:
+        raise failure
+    if ok.item() == 0.0:
+        raise RuntimeError("rank 0 failed during start-up; its error message says why.")
+    return result if info.is_main else fn()
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

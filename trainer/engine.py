@@ -1,0 +1,92 @@
+"""Wrapping the plain model for training: activation checkpointing, compile, the DeepSpeed engine."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.optim.lr_scheduler import LambdaLR
+
+from launcher.validate import Plan
+from trainer.deepspeed_config import deepspeed_config
+from trainer.schedule import lr_factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Only matrices decay; biases and norm scales (1-d) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan):
+    import deepspeed
+
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    factor = lr_factor(cfg.optim, cfg.train.steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=deepspeed_config(cfg, plan),
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
+    )
+    if cfg.model.compile:
+        # Compiles in place, so parameter names (and checkpoints) carry no `_orig_mod.` prefix.
+        engine.compile()
+    return engine
+
+
+def causal_lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:]."""
+    logits = model(input_ids=tokens[:, :-1]).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:
+    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(grads).norm() if grads else None
+
+
+def train_step(
+    engine, micro_batches: list[torch.Tensor], device: str
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One optimizer step over this rank's micro-batches; returns (local mean loss, grad norm).
+
+    Both stay tensors so that a GPU is not synchronised on steps that log nothing.
+    """
+    engine.train()
+    total = torch.zeros((), device=device)
+    norm = None
+    for i, batch in enumerate(micro_batches):
+        loss = causal_lm_loss(engine, batch.to(device, non_blocking=True))
+        engine.backward(loss)
+        if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
+            # Without ZeRO, DeepSpeed clips but does not keep the norm; gradients are already
+            # averaged across ranks here, so this is the same number ZeRO 1-3 report.
+            norm = _grad_norm(engine.module)
+        engine.step()
+        total += loss.detach()
+    reported = engine.get_global_grad_norm()
+    if reported is not None:
+        norm = torch.as_tensor(reported)
+    return total / len(micro_batches), norm
+
+
+@torch.no_grad()
+def validation_loss(model, batches: list[torch.Tensor], device: str) -> float:
+    """Mean token loss over fixed held-out windows (every window has the same number of tokens)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss = causal_lm_loss(model, batch.to(device))
+        n = batch[:, 1:].numel()
+        total += loss.item() * n
+        count += n
+    return total / count

@@ -1,0 +1,157 @@
+"""Metrics: throughput and MFU, and the sinks (console, metrics.jsonl, wandb) that rank 0 writes."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.distributed import DistInfo, all_reduce_mean
+
+log = logging.getLogger("zeroforge")
+
+# Dense bf16 peak TFLOP/s per accelerator, matched against torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
+
+
+def peak_tflops(configured: Optional[float]) -> Optional[float]:
+    if configured is not None:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS.items():  # longest, most specific names first
+        if key in name:
+            return value
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, world_size: int, peak: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilisation: achieved training FLOP/s over the peak of all accelerators."""
+    if peak is None:
+        return None
+    return flops_per_token * tokens_per_s / (peak * 1e12 * world_size)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    # On the CPU: the process's peak resident memory (ru_maxrss is in KiB on Linux).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def _wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    netrc = Path.home() / ".netrc"
+    has_login = netrc.exists() and "api.wandb.ai" in netrc.read_text()
+    return "online" if has_key or has_login else "offline"
+
+
+class _Sinks:
+    """Where records go on rank 0; other ranks get none, so callers never test for the rank."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.wandb = None
+        mode = _wandb_mode(cfg.logging.wandb.mode)
+        if mode != "disabled":
+            import wandb
+
+            # The run id is kept in the run directory, so a restarted run continues the same
+            # wandb run rather than starting a new one.
+            id_file = run_dir / "wandb_id"
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:12])
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb.project,
+                entity=cfg.logging.wandb.entity,
+                name=cfg.run.name,
+                id=id_file.read_text().strip(),
+                resume="allow",
+                dir=str(run_dir),
+                mode=mode,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class MetricsLogger:
+    """Called by every rank at every step; reduces across ranks on logging steps only.
+
+    Logs the first step, every `logging.every` steps and the last; the logged loss is the mean
+    over the steps since the previous record (as Megatron-LM reports it), so it is not one noisy batch.
+    """
+
+    def __init__(self, cfg: DictConfig, dist: DistInfo, flops_per_token: float, tokens_per_step: int):
+        self.every = cfg.logging.every
+        self.last_step = cfg.train.steps
+        self.world_size = dist.world_size
+        self.flops_per_token = flops_per_token
+        self.tokens_per_step = tokens_per_step
+        self.peak = peak_tflops(cfg.cluster.peak_tflops)
+        self.sinks = _Sinks(cfg, Path(cfg.run.dir)) if dist.is_main else None
+        self.tokens = 0
+        self._last_time = time.perf_counter()
+        self._last_tokens = 0
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_steps = 0
+
+    def step(self, step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], lr: float) -> Optional[dict]:
+        self.tokens += self.tokens_per_step
+        self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+        self._loss_steps += 1
+        if not (step == 1 or step % self.every == 0 or step == self.last_step):
+            return None
+        loss_value = all_reduce_mean(self._loss_sum / self._loss_steps).item()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        self._loss_sum, self._loss_steps = None, 0
+        now = time.perf_counter()
+        tokens_per_s = (self.tokens - self._last_tokens) / (now - self._last_time)
+        self._last_time, self._last_tokens = now, self.tokens
+        record = {
+            "step": step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": self.tokens,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(self.flops_per_token, tokens_per_s, self.world_size, self.peak),
+            "mem_gb": peak_memory_gb(),
+        }
+        self.write(record)
+        log.info(
+            "step %d | loss %.4f | lr %.2e | grad_norm %s | %.0f tokens/s | mfu %s | mem %.2f GB",
+            step, loss_value, lr, "n/a" if grad_norm is None else f"{grad_norm:.3f}", tokens_per_s,
+            "n/a" if record["mfu"] is None else f"{record['mfu']:.1%}", record["mem_gb"],
+        )
+        return record
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.sinks is not None:
+            self.sinks.write(record)
+
+    def exclude_time(self, seconds: float) -> None:
+        """Leave evaluation and checkpoint time out of the training throughput."""
+        self._last_time += seconds
+
+    def close(self) -> None:
+        if self.sinks is not None:
+            self.sinks.close()
