@@ -1,0 +1,34 @@
+"""The README's main command, end to end: `python -m launcher` with the defaults."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_module, train_losses
+
+pytestmark = pytest.mark.slow
+
+PYTHON_WORDS = ("self", "return", "def ", "import", "None", "if ", "for ")
+
+
+def test_default_launch_trains_exports_evaluates_and_samples(data_cache: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # Only where things go differ from the defaults: the shared data cache and a temporary run dir.
+    result = run_module("launcher", [f"data.cache_dir={data_cache}", f"run.dir={run_dir}"], cwd=REPO, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+
+    losses = train_losses(run_dir)
+    assert losses[-1] <= losses[0] / 2, f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}"
+    assert (run_dir / "config.yaml").exists() and (run_dir / "export" / "model.safetensors").exists()
+
+    ppl = re.search(r"held-out loss ([\d.]+) \| perplexity ([\d.]+)", output)
+    assert ppl, output[-3000:]
+    assert float(ppl.group(2)) < 200
+
+    samples = output.split("----- sample -----")[1:]
+    assert len(samples) == 3
+    generated = " ".join(s.split("\n", 2)[-1] for s in samples)
+    assert sum(word in generated for word in PYTHON_WORDS) >= 3, generated
