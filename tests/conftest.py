@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pytest
 
@@ -41,11 +41,19 @@ def smoke_overrides(data_cache: Path, tmp_path: Path) -> list[str]:
     ]
 
 
-def run_module(module: str, args: Sequence[str], cwd: Path, timeout: float = 600, launcher: Sequence[str] = ()) -> subprocess.CompletedProcess:
+def run_module(
+    module: str,
+    args: Sequence[str],
+    cwd: Path,
+    timeout: float = 600,
+    launcher: Sequence[str] = (),
+    env: Optional[dict[str, str]] = None,
+) -> subprocess.CompletedProcess:
     """Run a real entry point (`python -m module`, or through `launcher`, e.g. torchrun)."""
     cmd = list(launcher) if launcher else [sys.executable]
     cmd += ["-m", module, *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    env = os.environ.copy() if env is None else env
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -1,6 +1,7 @@
 """The README's main command, end to end: `python -m launcher` with the defaults."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -15,8 +16,10 @@ PYTHON_WORDS = ("self", "return", "def ", "import", "None", "if ", "for ")
 
 def test_default_launch_trains_exports_evaluates_and_samples(data_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    # As a user runs it: all cores for the one rank, not the one thread the multi-rank tests use.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     # Only where things go differ from the defaults: the shared data cache and a temporary run dir.
-    result = run_module("launcher", [f"data.cache_dir={data_cache}", f"run.dir={run_dir}"], cwd=REPO, timeout=900)
+    result = run_module("launcher", [f"data.cache_dir={data_cache}", f"run.dir={run_dir}"], cwd=REPO, timeout=900, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
 
