@@ -62,3 +62,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def exact_overrides(data_cache: Path, run_dir: Path, stage: int) -> list[str]:
+    """20 logged fp32 steps of the smoke run: the reference for runs that must match exactly."""
+    return [
+        "experiment=smoke", f"data.cache_dir={data_cache}", "logging.wandb.mode=disabled", f"run.dir={run_dir}",
+        f"deepspeed=zero{stage}", "train.precision=fp32", "eval.every=0", "checkpoint.every=0",
+        "logging.every=1", "train.steps=20",
+    ]
+
+
+@pytest.fixture(scope="session")
+def single_process_run(data_cache: Path, tmp_path_factory) -> Path:
+    """`python -m trainer.train` in one process without ZeRO: what every variant is compared to."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    result = run_module("trainer.train", exact_overrides(data_cache, run_dir, 0), cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir

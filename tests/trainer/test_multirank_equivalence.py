@@ -8,33 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_module, train_losses
+from tests.conftest import REPO, exact_overrides, run_module, train_losses
 
 pytestmark = pytest.mark.slow
-
-COMMON = ["train.precision=fp32", "eval.every=0", "checkpoint.every=0", "logging.every=1", "train.steps=20"]
-
-
-def _overrides(data_cache: Path, run_dir: Path, stage: int) -> list[str]:
-    return [
-        "experiment=smoke", f"data.cache_dir={data_cache}", "logging.wandb.mode=disabled",
-        f"run.dir={run_dir}", f"deepspeed=zero{stage}", *COMMON,
-    ]
-
-
-@pytest.fixture(scope="module")
-def single_process_run(data_cache: Path, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    result = run_module("trainer.train", _overrides(data_cache, run_dir, 0), cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_match_one_process(stage: int, single_process_run: Path, data_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_module("trainer.train", _overrides(data_cache, run_dir, stage), cwd=REPO, launcher=torchrun)
+    result = run_module("trainer.train", exact_overrides(data_cache, run_dir, stage), cwd=REPO, launcher=torchrun)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "world size 2" in result.stdout and f"ZeRO-{stage}" in result.stdout
 
