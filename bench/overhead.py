@@ -89,7 +89,7 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
         if i == warmup:
             start = time.perf_counter()
         step(micro_batches)
-    return (steps - warmup) * plan.tokens_per_step(cfg) / (time.perf_counter() - start)
+    return (steps - warmup) * plan.tokens_per_step / (time.perf_counter() - start)
 
 
 def trainer_tokens_per_s(overrides: list[str], steps: int, warmup: int, env: dict) -> float:

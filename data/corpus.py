@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import sys
 import sysconfig
@@ -14,6 +15,7 @@ from data.errors import DataError
 
 # Test suites and the IDE are left out: they are large and unlike the rest of the library.
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+_FILE_BUILDERS = ("json", "parquet", "text", "csv", "arrow")
 
 
 def embedded_files() -> list[Path]:
@@ -68,10 +70,19 @@ def _raw_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
     import datasets
 
     files = _local_files(cfg)
-    dataset = datasets.load_dataset(
-        cfg.source, name=cfg.subset, data_files=files or None, split=cfg.split, streaming=True
-    )
-    for index, row in enumerate(dataset):
+    if cfg.source in _FILE_BUILDERS and not files:
+        raise DataError(f"data.source={cfg.source!r} reads local files; expected data.data_files, found none.")
+    try:
+        dataset = datasets.load_dataset(
+            cfg.source, name=cfg.subset, data_files=files or None, split=cfg.split, streaming=True
+        )
+        rows = iter(dataset)
+        first = next(rows, None)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data source {describe_source(cfg)} could not be opened: {err}") from None
+    if first is None:
+        return
+    for index, row in enumerate(itertools.chain([first], rows)):
         if cfg.text_field not in row:
             raise DataError(
                 f"data source {describe_source(cfg)}: document {index} has no field "

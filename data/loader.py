@@ -79,7 +79,12 @@ class BatchLoader:
         return list(torch.from_numpy(rows).split(self.micro_batch))
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "seed": self.order.seed}
+        return {
+            "consumed_samples": self.consumed_samples,
+            "seed": self.order.seed,
+            "fingerprint": self.store.manifest["fingerprint"],
+            "seq_len": self.seq_len,
+        }
 
 
 def validation_batches(store: TokenStore, seq_len: int, batch_size: int, num_batches: int) -> list[torch.Tensor]:

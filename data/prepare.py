@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from omegaconf import DictConfig
 
 from data.config import DataConfig
 from data.corpus import describe_source, is_validation, iter_documents, source_fingerprint
@@ -108,7 +109,19 @@ def prepare(cfg: DataConfig) -> Path:
     build = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
-    log.info("preparing %s into %s", describe_source(cfg), out)
+    try:
+        _build(cfg, build)
+        try:
+            build.rename(out)
+        except OSError:
+            pass  # another process finished the same preparation first; its result is identical
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return out
+
+
+def _build(cfg: DataConfig, build: Path) -> None:
+    log.info("preparing %s into %s", describe_source(cfg), build.parent)
     start = time.perf_counter()
 
     if cfg.tokenizer == "embedded":
@@ -154,15 +167,10 @@ def prepare(cfg: DataConfig) -> Path:
         "splits": splits,
     }
     (build / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    try:
-        build.rename(out)
-    except OSError:
-        # Another process finished the same preparation first; its result is identical.
-        shutil.rmtree(build, ignore_errors=True)
     log.info(
         "prepared %d documents, %d tokens in %.1fs", documents, tokens, time.perf_counter() - start
     )
-    return out
+
 
 
 def main() -> None:
@@ -171,8 +179,11 @@ def main() -> None:
     from launcher.cli import run_entry_point
     from launcher.config import CONF_DIR
 
+    from trainer.log import setup_logging
+
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-    def _main(cfg) -> None:
+    def _main(cfg: DictConfig) -> None:
+        setup_logging(0, cfg.logging.level)
         run_entry_point(lambda: print(prepare(cfg.data)))
 
     _main()

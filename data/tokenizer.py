@@ -7,6 +7,8 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from data.errors import DataError
+
 EOS = "<|endoftext|>"
 
 
@@ -28,9 +30,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"tokenizer {str(name_or_path)!r} could not be loaded; expected a hub name or a directory "
+            f"with tokenizer files ({err})."
+        ) from None
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer {name_or_path!s} has no EOS token; documents need a separator.")
+        raise DataError(f"tokenizer {str(name_or_path)!r} has no EOS token; documents need one as separator.")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -6,6 +6,7 @@ from typing import Callable, TypeVar
 
 from data.errors import DataError
 from launcher.config import ConfigError
+from trainer.distributed import StartupAborted
 
 T = TypeVar("T")
 
@@ -15,7 +16,7 @@ USER_ERROR_EXIT_CODE = 2
 def run_entry_point(fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except (ConfigError, DataError) as err:
-        kind = "configuration" if isinstance(err, ConfigError) else "data"
-        print(f"zeroforge: {kind} error: {err}", file=sys.stderr, flush=True)
+    except (ConfigError, DataError, StartupAborted) as err:
+        kind = "configuration error" if isinstance(err, ConfigError) else "data error" if isinstance(err, DataError) else "stopped"
+        print(f"zeroforge: {kind}: {err}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from data.prepare import prepare
 from data.shards import load_manifest
 from launcher.config import ConfigError
-from launcher.rundir import write_run_dir
+from launcher.rundir import check_fresh_run_dir, write_run_dir
 from launcher.validate import validate
 from trainer.model import resolve_vocab_size
 
@@ -34,7 +34,16 @@ def launch(cfg: DictConfig, overrides: Sequence[str]) -> int:
             f"cluster={cfg.cluster.name} with cluster.nodes={cfg.cluster.nodes}: this launcher runs "
             "cluster=local on one node; on Slurm, submit slurm/pretrain.sh with sbatch."
         )
-    validate(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
+    plan = validate(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
+    if plan.device == "cuda":
+        import torch
+
+        if cfg.cluster.nproc_per_node > torch.cuda.device_count():
+            raise ConfigError(
+                f"cluster.nproc_per_node={cfg.cluster.nproc_per_node} but this machine has "
+                f"{torch.cuda.device_count()} GPUs; expected at most one process per GPU."
+            )
+    check_fresh_run_dir(cfg)
     # Prepared here, once, so data errors show before any process starts and ranks never race.
     manifest = load_manifest(prepare(cfg.data))
     resolve_vocab_size(cfg.model, manifest["vocab_size"])

@@ -7,6 +7,8 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.config import ConfigError
+
 
 def git_commit() -> Optional[str]:
     try:
@@ -28,3 +30,13 @@ def write_run_dir(cfg: DictConfig) -> Path:
     tmp.write_text(OmegaConf.to_yaml(resolved))
     tmp.replace(run_dir / "config.yaml")
     return run_dir
+
+
+def check_fresh_run_dir(cfg: DictConfig) -> None:
+    """Refuse to mix two runs' metrics in one directory (resuming a run is not supported yet)."""
+    metrics = Path(cfg.run.dir) / "metrics.jsonl"
+    if metrics.exists():
+        raise ConfigError(
+            f"run.dir={cfg.run.dir} already holds a run ({metrics} exists); expected a new directory: "
+            "set another run.name or run.dir, or remove that directory."
+        )

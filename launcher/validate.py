@@ -10,20 +10,49 @@ from launcher.config import ConfigError
 
 ZERO_STAGES = (0, 1, 2, 3)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
 class Plan:
     """The numbers derived from the config and the world size; nothing here is set by hand."""
 
-    world_size: int
     dp_size: int
     grad_accum: int
+    tokens_per_step: int
     precision: str
     device: str
 
-    def tokens_per_step(self, cfg: DictConfig) -> int:
-        return cfg.train.global_batch_size * cfg.data.seq_len
+
+def accelerator_is_cuda() -> bool:
+    """DeepSpeed's accelerator decides, so DS_ACCELERATOR=cpu means the CPU even beside a GPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cuda"
+
+
+def _check_model(cfg: DictConfig, problems: list[str]) -> None:
+    """Build the (weightless) transformers config now, so a bad model fails before any job starts."""
+    from trainer.model import hf_config
+
+    m = cfg.model
+    try:
+        config = hf_config(m, vocab_size=64)
+    except (ValueError, KeyError, TypeError) as err:
+        problems.append(f"model.model_type={m.model_type!r} with model.extra={dict(m.extra)} is not a causal LM config transformers can build ({err})")
+        return
+    for ours, theirs in [
+        ("hidden_size", "hidden_size"),
+        ("num_layers", "num_hidden_layers"),
+        ("num_heads", "num_attention_heads"),
+        ("max_position_embeddings", "max_position_embeddings"),
+    ]:
+        found = getattr(config, theirs, None)
+        if found != m[ours]:
+            problems.append(
+                f"model.{ours}={m[ours]} did not reach the {m.model_type} config (its {theirs} is {found}); "
+                "set that model type's own field through model.extra"
+            )
 
 
 def _check(ok: bool, message: str, problems: list[str]) -> None:
@@ -34,9 +63,7 @@ def _check(ok: bool, message: str, problems: list[str]) -> None:
 def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> Plan:
     """Every problem found is reported at once, each naming the keys and numbers involved."""
     if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
+        cuda = accelerator_is_cuda()
     problems: list[str] = []
     t, m, ds = cfg.train, cfg.model, cfg.deepspeed
     dp = world_size
@@ -88,6 +115,11 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be 0 (end only) or more, found {cfg.checkpoint.every}", problems)
     _check(cfg.eval.every >= 0, f"eval.every must be 0 (off) or more, found {cfg.eval.every}", problems)
     _check(
+        str(cfg.logging.level).upper() in LOG_LEVELS,
+        f"logging.level={cfg.logging.level!r} must be one of {list(LOG_LEVELS)}",
+        problems,
+    )
+    _check(
         cfg.logging.wandb.mode in WANDB_MODES,
         f"logging.wandb.mode={cfg.logging.wandb.mode!r} must be one of {list(WANDB_MODES)}",
         problems,
@@ -97,6 +129,7 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
         f"data.validation_fraction={cfg.data.validation_fraction} must be between 0 and 1 (exclusive)",
         problems,
     )
+    _check_model(cfg, problems)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 
@@ -104,9 +137,9 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
     return Plan(
-        world_size=world_size,
         dp_size=dp,
         grad_accum=glob // (micro * dp),
+        tokens_per_step=glob * cfg.data.seq_len,
         precision=precision,
         device="cuda" if cuda else "cpu",
     )

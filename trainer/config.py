@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 
 class Precision(str, Enum):
     auto = "auto"  # bf16 on a GPU, fp32 on the CPU
@@ -20,15 +22,16 @@ class Schedule(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
+    # The shape is set by each conf/model/*.yaml, and only there.
+    name: str = MISSING
     # Any model type transformers' AutoConfig knows; the fields below are mapped onto it.
-    model_type: str = "llama"
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    intermediate_size: int = 512
-    max_position_embeddings: int = 1024
+    model_type: str = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    intermediate_size: int = MISSING
+    max_position_embeddings: int = MISSING
     # null: the tokenizer's vocabulary, rounded up to a multiple of 64.
     vocab_size: Optional[int] = None
     tie_word_embeddings: bool = False
@@ -51,7 +54,8 @@ class OptimConfig:
     schedule: Schedule = Schedule.cosine
     warmup_steps: int = 20
     decay_fraction: float = 0.2
-    # torch's AdamW inside DeepSpeed: no compiler toolchain needed, fused kernels on CUDA.
+    # torch's AdamW inside DeepSpeed: no compiler toolchain needed (DeepSpeed's FusedAdam and
+    # CPUAdam are built with one at first use). Ignored with an offloaded optimizer.
     torch_adam: bool = True
 
 

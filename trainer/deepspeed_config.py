@@ -30,7 +30,9 @@ def deepspeed_config(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
                 "betas": list(optim.betas),
                 "eps": optim.eps,
                 "weight_decay": optim.weight_decay,
-                "torch_adam": optim.torch_adam,
+                # Offloaded optimizer states need DeepSpeed's own CPU Adam: DeepSpeed refuses
+                # ZeRO-Offload with torch's AdamW.
+                "torch_adam": optim.torch_adam and not ds.offload_optimizer,
             },
         },
         # zeroforge logs its own metrics; DeepSpeed's periodic prints would duplicate them.

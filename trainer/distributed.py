@@ -1,4 +1,4 @@
-"""Process-group set-up with a fallback chain: torchrun env -> Slurm env -> a single process."""
+"""Process-group set-up: torchrun's environment, or a single process when there is none."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,10 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+
+class StartupAborted(RuntimeError):
+    """This rank stops because rank 0 failed during start-up; rank 0 printed why."""
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,6 @@ def dist_env() -> DistInfo:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     return DistInfo(0, 1, 0)
 
 
@@ -47,8 +49,7 @@ def init_distributed(device: str) -> DistInfo:
     os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        if info.world_size > 1:
-            raise RuntimeError("MASTER_PORT is not set for a multi-process run; start it with torchrun.")
+        # Only reachable alone: torchrun always sets MASTER_PORT alongside RANK and WORLD_SIZE.
         os.environ["MASTER_PORT"] = str(_free_port())
     if device == "cuda":
         torch.cuda.set_device(info.local_rank)
@@ -83,13 +84,15 @@ def rank_zero_first(info: DistInfo, fn: Callable[[], T]) -> T:
             result = fn()
         except BaseException as err:  # re-raised below, after the other ranks are told
             failure = err
-    ok = torch.tensor([0.0 if failure else 1.0])
+    # NCCL only moves GPU tensors; gloo only CPU ones.
+    device = f"cuda:{info.local_rank}" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+    ok = torch.tensor([0.0 if failure else 1.0], device=device)
     if dist.is_initialized() and info.world_size > 1:
         dist.broadcast(ok, src=0)
     if failure is not None:
         raise failure
     if ok.item() == 0.0:
-        raise RuntimeError("rank 0 failed during start-up; its error message says why.")
+        raise StartupAborted(f"rank {info.rank} stops: rank 0 failed during start-up (its message says why).")
     return result if info.is_main else fn()
 
 

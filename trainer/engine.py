@@ -1,7 +1,7 @@
 """Wrapping the plain model for training: activation checkpointing, compile, the DeepSpeed engine."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from launcher.validate import Plan
 from trainer.deepspeed_config import deepspeed_config
 from trainer.schedule import lr_factor
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -23,7 +26,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan):
+def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan) -> DeepSpeedEngine:
     import deepspeed
 
     if cfg.model.activation_checkpointing:
@@ -43,7 +46,7 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan):
     return engine
 
 
-def causal_lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:]."""
     logits = model(input_ids=tokens[:, :-1]).logits
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
@@ -55,19 +58,20 @@ def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:
 
 
 def train_step(
-    engine, micro_batches: list[torch.Tensor], device: str
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """One optimizer step over this rank's micro-batches; returns (local mean loss, grad norm).
+    engine: DeepSpeedEngine, micro_batches: list[torch.Tensor], device: str, measure_grad_norm: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor], float]:
+    """One optimizer step over this rank's micro-batches: (local mean loss, grad norm, lr used).
 
-    Both stay tensors so that a GPU is not synchronised on steps that log nothing.
+    Loss and norm stay tensors so that a GPU is not synchronised on steps that log nothing.
     """
     engine.train()
+    lr = engine.get_lr()[0]  # DeepSpeed advances the scheduler inside the last engine.step()
     total = torch.zeros((), device=device)
     norm = None
     for i, batch in enumerate(micro_batches):
         loss = causal_lm_loss(engine, batch.to(device, non_blocking=True))
         engine.backward(loss)
-        if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
+        if measure_grad_norm and i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed clips but does not keep the norm; gradients are already
             # averaged across ranks here, so this is the same number ZeRO 1-3 report.
             norm = _grad_norm(engine.module)
@@ -76,11 +80,11 @@ def train_step(
     reported = engine.get_global_grad_norm()
     if reported is not None:
         norm = torch.as_tensor(reported)
-    return total / len(micro_batches), norm
+    return total / len(micro_batches), norm, lr
 
 
 @torch.no_grad()
-def validation_loss(model, batches: list[torch.Tensor], device: str) -> float:
+def validation_loss(model: torch.nn.Module, batches: list[torch.Tensor], device: str) -> float:
     """Mean token loss over fixed held-out windows (every window has the same number of tokens)."""
     model.eval()
     total, count = 0.0, 0

@@ -18,10 +18,11 @@ class _RankFilter(logging.Filter):
 def setup_logging(rank: int = 0, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(rank_tag)s%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    handler.addFilter(_RankFilter(rank, logging.getLevelName(level.upper())))
+    threshold = logging.getLevelName(level.upper())
+    handler.addFilter(_RankFilter(rank, threshold))
     root = logging.getLogger()
     root.handlers = [handler]
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.setLevel(min(threshold, logging.WARNING) if rank == 0 else logging.WARNING)
     # DeepSpeed and transformers log verbosely on every rank; their warnings still come through.
     for name in ("DeepSpeed", "deepspeed", "transformers", "datasets", "httpx", "torch", "compilers"):
         logging.getLogger(name).setLevel(logging.WARNING)

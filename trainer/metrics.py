@@ -114,11 +114,14 @@ class MetricsLogger:
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_steps = 0
 
+    def logs_at(self, step: int) -> bool:
+        return step == 1 or step % self.every == 0 or step == self.last_step
+
     def step(self, step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], lr: float) -> Optional[dict]:
         self.tokens += self.tokens_per_step
         self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
         self._loss_steps += 1
-        if not (step == 1 or step % self.every == 0 or step == self.last_step):
+        if not self.logs_at(step):
             return None
         loss_value = all_reduce_mean(self._loss_sum / self._loss_steps).item()
         grad_norm = None if grad_norm is None else float(grad_norm)

@@ -20,7 +20,7 @@ from data.shards import TokenStore
 from data.tokenizer import load_tokenizer
 from launcher.cli import run_entry_point
 from launcher.config import CONF_DIR
-from launcher.rundir import write_run_dir
+from launcher.rundir import check_fresh_run_dir, write_run_dir
 from launcher.validate import validate
 from trainer import distributed
 from trainer.checkpoint import export_hf, save_checkpoint
@@ -43,6 +43,7 @@ def train(cfg: DictConfig) -> dict:
     env = distributed.dist_env()
     setup_logging(env.rank, cfg.logging.level)
     plan = validate(cfg, env.world_size)  # before any process group, data or model exists
+    check_fresh_run_dir(cfg)
     dist = distributed.init_distributed(plan.device)
     device = f"cuda:{dist.local_rank}" if plan.device == "cuda" else "cpu"
 
@@ -70,7 +71,7 @@ def train(cfg: DictConfig) -> dict:
     val_batches = validation_batches(
         TokenStore(prepared, "validation"), cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches
     )
-    metrics = MetricsLogger(cfg, dist, fpt, plan.tokens_per_step(cfg))
+    metrics = MetricsLogger(cfg, dist, fpt, plan.tokens_per_step)
 
     def checkpoint(step: int) -> None:
         client_state = {
@@ -82,8 +83,8 @@ def train(cfg: DictConfig) -> dict:
 
     last: dict = {}
     for step in range(1, cfg.train.steps + 1):
-        loss, grad_norm = train_step(engine, loader.next_batch(), device)
-        last = metrics.step(step, loss, grad_norm, engine.get_lr()[0]) or last
+        loss, grad_norm, lr = train_step(engine, loader.next_batch(), device, metrics.logs_at(step))
+        last = metrics.step(step, loss, grad_norm, lr) or last
         if cfg.eval.every and step % cfg.eval.every == 0:
             started = time.perf_counter()
             val_loss = validation_loss(engine, val_batches, device)
@@ -98,7 +99,7 @@ def train(cfg: DictConfig) -> dict:
     checkpoint(cfg.train.steps)
     export_hf(
         engine, tokenizer, cfg.checkpoint.export_dir, dist,
-        {"step": cfg.train.steps, "tokens": metrics.tokens, "data_fingerprint": prepared.name},
+        {"step": cfg.train.steps, "tokens": metrics.tokens, "prepared_data": str(prepared.resolve())},
     )
     metrics.close()
     distributed.close()

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ from data.errors import DataError
 from data.prepare import prepare, prepared_dir
 from data.shards import TokenStore, load_manifest
 from launcher.config import compose_config
+from tests.conftest import REPO
 
 
 def _data_cfg(*overrides: str):
@@ -59,8 +63,12 @@ def test_prepare_is_cached_by_fingerprint(data_cache: Path) -> None:
 def test_validation_split_is_a_pure_function_of_the_key() -> None:
     keys = [f"doc-{i}" for i in range(10_000)]
     held = [k for k in keys if is_validation(k, 0.1)]
-    assert held == [k for k in keys if is_validation(k, 0.1)]
     assert 800 < len(held) < 1200
+    # The same in another interpreter with another string-hash seed: no dependence on hash().
+    code = "from data.corpus import is_validation; print([k for k in (f'doc-{i}' for i in range(10000)) if is_validation(k, 0.1)])"
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+    assert other.stdout.strip() == str(held)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -125,3 +133,21 @@ def test_truncated_shard_is_detected(tmp_path: Path, data_cache: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(DataError, match=str(shard)):
         TokenStore(out, "train")
+
+
+def test_file_builder_without_files_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="expected data.data_files, found none"):
+        prepare(_data_cfg("data.source=json", f"data.cache_dir={tmp_path}"))
+
+
+def test_unknown_hub_dataset_is_named(tmp_path: Path) -> None:
+    cfg = _data_cfg("data.source=no-such-org/no-such-dataset", f"data.cache_dir={tmp_path}")
+    with pytest.raises(DataError, match="'no-such-org/no-such-dataset' could not be opened"):
+        prepare(cfg)
+    assert not list(tmp_path.iterdir()), "a failed prepare left files behind"
+
+
+def test_unknown_tokenizer_is_named(tmp_path: Path) -> None:
+    cfg = _data_cfg(f"data.tokenizer={tmp_path}/no-tokenizer", f"data.cache_dir={tmp_path}/c")
+    with pytest.raises(DataError, match="no-tokenizer' could not be loaded"):
+        prepare(cfg)

@@ -121,3 +121,17 @@ def test_offload_config() -> None:
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     with pytest.raises(ConfigError, match="offload_params needs ZeRO stage 3"):
         validate(compose_config(["deepspeed=zero2", "deepspeed.offload_params=true"]), 1, cuda=False)
+
+
+def test_unknown_model_type_is_refused_before_anything_runs() -> None:
+    with pytest.raises(ConfigError, match="model.model_type='no-such-model'"):
+        validate(compose_config(["model.model_type=no-such-model"]), 1, cuda=False)
+
+
+def test_model_fields_that_do_not_reach_the_hf_config_are_named() -> None:
+    # GPT-2 calls its context n_positions; our max_position_embeddings reaches it through the
+    # attribute map, so gpt2 composes, and the check would catch a field that silently vanished.
+    plan = validate(compose_config(["model.model_type=gpt2"]), 1, cuda=False)
+    assert plan.dp_size == 1
+    with pytest.raises(ConfigError, match="logging.level='LOUD'"):
+        validate(compose_config(["logging.level=LOUD"]), 1, cuda=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,22 @@ def test_empty_corpus(base: list[str], tmp_path: Path) -> None:
 def test_zero_stage_that_does_not_exist(base: list[str]) -> None:
     _fails_clearly("launcher", [*base, "deepspeed=zero5"], "deepspeed/zero5", "zero3")
     _fails_clearly("launcher", [*base, "deepspeed.stage=5"], "deepspeed.stage=5 is not a ZeRO stage")
+
+
+def test_run_directory_of_another_run_is_refused(base: list[str], tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 8.0}\n')
+    _fails_clearly("launcher", base, "already holds a run", "metrics.jsonl")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 8.0}\n'
+
+
+@pytest.mark.slow
+def test_rank_zero_failure_stops_every_rank_promptly(base: list[str], tmp_path: Path) -> None:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = [*base, "experiment=smoke", "data.source=json", f"data.data_files=[{tmp_path}/absent/*.jsonl]",
+            f"data.cache_dir={tmp_path}/cache"]
+    result = run_module("trainer.train", args, cwd=REPO, launcher=torchrun, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "zeroforge: data error" in output and "absent/*.jsonl" in output
+    assert "zeroforge: stopped: rank 1 stops: rank 0 failed during start-up" in output

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from launcher.config import compose_config
 from tests.conftest import REPO, read_metrics, run_module
+from trainer.schedule import lr_factor
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +39,14 @@ def test_export_loads_and_matches_the_trained_weights(smoke_overrides: list[str]
         torch.testing.assert_close(model(**batch).logits, trained(**batch).logits, rtol=0, atol=1e-5)
 
     # Metrics carry the promised fields; wandb ran offline in the run directory.
-    record = read_metrics(run_dir)[0]
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    record = records[0]
     assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "mem_gb"} <= set(record)
     assert record["mfu"] is None and record["grad_norm"] > 0
+    # The lr the first step used (the first warmup step), and tokens counted per global batch.
+    cfg = compose_config(smoke_overrides)
+    assert record["lr"] == pytest.approx(cfg.optim.lr * lr_factor(cfg.optim, cfg.train.steps)(0))
+    per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    assert [r["tokens"] for r in records[:3]] == [per_step, 2 * per_step, 3 * per_step]
+    assert any("val_loss" in r for r in read_metrics(run_dir))
     assert list((run_dir / "wandb").glob("offline-run-*"))

@@ -32,7 +32,9 @@ def test_two_ranks_match_one_process(stage: int, single_process_run: Path, data_
         if name == "model.embed_tokens.weight":
             # Rows of tokens that barely occur get gradients near zero, where Adam's normalised
             # update turns summation-order noise into a full step: bound how many entries differ.
-            off = ((got[name] - ref[name]).abs() > 1e-5).float().mean().item()
+            diff = (got[name] - ref[name]).abs()
+            off = (diff > 1e-5).float().mean().item()
             assert off < 1e-3, f"{off:.2%} of embedding entries differ"
+            assert diff.max().item() < 2e-3
         else:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
