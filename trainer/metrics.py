@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from launcher.validate import Plan
 from trainer.distributed import DistInfo, all_reduce_mean
 
 log = logging.getLogger("zeroforge")
@@ -21,10 +22,10 @@ log = logging.getLogger("zeroforge")
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
 
 
-def peak_tflops(configured: Optional[float]) -> Optional[float]:
+def peak_tflops(configured: Optional[float], device: str) -> Optional[float]:
     if configured is not None:
         return configured
-    if not torch.cuda.is_available():
+    if device != "cuda":
         return None
     name = torch.cuda.get_device_name()
     for key, value in PEAK_TFLOPS.items():  # longest, most specific names first
@@ -40,8 +41,8 @@ def mfu(flops_per_token: float, tokens_per_s: float, world_size: int, peak: Opti
     return flops_per_token * tokens_per_s / (peak * 1e12 * world_size)
 
 
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
+def peak_memory_gb(device: str) -> float:
+    if device == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
     # On the CPU: the process's peak resident memory (ru_maxrss is in KiB on Linux).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -100,13 +101,14 @@ class MetricsLogger:
     over the steps since the previous record (as Megatron-LM reports it), so it is not one noisy batch.
     """
 
-    def __init__(self, cfg: DictConfig, dist: DistInfo, flops_per_token: float, tokens_per_step: int):
+    def __init__(self, cfg: DictConfig, dist: DistInfo, plan: Plan, flops_per_token: float):
         self.every = cfg.logging.every
         self.last_step = cfg.train.steps
         self.world_size = dist.world_size
+        self.device = plan.device
         self.flops_per_token = flops_per_token
-        self.tokens_per_step = tokens_per_step
-        self.peak = peak_tflops(cfg.cluster.peak_tflops)
+        self.tokens_per_step = plan.tokens_per_step
+        self.peak = peak_tflops(cfg.cluster.peak_tflops, plan.device)
         self.sinks = _Sinks(cfg, Path(cfg.run.dir)) if dist.is_main else None
         self.tokens = 0
         self._last_time = time.perf_counter()
@@ -137,7 +139,7 @@ class MetricsLogger:
             "tokens": self.tokens,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(self.flops_per_token, tokens_per_s, self.world_size, self.peak),
-            "mem_gb": peak_memory_gb(),
+            "mem_gb": peak_memory_gb(self.device),
         }
         self.write(record)
         log.info(

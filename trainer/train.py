@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> dict:
     val_batches = validation_batches(
         TokenStore(prepared, "validation"), cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches
     )
-    metrics = MetricsLogger(cfg, dist, fpt, plan.tokens_per_step)
+    metrics = MetricsLogger(cfg, dist, plan, fpt)
 
     def checkpoint(step: int) -> None:
         client_state = {
