@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from data.prepare import prepare
 from data.shards import load_manifest
 from launcher.config import ConfigError
-from launcher.rundir import check_fresh_run_dir, write_run_dir
+from launcher.rundir import check_run_dir, write_run_dir
 from launcher.validate import validate
 from trainer.model import resolve_vocab_size
 
@@ -43,7 +43,7 @@ def launch(cfg: DictConfig, overrides: Sequence[str]) -> int:
                 f"cluster.nproc_per_node={cfg.cluster.nproc_per_node} but this machine has "
                 f"{torch.cuda.device_count()} GPUs; expected at most one process per GPU."
             )
-    check_fresh_run_dir(cfg)
+    check_run_dir(cfg)
     # Prepared here, once, so data errors show before any process starts and ranks never race.
     manifest = load_manifest(prepare(cfg.data))
     resolve_vocab_size(cfg.model, manifest["vocab_size"])

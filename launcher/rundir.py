@@ -32,11 +32,15 @@ def write_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def check_fresh_run_dir(cfg: DictConfig) -> None:
-    """Refuse to mix two runs' metrics in one directory (resuming a run is not supported yet)."""
+def check_run_dir(cfg: DictConfig) -> None:
+    """One run per directory: a run.dir with metrics is only re-entered to resume a checkpoint."""
+    from trainer.checkpoint import committed_checkpoints
+
     metrics = Path(cfg.run.dir) / "metrics.jsonl"
-    if metrics.exists():
+    resumable = cfg.checkpoint.resume != "never" and committed_checkpoints(cfg.checkpoint.dir)
+    if metrics.exists() and not resumable:
         raise ConfigError(
-            f"run.dir={cfg.run.dir} already holds a run ({metrics} exists); expected a new directory: "
-            "set another run.name or run.dir, or remove that directory."
+            f"run.dir={cfg.run.dir} already holds a run ({metrics} exists) with no committed checkpoint "
+            f"to resume (checkpoint.resume={cfg.checkpoint.resume}); expected a new directory: set "
+            "another run.name or run.dir, or remove that directory."
         )

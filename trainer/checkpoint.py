@@ -1,15 +1,29 @@
-"""Saving through DeepSpeed, and exporting plain HF weights (safetensors) with the tokenizer."""
+"""Checkpoints that commit atomically, and the plain HF export.
+
+A save goes through DeepSpeed into step_<N>.tmp; after every rank has written, the files are
+hashed (each rank a share), rank 0 writes manifest.json, renames the directory to step_<N> and
+only then moves the `latest` pointer (write, fsync, rename, fsync the directory). A checkpoint
+whose manifest does not verify is never loaded: loading falls back to the newest one that does.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import random
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import torch
+import torch.distributed as torch_dist
+from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from launcher.config import ConfigError
 from trainer.distributed import DistInfo, barrier
 
 if TYPE_CHECKING:
@@ -17,13 +31,194 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zeroforge")
 
+LATEST = "latest"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
-def save_checkpoint(engine: DeepSpeedEngine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any]) -> Path:
-    """A DeepSpeed checkpoint tagged step_<N> (every rank writes its shard)."""
-    tag = f"step_{step:07d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    log.info("saved checkpoint %s/%s", ckpt_dir, tag)
-    return Path(ckpt_dir) / tag
+
+def step_tag(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gather(obj: Any, dist: DistInfo) -> list[Any]:
+    if dist.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def _my_share(files: list[str], dist: DistInfo) -> list[str]:
+    """Each rank hashes every world_size-th file, so a large checkpoint is hashed in parallel."""
+    return files[dist.rank :: dist.world_size]
+
+
+def save_checkpoint(
+    engine: DeepSpeedEngine, root: str | Path, step: int, client_state: dict[str, Any], dist: DistInfo
+) -> Path:
+    """Save and commit step_<N>; every rank must call it. Returns the committed directory."""
+    root = Path(root)
+    final = root / step_tag(step)
+    tmp = root / (step_tag(step) + ".tmp")
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
+    barrier()
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    mine = {}
+    for name in _my_share(files, dist):
+        _fsync(tmp / name)
+        mine[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    entries: dict[str, dict] = {}
+    for part in _gather(mine, dist):
+        entries.update(part)
+    if dist.is_main:
+        # What a resume must check before DeepSpeed touches the files (a model of another shape
+        # or another world size fails inside DeepSpeed's loader, not with a clear message).
+        run = {k: client_state[k] for k in ("tokens", "data", "tokenizer_hash", "world_size")}
+        run["model"] = client_state["config"]["model"]
+        manifest = {"step": step, "run": run, "files": entries}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / MANIFEST)
+        if final.exists():
+            shutil.rmtree(final)  # the same step saved again after a resume: same content
+        tmp.rename(final)
+        _fsync(root)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(final.name)
+        _fsync(pointer)
+        pointer.replace(root / LATEST)
+        _fsync(root)
+        log.info("committed checkpoint %s", final)
+    barrier()
+    return final
+
+
+def _verify(path: Path, dist: DistInfo) -> Optional[str]:
+    """None when every file of the manifest is there with its size and hash, else why not."""
+    problem = None
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        problem = "no manifest.json"
+    else:
+        files = json.loads(manifest_path.read_text())["files"]
+        for name in _my_share(sorted(files), dist):
+            target = path / name
+            if not target.exists() or target.stat().st_size != files[name]["bytes"]:
+                problem = f"{name} is missing or has the wrong size"
+                break
+            if _sha256(target) != files[name]["sha256"]:
+                problem = f"{name} does not match its checksum"
+                break
+    problems = [p for p in _gather(problem, dist) if p]
+    return problems[0] if problems else None
+
+
+def committed_checkpoints(root: str | Path) -> list[Path]:
+    """Committed step directories, newest first (never a .tmp one)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(root: str | Path, resume: str, dist: DistInfo) -> Optional[Path]:
+    """The checkpoint to resume from: `never`, `auto` (newest that verifies) or an explicit path."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        problem = _verify(path, dist)
+        if problem:
+            raise ConfigError(f"checkpoint.resume={resume}: that checkpoint cannot be loaded ({problem}).")
+        return path
+    root = Path(root)
+    candidates = committed_checkpoints(root)
+    pointer = root / LATEST
+    latest = root / pointer.read_text().strip() if pointer.exists() else None
+    for candidate in candidates:
+        problem = _verify(candidate, dist)
+        if problem is None:
+            if latest is not None and candidate != latest:
+                log.warning("latest points to %s, which does not verify; resuming from %s", latest.name, candidate.name)
+            return candidate
+        log.warning("checkpoint %s does not verify (%s); trying an older one", candidate, problem)
+    return None
+
+
+MODEL_KEYS = (
+    "model_type", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+    "max_position_embeddings", "vocab_size", "tie_word_embeddings", "extra",
+)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gathered_rng_states(dist: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's RNG states: rank 0's checkpoint file alone must restore all of them."""
+    return _gather(rng_state(), dist)
+
+
+def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size: int) -> None:
+    """Refuse to continue a run as a different one (steps, cadences and such may change)."""
+    run = json.loads((path / MANIFEST).read_text())["run"]
+    saved = run["model"]
+    now = OmegaConf.to_container(cfg.model, resolve=True)
+    problems = [f"model.{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in MODEL_KEYS if saved[k] != now[k]]
+    data = run["data"]
+    if data["fingerprint"] != data_manifest["fingerprint"]:
+        problems.append(f"data fingerprint: checkpoint {data['fingerprint'][:12]}, now {data_manifest['fingerprint'][:12]}")
+    if run["tokenizer_hash"] != data_manifest["tokenizer_hash"]:
+        problems.append(f"tokenizer: checkpoint {run['tokenizer_hash']}, now {data_manifest['tokenizer_hash']}")
+    if data["seq_len"] != cfg.data.seq_len:
+        problems.append(f"data.seq_len: checkpoint {data['seq_len']}, now {cfg.data.seq_len}")
+    if problems:
+        raise ConfigError(f"cannot resume from {path}: the run differs in " + "; ".join(problems) + ". Use another run.dir for a new run, or checkpoint.resume=never.")
+    if run["world_size"] != world_size:
+        raise ConfigError(
+            f"cannot resume from {path}: it was saved by {run['world_size']} ranks and this run has "
+            f"{world_size}; resuming on another world size is not supported yet."
+        )
+
+
+def load_checkpoint(engine: DeepSpeedEngine, path: Path) -> dict[str, Any]:
+    """Load model, optimizer and scheduler state into the engine; returns our client state."""
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if client_state is None:
+        raise ConfigError(f"DeepSpeed could not load the checkpoint {path}.")
+    log.info("resumed from %s (step %d)", path, client_state["step"])
+    return client_state
 
 
 def consolidated_state_dict(engine: DeepSpeedEngine, dist: DistInfo) -> Optional[dict[str, torch.Tensor]]:

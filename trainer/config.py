@@ -75,6 +75,9 @@ class TrainConfig:
     micro_batch_size: int = 16
     global_batch_size: int = 16
     precision: Precision = Precision.auto
+    # Save a checkpoint and stop after every this many steps (as Megatron-LM's --exit-interval):
+    # a job that must end inside a time limit resumes where it stopped.
+    exit_interval: Optional[int] = None
 
 
 @dataclass
@@ -98,6 +101,8 @@ class CheckpointConfig:
     # 0: only at the end of training.
     every: int = 0
     dir: str = "${run.dir}/checkpoints"
+    # auto: continue from the newest committed checkpoint in dir, if any; never; or a checkpoint path.
+    resume: str = "auto"
     export_dir: str = "${run.dir}/export"
 
 

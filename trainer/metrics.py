@@ -57,11 +57,28 @@ def _wandb_mode(mode: str) -> str:
     return "online" if has_key or has_login else "offline"
 
 
+def _set_aside_records_after(path: Path, step: int) -> None:
+    """A resumed run recomputes the steps after its checkpoint: their old records move to
+    metrics.superseded.jsonl, so each step appears once in metrics.jsonl and no line is lost."""
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(keep) == len(lines):
+        return
+    with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+        f.writelines(line for line in lines if json.loads(line)["step"] > step)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+
+
 class _Sinks:
     """Where records go on rank 0; other ranks get none, so callers never test for the rank."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+    def __init__(self, cfg: DictConfig, run_dir: Path, start_step: int):
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            _set_aside_records_after(path, start_step)
+        self.jsonl = open(path, "a", buffering=1)
         self.wandb = None
         mode = _wandb_mode(cfg.logging.wandb.mode)
         if mode != "disabled":
@@ -101,23 +118,26 @@ class MetricsLogger:
     over the steps since the previous record (as Megatron-LM reports it), so it is not one noisy batch.
     """
 
-    def __init__(self, cfg: DictConfig, dist: DistInfo, plan: Plan, flops_per_token: float):
+    def __init__(
+        self, cfg: DictConfig, dist: DistInfo, plan: Plan, flops_per_token: float, start_step: int = 0, start_tokens: int = 0
+    ):
         self.every = cfg.logging.every
+        self.first_step = start_step + 1
         self.last_step = cfg.train.steps
         self.world_size = dist.world_size
         self.device = plan.device
         self.flops_per_token = flops_per_token
         self.tokens_per_step = plan.tokens_per_step
         self.peak = peak_tflops(cfg.cluster.peak_tflops, plan.device)
-        self.sinks = _Sinks(cfg, Path(cfg.run.dir)) if dist.is_main else None
-        self.tokens = 0
+        self.sinks = _Sinks(cfg, Path(cfg.run.dir), start_step) if dist.is_main else None
+        self.tokens = start_tokens
         self._last_time = time.perf_counter()
-        self._last_tokens = 0
+        self._last_tokens = start_tokens
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_steps = 0
 
     def logs_at(self, step: int) -> bool:
-        return step == 1 or step % self.every == 0 or step == self.last_step
+        return step == self.first_step or step % self.every == 0 or step == self.last_step
 
     def step(self, step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], lr: float) -> Optional[dict]:
         self.tokens += self.tokens_per_step

@@ -20,16 +20,31 @@ from data.shards import TokenStore
 from data.tokenizer import load_tokenizer
 from launcher.cli import run_entry_point
 from launcher.config import CONF_DIR
-from launcher.rundir import check_fresh_run_dir, write_run_dir
+from launcher.rundir import check_run_dir, write_run_dir
 from launcher.validate import validate
 from trainer import distributed
-from trainer.checkpoint import export_hf, save_checkpoint
+from trainer.checkpoint import (
+    check_resumable,
+    export_hf,
+    find_resume_checkpoint,
+    gathered_rng_states,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from trainer.engine import build_engine, train_step, validation_loss
 from trainer.log import setup_logging
 from trainer.metrics import MetricsLogger
 from trainer.model import build_model, flops_per_token, resolve_vocab_size
 
 log = logging.getLogger("zeroforge")
+
+
+def library_versions() -> dict[str, str]:
+    import deepspeed
+    import transformers
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
 
 
 def seed_everything(seed: int) -> None:
@@ -43,13 +58,17 @@ def train(cfg: DictConfig) -> dict:
     env = distributed.dist_env()
     setup_logging(env.rank, cfg.logging.level)
     plan = validate(cfg, env.world_size)  # before any process group, data or model exists
-    check_fresh_run_dir(cfg)
+    check_run_dir(cfg)
     dist = distributed.init_distributed(plan.device)
     device = f"cuda:{dist.local_rank}" if plan.device == "cuda" else "cpu"
 
     prepared = distributed.rank_zero_first(dist, lambda: prepare(cfg.data))
     tokenizer = load_tokenizer(prepared / "tokenizer")
     vocab_size = resolve_vocab_size(cfg.model, len(tokenizer))
+    train_store = TokenStore(prepared, "train")
+    resume_from = find_resume_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume, dist)
+    if resume_from is not None:
+        check_resumable(resume_from, cfg, train_store.manifest, dist.world_size)
     if dist.is_main:
         write_run_dir(cfg)
 
@@ -64,25 +83,38 @@ def train(cfg: DictConfig) -> dict:
         cfg.train.micro_batch_size, plan.grad_accum, plan.dp_size, cfg.train.global_batch_size,
     )
 
+    state = {"step": 0, "tokens": 0, "data": {"consumed_samples": 0}}
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from)
+        set_rng_state(state["rng"][dist.rank])
     loader = BatchLoader(
-        TokenStore(prepared, "train"), cfg.data.seq_len, cfg.seed, cfg.train.global_batch_size,
-        cfg.train.micro_batch_size, dp_rank=dist.rank, dp_size=plan.dp_size,
+        train_store, cfg.data.seq_len, cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+        dp_rank=dist.rank, dp_size=plan.dp_size, consumed_samples=state["data"]["consumed_samples"],
     )
     val_batches = validation_batches(
         TokenStore(prepared, "validation"), cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches
     )
-    metrics = MetricsLogger(cfg, dist, plan, fpt)
+    metrics = MetricsLogger(cfg, dist, plan, fpt, start_step=state["step"], start_tokens=state["tokens"])
 
     def checkpoint(step: int) -> None:
         client_state = {
             "step": step,
+            "tokens": metrics.tokens,
             "data": loader.state_dict(),
+            "rng": gathered_rng_states(dist),
+            "tokenizer_hash": train_store.manifest["tokenizer_hash"],
+            "world_size": dist.world_size,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            "versions": library_versions(),
         }
-        save_checkpoint(engine, cfg.checkpoint.dir, step, client_state)
+        started = time.perf_counter()
+        save_checkpoint(engine, cfg.checkpoint.dir, step, client_state, dist)
+        metrics.exclude_time(time.perf_counter() - started)
 
     last: dict = {}
-    for step in range(1, cfg.train.steps + 1):
+    step = state["step"]
+    while step < cfg.train.steps:
+        step += 1
         loss, grad_norm, lr = train_step(engine, loader.next_batch(), device, metrics.logs_at(step))
         last = metrics.step(step, loss, grad_norm, lr) or last
         if cfg.eval.every and step % cfg.eval.every == 0:
@@ -91,16 +123,17 @@ def train(cfg: DictConfig) -> dict:
             metrics.write({"step": step, "val_loss": val_loss, "val_ppl": float(np.exp(val_loss))})
             log.info("step %d | validation loss %.4f | perplexity %.2f", step, val_loss, np.exp(val_loss))
             metrics.exclude_time(time.perf_counter() - started)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
-            started = time.perf_counter()
+        exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
+        if step == cfg.train.steps or exit_now or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             checkpoint(step)
-            metrics.exclude_time(time.perf_counter() - started)
-
-    checkpoint(cfg.train.steps)
-    export_hf(
-        engine, tokenizer, cfg.checkpoint.export_dir, dist,
-        {"step": cfg.train.steps, "tokens": metrics.tokens, "prepared_data": str(prepared.resolve())},
-    )
+        if exit_now:
+            log.info("step %d: train.exit_interval=%d reached; stopping, a restart resumes here", step, cfg.train.exit_interval)
+            break
+    if step == cfg.train.steps:
+        export_hf(
+            engine, tokenizer, cfg.checkpoint.export_dir, dist,
+            {"step": step, "tokens": metrics.tokens, "prepared_data": str(prepared.resolve())},
+        )
     metrics.close()
     distributed.close()
     return last

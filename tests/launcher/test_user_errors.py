@@ -70,7 +70,7 @@ def test_zero_stage_that_does_not_exist(base: list[str]) -> None:
 def test_run_directory_of_another_run_is_refused(base: list[str], tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 8.0}\n')
-    _fails_clearly("launcher", base, "already holds a run", "metrics.jsonl")
+    _fails_clearly("launcher", base, "already holds a run", "no committed checkpoint to resume")
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 8.0}\n'
 
 
