@@ -113,6 +113,11 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
     )
     _check(cfg.logging.every >= 1, f"logging.every must be at least 1, found {cfg.logging.every}", problems)
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be 0 (end only) or more, found {cfg.checkpoint.every}", problems)
+    _check(
+        cfg.checkpoint.keep_last >= 1,
+        f"checkpoint.keep_last must be at least 1 (the newest checkpoint is always kept), found {cfg.checkpoint.keep_last}",
+        problems,
+    )
     _check(cfg.eval.every >= 0, f"eval.every must be 0 (off) or more, found {cfg.eval.every}", problems)
     _check(
         str(cfg.logging.level).upper() in LOG_LEVELS,

@@ -70,10 +70,13 @@ def _my_share(files: list[str], dist: DistInfo) -> list[str]:
 
 
 def save_checkpoint(
-    engine: DeepSpeedEngine, root: str | Path, step: int, client_state: dict[str, Any], dist: DistInfo
+    engine: DeepSpeedEngine, cfg: DictConfig, step: int, client_state: dict[str, Any], dist: DistInfo
 ) -> Path:
-    """Save and commit step_<N>; every rank must call it. Returns the committed directory."""
-    root = Path(root)
+    """Save and commit step_<N> under cfg.dir (the checkpoint config), then apply retention.
+
+    Every rank must call it. Returns the committed directory.
+    """
+    root = Path(cfg.dir)
     final = root / step_tag(step)
     tmp = root / (step_tag(step) + ".tmp")
     if dist.is_main:
@@ -107,6 +110,7 @@ def save_checkpoint(
         pointer.replace(root / LATEST)
         _fsync(root)
         log.info("committed checkpoint %s", final)
+        apply_retention(root, cfg.keep_last, cfg.keep_every)
     barrier()
     return final
 
@@ -129,6 +133,28 @@ def _verify(path: Path, dist: DistInfo) -> Optional[str]:
                 break
     problems = [p for p in _gather(problem, dist) if p]
     return problems[0] if problems else None
+
+
+def apply_retention(root: Path, keep_last: int, keep_every: Optional[int]) -> list[Path]:
+    """Delete committed checkpoints beyond the newest keep_last (but every keep_every-th step),
+    and saves that died half-way. Called only after a commit, so the newest checkpoint is one
+    that was just written and hashed; the one `latest` names is never deleted."""
+    committed = committed_checkpoints(root)
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    doomed = [
+        path for i, path in enumerate(committed)
+        if i >= keep_last and path.name != latest and not (keep_every and _step_of(path) % keep_every == 0)
+    ]
+    newest = _step_of(committed[0]) if committed else 0
+    doomed += [p for p in root.glob("step_*.tmp") if int(p.name[5:-4]) < newest]
+    for path in doomed:
+        shutil.rmtree(path)
+        log.info("retention: removed %s", path)
+    return doomed
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
 
 
 def committed_checkpoints(root: str | Path) -> list[Path]:

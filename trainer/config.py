@@ -103,6 +103,9 @@ class CheckpointConfig:
     dir: str = "${run.dir}/checkpoints"
     # auto: continue from the newest committed checkpoint in dir, if any; never; or a checkpoint path.
     resume: str = "auto"
+    # Retention, applied after each commit: the newest keep_last, plus every keep_every-th step.
+    keep_last: int = 3
+    keep_every: Optional[int] = None
     export_dir: str = "${run.dir}/export"
 
 

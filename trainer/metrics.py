@@ -61,11 +61,12 @@ def _set_aside_records_after(path: Path, step: int) -> None:
     """A resumed run recomputes the steps after its checkpoint: their old records move to
     metrics.superseded.jsonl, so each step appears once in metrics.jsonl and no line is lost."""
     lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    # A line without its newline was cut off by a kill mid-write: it is set aside, not kept.
+    keep = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
     if len(keep) == len(lines):
         return
     with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
-        f.writelines(line for line in lines if json.loads(line)["step"] > step)
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in lines if line not in keep)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
     tmp.replace(path)

@@ -36,6 +36,7 @@ from trainer.engine import build_engine, train_step, validation_loss
 from trainer.log import setup_logging
 from trainer.metrics import MetricsLogger
 from trainer.model import build_model, flops_per_token, resolve_vocab_size
+from trainer.preemption import Preempted, StopRequest
 
 log = logging.getLogger("zeroforge")
 
@@ -108,15 +109,20 @@ def train(cfg: DictConfig) -> dict:
             "versions": library_versions(),
         }
         started = time.perf_counter()
-        save_checkpoint(engine, cfg.checkpoint.dir, step, client_state, dist)
+        save_checkpoint(engine, cfg.checkpoint, step, client_state, dist)
         metrics.exclude_time(time.perf_counter() - started)
 
+    stop = StopRequest(device)
     last: dict = {}
     step = state["step"]
     while step < cfg.train.steps:
         step += 1
         loss, grad_norm, lr = train_step(engine, loader.next_batch(), device, metrics.logs_at(step))
         last = metrics.step(step, loss, grad_norm, lr) or last
+        if stop.agreed():
+            checkpoint(step)
+            metrics.close()
+            raise Preempted(f"stop signal received: saved step {step}; a restart resumes from it")
         if cfg.eval.every and step % cfg.eval.every == 0:
             started = time.perf_counter()
             val_loss = validation_loss(engine, val_batches, device)
@@ -129,6 +135,7 @@ def train(cfg: DictConfig) -> dict:
         if exit_now:
             log.info("step %d: train.exit_interval=%d reached; stopping, a restart resumes here", step, cfg.train.exit_interval)
             break
+    stop.close()
     if step == cfg.train.steps:
         export_hf(
             engine, tokenizer, cfg.checkpoint.export_dir, dist,

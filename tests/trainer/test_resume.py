@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +84,31 @@ def test_resume_refuses_another_model_or_world_size(data_cache: Path, tmp_path: 
     # Nothing was lost: the checkpoint is still there, and a matching run still resumes from it.
     output = _ok(run_module("trainer.train", exact_overrides(data_cache, run_dir, 2), cwd=REPO))
     assert "resumed from" in output
+
+
+def test_killed_at_random_moments_always_resumes_from_a_committed_checkpoint(data_cache: Path, tmp_path: Path) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    # A checkpoint every step, so most kills land inside a save.
+    args = ["train.steps=30", "checkpoint.every=1", "checkpoint.keep_last=2"]
+    _ok(run_module("trainer.train", [*exact_overrides(data_cache, straight, 2), *args], cwd=REPO))
+
+    cmd = [sys.executable, "-m", "trainer.train", *exact_overrides(data_cache, killed, 2), *args]
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(10):
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+        time.sleep(rng.uniform(5.0, 9.0))  # start-up takes about 5 s here
+        if proc.poll() is not None:
+            break  # finished before this kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        committed = sorted((killed / "checkpoints").glob("step_???????"))
+        assert len(committed) <= 3, "retention must not let checkpoints pile up"
+    assert kills >= 5
+    _ok(run_module("trainer.train", [*exact_overrides(data_cache, killed, 2), *args], cwd=REPO))
+    assert [r["step"] for r in read_metrics(killed)] == list(range(1, 31))
+    assert train_losses(killed) == train_losses(straight)
+    a = load_file(straight / "export" / "model.safetensors")
+    b = load_file(killed / "export" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
