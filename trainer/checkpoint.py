@@ -64,6 +64,28 @@ def _gather(obj: Any, dist: DistInfo) -> list[Any]:
     return out
 
 
+def _from_rank_zero(obj: Any, dist: DistInfo) -> Any:
+    """Rank 0's value on every rank: directory listings decide collectives, so all ranks must
+    use the same one even where a shared filesystem shows them different views."""
+    if dist.world_size == 1:
+        return obj
+    box = [obj if dist.is_main else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _agree_or_raise(problem: Optional[str], dist: DistInfo, what: str) -> None:
+    """Every rank raises if any rank failed, instead of the others waiting in a collective."""
+    problems = [p for p in _gather(problem, dist) if p]
+    if problems:
+        raise RuntimeError(f"{what} failed: " + "; ".join(problems))
+
+
+def _fsync_tree(path: Path) -> None:
+    for directory, _, _ in os.walk(path):
+        _fsync(Path(directory))
+
+
 def _my_share(files: list[str], dist: DistInfo) -> list[str]:
     """Each rank hashes every world_size-th file, so a large checkpoint is hashed in parallel."""
     return files[dist.rank :: dist.world_size]
@@ -84,45 +106,58 @@ def save_checkpoint(
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
     barrier()
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    mine = {}
-    for name in _my_share(files, dist):
-        _fsync(tmp / name)
-        mine[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    files = _from_rank_zero(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if dist.is_main else None, dist)
+    mine, problem = {}, None
+    try:
+        for name in _my_share(files, dist):
+            _fsync(tmp / name)
+            mine[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    except OSError as err:
+        problem = f"rank {dist.rank}: {err}"
     entries: dict[str, dict] = {}
     for part in _gather(mine, dist):
         entries.update(part)
+    _agree_or_raise(problem, dist, f"saving {final}")
+    problem = None
     if dist.is_main:
         # What a resume must check before DeepSpeed touches the files (a model of another shape
         # or another world size fails inside DeepSpeed's loader, not with a clear message).
         run = {k: client_state[k] for k in ("tokens", "data", "tokenizer_hash", "world_size")}
         run["model"] = client_state["config"]["model"]
-        manifest = {"step": step, "run": run, "files": entries}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp / MANIFEST)
-        if final.exists():
-            shutil.rmtree(final)  # the same step saved again after a resume: same content
-        tmp.rename(final)
-        _fsync(root)
-        pointer = root / (LATEST + ".tmp")
-        pointer.write_text(final.name)
-        _fsync(pointer)
-        pointer.replace(root / LATEST)
-        _fsync(root)
-        log.info("committed checkpoint %s", final)
+        try:
+            _commit(root, tmp, final, {"step": step, "run": run, "files": entries})
+        except OSError as err:
+            problem = f"rank 0: {err}"
+    _agree_or_raise(problem, dist, f"committing {final}")
+    if dist.is_main:
         apply_retention(root, cfg.keep_last, cfg.keep_every)
-    barrier()
     return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, manifest: dict) -> None:
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / MANIFEST)
+    _fsync_tree(tmp)
+    # The same step saved again after a resume: the old copy goes only once the new one is in place.
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    _fsync(root)
+    shutil.rmtree(old, ignore_errors=True)
+    pointer = root / (LATEST + ".tmp")
+    pointer.write_text(final.name)
+    _fsync(pointer)
+    pointer.replace(root / LATEST)
+    _fsync(root)
+    log.info("committed checkpoint %s", final)
 
 
 def _verify(path: Path, dist: DistInfo) -> Optional[str]:
     """None when every file of the manifest is there with its size and hash, else why not."""
     problem = None
-    manifest_path = path / MANIFEST
-    if not manifest_path.exists():
-        problem = "no manifest.json"
-    else:
-        files = json.loads(manifest_path.read_text())["files"]
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
         for name in _my_share(sorted(files), dist):
             target = path / name
             if not target.exists() or target.stat().st_size != files[name]["bytes"]:
@@ -131,6 +166,8 @@ def _verify(path: Path, dist: DistInfo) -> Optional[str]:
             if _sha256(target) != files[name]["sha256"]:
                 problem = f"{name} does not match its checksum"
                 break
+    except (OSError, ValueError, KeyError) as err:
+        problem = f"its manifest cannot be read ({err!r})"
     problems = [p for p in _gather(problem, dist) if p]
     return problems[0] if problems else None
 
@@ -146,15 +183,17 @@ def apply_retention(root: Path, keep_last: int, keep_every: Optional[int]) -> li
         if i >= keep_last and path.name != latest and not (keep_every and _step_of(path) % keep_every == 0)
     ]
     newest = _step_of(committed[0]) if committed else 0
-    doomed += [p for p in root.glob("step_*.tmp") if int(p.name[5:-4]) < newest]
+    doomed += [p for p in root.glob("step_*.*") if p.suffix in (".tmp", ".old", ".deleting") and _step_of(p) < newest]
     for path in doomed:
-        shutil.rmtree(path)
+        # Renamed first, so a deletion cut short never leaves a directory that looks committed.
+        dying = path if path.suffix == ".deleting" else path.rename(path.with_name(path.name.split(".")[0] + ".deleting"))
+        shutil.rmtree(dying, ignore_errors=True)
         log.info("retention: removed %s", path)
     return doomed
 
 
 def _step_of(path: Path) -> int:
-    return int(path.name.split("_")[1])
+    return int(path.name.split(".")[0].split("_")[1])
 
 
 def committed_checkpoints(root: str | Path) -> list[Path]:
@@ -170,24 +209,43 @@ def find_resume_checkpoint(root: str | Path, resume: str, dist: DistInfo) -> Opt
     """The checkpoint to resume from: `never`, `auto` (newest that verifies) or an explicit path."""
     if resume == "never":
         return None
+    root = Path(root)
     if resume != "auto":
         path = Path(resume)
         problem = _verify(path, dist)
         if problem:
             raise ConfigError(f"checkpoint.resume={resume}: that checkpoint cannot be loaded ({problem}).")
+        _abandon_newer_than(root, path, dist)
         return path
-    root = Path(root)
-    candidates = committed_checkpoints(root)
-    pointer = root / LATEST
-    latest = root / pointer.read_text().strip() if pointer.exists() else None
+    candidates = _from_rank_zero(committed_checkpoints(root) if dist.is_main else None, dist)
+    problems = []
     for candidate in candidates:
         problem = _verify(candidate, dist)
         if problem is None:
-            if latest is not None and candidate != latest:
-                log.warning("latest points to %s, which does not verify; resuming from %s", latest.name, candidate.name)
+            _abandon_newer_than(root, candidate, dist)
             return candidate
         log.warning("checkpoint %s does not verify (%s); trying an older one", candidate, problem)
+        problems.append(f"{candidate.name}: {problem}")
+    if problems:
+        raise ConfigError(
+            f"no checkpoint in {root} verifies ({'; '.join(problems)}); expected at least one to resume "
+            "from. Set checkpoint.resume=never to start again from scratch in another run.dir."
+        )
     return None
+
+
+def _abandon_newer_than(root: Path, chosen: Path, dist: DistInfo) -> None:
+    """Checkpoints newer than the one resumed belong to a timeline that is being replaced: move
+    them to abandoned/, so a later auto-resume or retention never mistakes them for this run's."""
+    if dist.is_main and chosen.parent == root:
+        newer = [p for p in committed_checkpoints(root) if _step_of(p) > _step_of(chosen)]
+        for path in newer:
+            (root / "abandoned").mkdir(exist_ok=True)
+            path.rename(root / "abandoned" / path.name)
+            log.warning("moved %s to %s: the run resumes from the older %s", path.name, root / "abandoned", chosen.name)
+        if newer:
+            _fsync(root)
+    barrier()
 
 
 MODEL_KEYS = (
@@ -218,7 +276,9 @@ def gathered_rng_states(dist: DistInfo) -> list[dict[str, Any]]:
 
 def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size: int) -> None:
     """Refuse to continue a run as a different one (steps, cadences and such may change)."""
-    run = json.loads((path / MANIFEST).read_text())["run"]
+    run = json.loads((path / MANIFEST).read_text()).get("run")
+    if run is None:
+        raise ConfigError(f"cannot resume from {path}: its manifest has no run section (an older format).")
     saved = run["model"]
     now = OmegaConf.to_container(cfg.model, resolve=True)
     problems = [f"model.{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in MODEL_KEYS if saved[k] != now[k]]
@@ -229,6 +289,8 @@ def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size
         problems.append(f"tokenizer: checkpoint {run['tokenizer_hash']}, now {data_manifest['tokenizer_hash']}")
     if data["seq_len"] != cfg.data.seq_len:
         problems.append(f"data.seq_len: checkpoint {data['seq_len']}, now {cfg.data.seq_len}")
+    if data["seed"] != cfg.seed:
+        problems.append(f"seed (the data order): checkpoint {data['seed']}, now {cfg.seed}")
     if problems:
         raise ConfigError(f"cannot resume from {path}: the run differs in " + "; ".join(problems) + ". Use another run.dir for a new run, or checkpoint.resume=never.")
     if run["world_size"] != world_size:
@@ -271,6 +333,8 @@ def export_hf(
         tokenizer.save_pretrained(str(tmp))
         (tmp / "zeroforge.json").write_text(json.dumps(meta, indent=2))
         old = out.with_name(out.name + ".old")
+        if old.exists() and not out.exists():
+            old.rename(out)  # an export replaced half-way by a killed run: the old one is the only copy
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
             out.rename(old)

@@ -62,11 +62,17 @@ def _set_aside_records_after(path: Path, step: int) -> None:
     metrics.superseded.jsonl, so each step appears once in metrics.jsonl and no line is lost."""
     lines = path.read_text().splitlines(keepends=True)
     # A line without its newline was cut off by a kill mid-write: it is set aside, not kept.
-    keep = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-    if len(keep) == len(lines):
+    keep: list[str] = []
+    aside: list[str] = []
+    for line in lines:
+        if line.endswith("\n") and json.loads(line)["step"] <= step:
+            keep.append(line)
+        else:
+            aside.append(line if line.endswith("\n") else line + "\n")
+    if not aside:
         return
     with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
-        f.writelines(line if line.endswith("\n") else line + "\n" for line in lines if line not in keep)
+        f.writelines(aside)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
     tmp.replace(path)
@@ -123,7 +129,6 @@ class MetricsLogger:
         self, cfg: DictConfig, dist: DistInfo, plan: Plan, flops_per_token: float, start_step: int = 0, start_tokens: int = 0
     ):
         self.every = cfg.logging.every
-        self.first_step = start_step + 1
         self.last_step = cfg.train.steps
         self.world_size = dist.world_size
         self.device = plan.device
@@ -138,7 +143,7 @@ class MetricsLogger:
         self._loss_steps = 0
 
     def logs_at(self, step: int) -> bool:
-        return step == self.first_step or step % self.every == 0 or step == self.last_step
+        return step == 1 or step % self.every == 0 or step == self.last_step
 
     def step(self, step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], lr: float) -> Optional[dict]:
         self.tokens += self.tokens_per_step

@@ -60,8 +60,9 @@ def train(cfg: DictConfig) -> dict:
     setup_logging(env.rank, cfg.logging.level)
     plan = validate(cfg, env.world_size)  # before any process group, data or model exists
     check_run_dir(cfg)
+    device = f"cuda:{env.local_rank}" if plan.device == "cuda" else "cpu"
+    stop = StopRequest(device)  # from here on, a stop signal is answered by a save, not a death
     dist = distributed.init_distributed(plan.device)
-    device = f"cuda:{dist.local_rank}" if plan.device == "cuda" else "cpu"
 
     prepared = distributed.rank_zero_first(dist, lambda: prepare(cfg.data))
     tokenizer = load_tokenizer(prepared / "tokenizer")
@@ -112,23 +113,22 @@ def train(cfg: DictConfig) -> dict:
         save_checkpoint(engine, cfg.checkpoint, step, client_state, dist)
         metrics.exclude_time(time.perf_counter() - started)
 
-    stop = StopRequest(device)
     last: dict = {}
     step = state["step"]
     while step < cfg.train.steps:
         step += 1
         loss, grad_norm, lr = train_step(engine, loader.next_batch(), device, metrics.logs_at(step))
         last = metrics.step(step, loss, grad_norm, lr) or last
-        if stop.agreed():
-            checkpoint(step)
-            metrics.close()
-            raise Preempted(f"stop signal received: saved step {step}; a restart resumes from it")
         if cfg.eval.every and step % cfg.eval.every == 0:
             started = time.perf_counter()
             val_loss = validation_loss(engine, val_batches, device)
             metrics.write({"step": step, "val_loss": val_loss, "val_ppl": float(np.exp(val_loss))})
             log.info("step %d | validation loss %.4f | perplexity %.2f", step, val_loss, np.exp(val_loss))
             metrics.exclude_time(time.perf_counter() - started)
+        if stop.agreed():
+            checkpoint(step)
+            metrics.close()
+            raise Preempted(f"stop signal received: saved step {step}; a restart resumes from it")
         exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
         if step == cfg.train.steps or exit_now or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             checkpoint(step)
