@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from launcher.config import ConfigError
-from trainer.distributed import DistInfo, barrier
+from trainer.distributed import DistInfo, barrier, from_rank_zero, gather
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -56,27 +55,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _gather(obj: Any, dist: DistInfo) -> list[Any]:
-    if dist.world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.world_size
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
-def _from_rank_zero(obj: Any, dist: DistInfo) -> Any:
-    """Rank 0's value on every rank: directory listings decide collectives, so all ranks must
-    use the same one even where a shared filesystem shows them different views."""
-    if dist.world_size == 1:
-        return obj
-    box = [obj if dist.is_main else None]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _agree_or_raise(problem: Optional[str], dist: DistInfo, what: str) -> None:
     """Every rank raises if any rank failed, instead of the others waiting in a collective."""
-    problems = [p for p in _gather(problem, dist) if p]
+    problems = [p for p in gather(problem, dist) if p]
     if problems:
         raise RuntimeError(f"{what} failed: " + "; ".join(problems))
 
@@ -106,7 +87,7 @@ def save_checkpoint(
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
     barrier()
-    files = _from_rank_zero(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if dist.is_main else None, dist)
+    files = from_rank_zero(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if dist.is_main else None, dist)
     mine, problem = {}, None
     try:
         for name in _my_share(files, dist):
@@ -115,7 +96,7 @@ def save_checkpoint(
     except OSError as err:
         problem = f"rank {dist.rank}: {err}"
     entries: dict[str, dict] = {}
-    for part in _gather(mine, dist):
+    for part in gather(mine, dist):
         entries.update(part)
     _agree_or_raise(problem, dist, f"saving {final}")
     problem = None
@@ -168,7 +149,7 @@ def _verify(path: Path, dist: DistInfo) -> Optional[str]:
                 break
     except (OSError, ValueError, KeyError) as err:
         problem = f"its manifest cannot be read ({err!r})"
-    problems = [p for p in _gather(problem, dist) if p]
+    problems = [p for p in gather(problem, dist) if p]
     return problems[0] if problems else None
 
 
@@ -217,7 +198,7 @@ def find_resume_checkpoint(root: str | Path, resume: str, dist: DistInfo) -> Opt
             raise ConfigError(f"checkpoint.resume={resume}: that checkpoint cannot be loaded ({problem}).")
         _abandon_newer_than(root, path, dist)
         return path
-    candidates = _from_rank_zero(committed_checkpoints(root) if dist.is_main else None, dist)
+    candidates = from_rank_zero(committed_checkpoints(root) if dist.is_main else None, dist)
     problems = []
     for candidate in candidates:
         problem = _verify(candidate, dist)
@@ -271,7 +252,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def gathered_rng_states(dist: DistInfo) -> list[dict[str, Any]]:
     """Every rank's RNG states: rank 0's checkpoint file alone must restore all of them."""
-    return _gather(rng_state(), dist)
+    return gather(rng_state(), dist)
 
 
 def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size: int) -> None:

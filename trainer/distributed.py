@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's (picklable) value, in rank order, on every rank."""
+    if info.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_rank_zero(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's value on every rank, for decisions every rank must take the same way."""
+    if info.world_size == 1:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rank_zero_first(info: DistInfo, fn: Callable[[], T]) -> T:
     """Run fn on rank 0, then on the others (which then find its cached result).
 
@@ -84,14 +102,10 @@ def rank_zero_first(info: DistInfo, fn: Callable[[], T]) -> T:
             result = fn()
         except BaseException as err:  # re-raised below, after the other ranks are told
             failure = err
-    # NCCL only moves GPU tensors; gloo only CPU ones.
-    device = f"cuda:{info.local_rank}" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
-    ok = torch.tensor([0.0 if failure else 1.0], device=device)
-    if dist.is_initialized() and info.world_size > 1:
-        dist.broadcast(ok, src=0)
+    ok = from_rank_zero(failure is None, info)
     if failure is not None:
         raise failure
-    if ok.item() == 0.0:
+    if not ok:
         raise StartupAborted(f"rank {info.rank} stops: rank 0 failed during start-up (its message says why).")
     return result if info.is_main else fn()
 

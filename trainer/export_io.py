@@ -8,10 +8,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from data.tokenizer import load_tokenizer
 from launcher.config import ConfigError
+from launcher.validate import accelerator_is_cuda
 
 
 def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if accelerator_is_cuda() else "cpu"
 
 
 def load_export(path: str | Path, device: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

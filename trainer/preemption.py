@@ -36,9 +36,10 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled; every rank must call it."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self._requested  # alone: no tensor, so no GPU sync on the hot path
         flag = torch.tensor([1.0 if self._requested else 0.0], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def close(self) -> None:

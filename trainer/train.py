@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 
 import hydra
 import numpy as np
