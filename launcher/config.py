@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,19 +35,45 @@ class RunSection:
     dir: str = "runs/${run.name}"
 
 
+class Scheduler(str, Enum):
+    local = "local"  # torchrun on this machine
+    slurm = "slurm"  # sbatch slurm/pretrain.sh
+
+
 @dataclass
 class ClusterConfig:
     name: str = "local"
+    scheduler: Scheduler = Scheduler.local
     nodes: int = 1
+    # Training processes per node (one per GPU); each node runs one torchrun that starts them.
     nproc_per_node: int = 1
     # Dense bf16 peak of one accelerator, for MFU; null: detected from the GPU, or unknown.
     peak_tflops: Optional[float] = None
+    # GPUs Slurm allocates per node (--gpus-per-node); 0 on CPU-only nodes.
+    gpus_per_node: int = 0
+    # Slurm placement; null: the site's default. time is Slurm's --time (e.g. 2-00:00:00).
+    account: Optional[str] = None
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    time: str = "24:00:00"
+    # Slurm warns the job this many seconds before its time limit; the run saves and requeues.
+    warning_s: int = 300
+    # A node that cannot join the rendezvous within this many seconds fails the job (not a hang).
+    rendezvous_timeout_s: int = 300
+    # Exported on every node before torchrun starts (NCCL and InfiniBand settings).
+    env: dict[str, str] = field(default_factory=dict)
+    # Passed verbatim to sbatch, for flags the fields above don't cover (e.g. --mem=0, --exclusive).
+    sbatch_args: list[str] = field(default_factory=list)
 
 
 @dataclass
 class LauncherConfig:
     # Run held-out evaluation and sample generation on the export after training.
     harness: bool = True
+    # Slurm: print the sbatch command and script instead of submitting.
+    dry_run: bool = False
 
 
 @dataclass

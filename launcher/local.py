@@ -8,12 +8,11 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from data.prepare import prepare
-from data.shards import load_manifest
 from launcher.config import ConfigError
-from launcher.rundir import check_run_dir, write_run_dir
-from launcher.validate import validate
-from trainer.model import resolve_vocab_size
+from launcher.preflight import preflight
+from launcher.rundir import run_dir_override, write_run_dir
+from launcher.validate import accelerator_is_cuda
+from trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE
 
 log = logging.getLogger("zeroforge")
 
@@ -24,18 +23,17 @@ def torchrun_command(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
         sys.executable, "-m", "torch.distributed.run",
         # --standalone picks a free rendezvous port, so two local runs never collide.
         "--standalone", "--nnodes", "1", "--nproc_per_node", str(cfg.cluster.nproc_per_node),
-        "-m", "trainer.train", *overrides,
+        "-m", "trainer.train", *overrides, run_dir_override(cfg),
     ]
 
 
 def launch(cfg: DictConfig, overrides: Sequence[str]) -> int:
-    if cfg.cluster.name != "local" or cfg.cluster.nodes != 1:
+    if cfg.cluster.nodes != 1:
         raise ConfigError(
-            f"cluster={cfg.cluster.name} with cluster.nodes={cfg.cluster.nodes}: this launcher runs "
-            "cluster=local on one node; on Slurm, submit slurm/pretrain.sh with sbatch."
+            f"cluster={cfg.cluster.name} runs on this machine alone, but cluster.nodes={cfg.cluster.nodes}; "
+            "expected 1, or a Slurm cluster for several nodes (cluster=slurm, h100 or b200)."
         )
-    plan = validate(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
-    if plan.device == "cuda":
+    if accelerator_is_cuda():
         import torch
 
         if cfg.cluster.nproc_per_node > torch.cuda.device_count():
@@ -43,16 +41,19 @@ def launch(cfg: DictConfig, overrides: Sequence[str]) -> int:
                 f"cluster.nproc_per_node={cfg.cluster.nproc_per_node} but this machine has "
                 f"{torch.cuda.device_count()} GPUs; expected at most one process per GPU."
             )
-    check_run_dir(cfg)
-    # Prepared here, once, so data errors show before any process starts and ranks never race.
-    manifest = load_manifest(prepare(cfg.data))
-    resolve_vocab_size(cfg.model, manifest["vocab_size"])
+    preflight(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
     run_dir = write_run_dir(cfg)
     cmd = torchrun_command(cfg, overrides)
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     log.info("run directory %s", run_dir.resolve())
     log.info("launching: %s", " ".join(cmd))
+    requeue = run_dir / REQUEUE_FILE
+    requeue.unlink(missing_ok=True)
     code = subprocess.call(cmd)
+    # torchrun reports every failed worker as 1, so the trainer's "stopped, resume me" comes as a file.
+    if code != 0 and requeue.exists():
+        log.warning("training stopped on request after committing a checkpoint (%s); run the same command to resume", requeue.read_text().strip())
+        return REQUEUE_EXIT_CODE
     if code != 0:
         log.error("training exited with code %d; its log is above and in %s", code, run_dir)
         return code

@@ -20,6 +20,12 @@ def git_commit() -> Optional[str]:
     return out.stdout.strip() or None
 
 
+def run_dir_override(cfg: DictConfig) -> str:
+    """`run.dir=<absolute path>` for a child process, quoted so that any path survives Hydra's parser."""
+    path = str(Path(cfg.run.dir).resolve()).replace("'", "\\'")
+    return f"run.dir='{path}'"
+
+
 def write_run_dir(cfg: DictConfig) -> Path:
     """Create run.dir and write the resolved config (with the code version) as config.yaml."""
     run_dir = Path(cfg.run.dir)

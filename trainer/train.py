@@ -60,7 +60,7 @@ def train(cfg: DictConfig) -> dict:
     plan = validate(cfg, env.world_size)  # before any process group, data or model exists
     check_run_dir(cfg)
     device = f"cuda:{env.local_rank}" if plan.device == "cuda" else "cpu"
-    stop = StopRequest(device)  # from here on, a stop signal is answered by a save, not a death
+    stop = StopRequest(device, cfg.run.dir, env.rank)  # from here on, a stop request is answered by a save
     dist = distributed.init_distributed(plan.device)
 
     prepared = distributed.rank_zero_first(dist, lambda: prepare(cfg.data))
@@ -126,12 +126,14 @@ def train(cfg: DictConfig) -> dict:
             metrics.exclude_time(time.perf_counter() - started)
         if stop.agreed():
             checkpoint(step)
+            stop.request_requeue(step, "stop requested")
             metrics.close()
-            raise Preempted(f"stop signal received: saved step {step}; a restart resumes from it")
+            raise Preempted(f"stop requested: saved step {step}; a restart resumes from it")
         exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
         if step == cfg.train.steps or exit_now or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             checkpoint(step)
         if exit_now:
+            stop.request_requeue(step, "train.exit_interval")
             log.info("step %d: train.exit_interval=%d reached; stopping, a restart resumes here", step, cfg.train.exit_interval)
             break
     stop.close()

@@ -49,7 +49,7 @@ def test_sigusr1_to_one_rank_saves_everywhere_and_resumes_exactly(data_cache: Pa
     _rank_process(proc, 1).send_signal(signal.SIGUSR1)
     output = proc.communicate(timeout=180)[0]
     assert proc.returncode != 0
-    assert output.count("stop signal received: saved step") == 2, output[-3000:]
+    assert output.count("stop requested: saved step") == 2, output[-3000:]
     assert f"exit code {REQUEUE_EXIT_CODE}" in output
     latest = (stopped / "checkpoints" / "latest").read_text()
     saved_step = int(latest.split("_")[1])

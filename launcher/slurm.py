@@ -1,0 +1,72 @@
+"""Slurm submission: validate, write the run directory, then `sbatch slurm/pretrain.sh`.
+
+The job composes the same config from the same overrides; only run.dir is made absolute, so the
+job finds the run directory wherever Slurm starts it.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig
+
+from launcher.config import ConfigError
+from launcher.rundir import check_run_dir, run_dir_override, write_run_dir
+from launcher.validate import validate
+
+log = logging.getLogger("zeroforge")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sh"
+
+
+def sbatch_command(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
+    """The exact sbatch call: the cluster config's placement, then the Hydra overrides for the job."""
+    c = cfg.cluster
+    run_dir = Path(cfg.run.dir).resolve()
+    cmd = [
+        "sbatch",
+        f"--job-name={cfg.run.name}",
+        f"--nodes={c.nodes}",
+        f"--gpus-per-node={c.gpus_per_node}",
+        f"--time={c.time}",
+        f"--signal=B:USR1@{c.warning_s}",
+        f"--output={run_dir}/logs/slurm-%j.out",
+    ]
+    cmd += [f"--{key}={c[key]}" for key in ("account", "partition", "qos", "constraint", "exclude") if c[key]]
+    cmd += list(c.sbatch_args)
+    # The launcher's own switches stay here; everything else configures the job.
+    forwarded = [o for o in overrides if not o.startswith("launcher.")]
+    return [*cmd, str(SCRIPT), *forwarded, run_dir_override(cfg)]
+
+
+def submit(cfg: DictConfig, overrides: Sequence[str]) -> int:
+    """Submit one job (or, with launcher.dry_run=true, print what would be submitted)."""
+    validate(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
+    check_run_dir(cfg)
+    cmd = sbatch_command(cfg, overrides)
+    if cfg.launcher.dry_run:
+        print(shlex.join(cmd))
+        print(f"----- {SCRIPT} -----")
+        print(SCRIPT.read_text(), end="")
+        return 0
+    run_dir = write_run_dir(cfg)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    (run_dir / "sbatch.txt").write_text(shlex.join(cmd) + "\n")
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"cluster={cfg.cluster.name} submits with sbatch, which is not on PATH; run this on a "
+            "Slurm login node, or use cluster=local."
+        ) from None
+    if result.returncode != 0:
+        raise ConfigError(f"sbatch refused the job (exit code {result.returncode}): {result.stderr.strip()}")
+    match = re.search(r"Submitted batch job (\d+)", result.stdout)
+    job_id = match.group(1) if match else result.stdout.strip()
+    log.info("submitted job %s; logs in %s/logs/slurm-%s.out", job_id, run_dir.resolve(), job_id)
+    print(job_id, flush=True)
+    return 0

@@ -1,0 +1,90 @@
+#!/bin/bash
+# zeroforge pre-training on a Slurm cluster.
+#
+#   sbatch slurm/pretrain.sh cluster=h100 model=llama-1b                  (arguments: Hydra overrides)
+#   sbatch --nodes=4 --time=2-00:00:00 --partition=gpu slurm/pretrain.sh cluster=h100 model=llama-8b
+#   python -m launcher cluster=h100 cluster.nodes=4 model=llama-8b       (validates, then submits this)
+#
+# Every #SBATCH line below is a default; a flag on the sbatch command line overrides it. One srun
+# task per node starts torchrun, which starts cluster.nproc_per_node training processes (one per
+# GPU). The job finds the zeroforge installation, and python, in the environment it was submitted
+# from (sbatch passes that environment on). cluster.nodes is always the allocation's node count.
+#
+# Preemption: Slurm sends USR1 to this script --signal seconds before the time limit (or on
+# `scancel --signal=USR1 --batch <job>`); the script asks the trainer to stop, the trainer commits a
+# checkpoint at the next step boundary and exits, and the script requeues the job, which resumes
+# from that checkpoint. A job that finished, or failed for real, is not requeued.
+#
+#SBATCH --job-name=zeroforge
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%j.out
+
+# Not -e: the script must outlive a failed training step to decide whether to requeue.
+set -uo pipefail
+
+# The generic Slurm cluster unless the overrides name another; the node count is the allocation's.
+set -- cluster=slurm "$@" "cluster.nodes=${SLURM_JOB_NUM_NODES}"
+
+# Validate against this allocation and prepare the data once, before any node starts a rank.
+ZF_JOB_ENV=$(mktemp)
+export ZF_JOB_ENV
+python -m launcher.job "$@" || exit $?
+# shellcheck disable=SC1090
+source "$ZF_JOB_ENV"
+rm -f "$ZF_JOB_ENV"
+
+mkdir -p "$ZF_RUN_DIR/logs"
+log="$ZF_RUN_DIR/logs/slurm-${SLURM_JOB_ID}.out"
+if [[ "$(readlink -f /proc/$$/fd/1)" != "$(readlink -f "$log")" ]]; then
+    exec > >(tee -a "$log") 2>&1  # the run directory keeps the log, wherever --output points
+fi
+
+# Slurm's node names need not resolve; the address Slurm itself uses does.
+node_addr() { scontrol show node "$1" | grep -oE 'NodeAddr=[^ ]+' | cut -d= -f2; }
+export -f node_addr
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+endpoint="$(node_addr "$head_node"):$((15000 + SLURM_JOB_ID % 15000))"  # two jobs on a node: two ports
+echo "zeroforge: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_JOB_NUM_NODES} nodes x ${ZF_NPROC_PER_NODE} processes, rendezvous at ${endpoint}, run directory ${ZF_RUN_DIR}"
+
+# The trainer answers a stop request through files: torchrun would neither pass USR1 on nor keep
+# the trainer's exit code. A request left by an earlier job does not apply to this one.
+rm -f "$ZF_RUN_DIR/stop-requested" "$ZF_RUN_DIR/requeue.json"
+request_stop() {
+    echo "zeroforge: job ${SLURM_JOB_ID} got a stop signal; the trainer saves at its next step and stops"
+    touch "$ZF_RUN_DIR/stop-requested"
+}
+trap request_stop USR1 TERM
+
+# --kill-on-bad-exit: a node that fails (or cannot reach the rendezvous within its timeout) ends
+# the whole job at once instead of leaving the others waiting.
+srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+    exec python -m torch.distributed.run \
+        --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$ZF_NPROC_PER_NODE" \
+        --rdzv-backend=c10d --rdzv-endpoint="$0" --rdzv-id="$SLURM_JOB_ID" \
+        --rdzv-conf="join_timeout=$ZF_RDZV_TIMEOUT" --local-addr="$(node_addr "$SLURMD_NODENAME")" \
+        --max-restarts=0 -m trainer.train "$@"' "$endpoint" "$@" &
+srun_pid=$!
+# wait returns early when a trapped signal arrives; go on waiting for srun itself.
+while :; do
+    wait "$srun_pid"
+    status=$?
+    if [[ $status -gt 128 ]] && kill -0 "$srun_pid" 2>/dev/null; then
+        continue
+    fi
+    break
+done
+
+if [[ -f "$ZF_RUN_DIR/requeue.json" ]]; then
+    echo "zeroforge: the trainer committed a checkpoint and asked to continue ($(cat "$ZF_RUN_DIR/requeue.json")); requeueing job ${SLURM_JOB_ID}"
+    rm -f "$ZF_RUN_DIR/requeue.json"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "zeroforge: job ${SLURM_JOB_ID} training exited with status ${status}"
+exit "$status"

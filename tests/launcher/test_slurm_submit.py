@@ -1,0 +1,63 @@
+"""`python -m launcher` on a Slurm cluster kind: the sbatch command comes from the cluster config."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from launcher.config import compose_config
+from launcher.slurm import SCRIPT, sbatch_command
+from tests.conftest import REPO, run_module
+
+H100_1B = ["cluster=h100", "model=llama-1b", "train.global_batch_size=512"]
+
+
+def test_sbatch_command_carries_the_placement_and_forwards_the_overrides(tmp_path: Path) -> None:
+    overrides = [
+        *H100_1B, "cluster.nodes=2", "cluster.partition=gpu", "cluster.account=proj", "cluster.qos=high",
+        "cluster.constraint=h100", "cluster.exclude='node[07-08]'", "cluster.time=2-00:00:00", "cluster.warning_s=600",
+        "cluster.sbatch_args=[--exclusive]", "launcher.dry_run=true", f"run.dir={tmp_path / 'run'}",
+    ]
+    cmd = sbatch_command(compose_config(overrides), overrides)
+    script_at = cmd.index(str(SCRIPT))
+    assert cmd[:script_at] == [
+        "sbatch", "--job-name=default", "--nodes=2", "--gpus-per-node=8", "--time=2-00:00:00",
+        "--signal=B:USR1@600", f"--output={tmp_path / 'run'}/logs/slurm-%j.out", "--account=proj",
+        "--partition=gpu", "--qos=high", "--constraint=h100", "--exclude=node[07-08]", "--exclusive",
+    ]
+    forwarded = cmd[script_at + 1:]
+    assert "launcher.dry_run=true" not in forwarded  # the launcher's switches stay with the launcher
+    assert forwarded[:3] == H100_1B
+    # run.dir goes last and absolute, so it wins and the job finds it from any working directory.
+    assert forwarded[-1] == f"run.dir='{tmp_path / 'run'}'"
+
+
+def test_dry_run_prints_the_command_and_the_script_and_submits_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_module(
+        "launcher", [*H100_1B, "cluster.nodes=4", "launcher.dry_run=true", f"run.dir={run_dir}"], cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = shlex.split(result.stdout.splitlines()[0])
+    assert command[0] == "sbatch" and "--nodes=4" in command and str(SCRIPT) in command
+    assert "#SBATCH --requeue" in result.stdout and "torch.distributed.run" in result.stdout
+    assert not run_dir.exists()
+
+
+def test_a_sweep_submits_one_job_per_point_each_in_its_own_run_directory(tmp_path: Path) -> None:
+    result = run_module(
+        "launcher", ["-m", *H100_1B, "optim.lr=1e-3,2e-3", "launcher.dry_run=true", f"run.dir={tmp_path / 'sweep'}"],
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("sbatch ")]
+    assert len(commands) == 2
+    run_dirs = [c[-1] for c in commands]
+    assert run_dirs[0] != run_dirs[1]
+    assert all(d.startswith(f"run.dir='{tmp_path / 'sweep'}/") for d in run_dirs)
+    assert ["optim.lr=0.001" in c for c in commands] == [True, False]
+
+
+def test_local_cluster_refuses_several_nodes(tmp_path: Path) -> None:
+    result = run_module("launcher", ["cluster.nodes=2", f"run.dir={tmp_path / 'run'}"], cwd=REPO)
+    assert result.returncode == 2
+    assert "cluster=local runs on this machine alone, but cluster.nodes=2" in result.stderr

@@ -1,0 +1,156 @@
+"""A real two-node Slurm cluster on this machine, from Debian's slurmctld, slurmd and munge.
+
+munged, slurmctld and two slurmd daemons (`slurmd -N n1`, `slurmd -N n2`) run from a private
+directory with free ports, so the tests need no root-owned state and never meet another cluster.
+Both nodes are this host (NodeAddr=127.0.0.1) and declare 8 GPUs backed by plain files: jobs ask
+for GPUs as on a real cluster, and train on the CPU (DS_ACCELERATOR=cpu).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
+
+
+def missing_binaries() -> list[str]:
+    return [name for name in DAEMONS if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()]
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _binary(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+class SlurmCluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+
+    def start(self) -> None:
+        root = self.root
+        for sub in ("munge", "state", "log", "spool/n1", "spool/n2", "dev"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        munge = root / "munge"
+        munge.chmod(0o700)
+        (munge / "munge.key").write_bytes(os.urandom(1024))
+        (munge / "munge.key").chmod(0o600)
+        self._run(
+            _binary("munged"), "--force", f"--socket={munge}/munge.socket", f"--key-file={munge}/munge.key",
+            f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed",
+        )
+        for i in range(8):
+            (root / "dev" / f"nvidia{i}").touch()
+        ctld, node, n1, n2 = _free_ports(4)
+        host = socket.gethostname()
+        nodes = "\n".join(
+            f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=2 RealMemory=4000 "
+            "Gres=gpu:8 State=UNKNOWN"
+            for name, port in (("n1", n1), ("n2", n2))
+        )
+        (root / "slurm.conf").write_text(f"""\
+ClusterName=zftest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld}
+SlurmdPort={node}
+SlurmUser={_user()}
+SlurmdUser={_user()}
+AuthType=auth/munge
+AuthInfo=socket={munge}/munge.socket
+CredType=cred/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.%n.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.%n.log
+# This machine has two cores and no cgroups.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SlurmdParameters=config_overrides
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+# Finished jobs stay visible to scontrol for the whole session.
+MinJobAge=3600
+JobRequeue=1
+GresTypes=gpu
+{nodes}
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+""")
+        (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName=n1,n2 Name=gpu File={root}/dev/nvidia[0-7]\n")
+        self._run(_binary("slurmctld"))
+        self._run(_binary("slurmd"), "-N", "n1")
+        self._run(_binary("slurmd"), "-N", "n2")
+        self._wait_for_idle_nodes()
+
+    def _run(self, *cmd: str) -> None:
+        result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr}\n{self.logs()}")
+
+    def _wait_for_idle_nodes(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        states = ""
+        while time.monotonic() < deadline:
+            states = self.command("sinfo", "-h", "-N", "-o", "%N %T", check=False)
+            if states.count("idle") == 2:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the Slurm nodes did not become idle in {timeout}s: {states!r}\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted((self.root / "log").glob("*.log")))
+
+    def command(self, *cmd: str, check: bool = True, cwd: Optional[Path] = None) -> str:
+        result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120, cwd=cwd)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stdout}{result.stderr}")
+        return result.stdout
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
+        text = self.command("scontrol", "show", "job", job_id)
+        return dict(re.findall(r"(\w+)=(\S*)", text))
+
+    def wait_for_state(self, job_id: str, states: set[str], timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        job = self.job(job_id)
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["JobState"] in states:
+                return job
+            time.sleep(1)
+        raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}\n{self.logs()}")
+
+    def stop(self) -> None:
+        self.command("scancel", "--user", _user(), check=False)
+        pid_files = [*self.root.glob("slurmd.*.pid"), self.root / "slurmctld.pid", self.root / "munge" / "munged.pid"]
+        for pid_file in pid_files:
+            try:
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+
+
+def _user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name

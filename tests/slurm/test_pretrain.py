@@ -1,0 +1,96 @@
+"""`sbatch slurm/pretrain.sh` and `python -m launcher cluster=slurm` on a real two-node Slurm."""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, exact_overrides, read_metrics, run_module, train_losses
+from tests.slurm.cluster import SlurmCluster
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = REPO / "slurm" / "pretrain.sh"
+# Two nodes of one CPU rank each; the GPUs the test cluster declares stay unused.
+ONE_CPU_RANK_PER_NODE = ["cluster.nproc_per_node=1", "cluster.gpus_per_node=0"]
+
+
+def _submit(cluster: SlurmCluster, cwd: Path, *args: str) -> str:
+    out = cluster.command("sbatch", "--parsable", *args, cwd=cwd)
+    return out.strip().split(";")[0]
+
+
+def test_two_nodes_train_exactly_like_local_torchrun(slurm_cluster: SlurmCluster, data_cache: Path, tmp_path: Path) -> None:
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    job_id = _submit(
+        slurm_cluster, tmp_path, "--nodes=2", f"--output={tmp_path}/slurm-%j.out", str(SCRIPT),
+        *exact_overrides(data_cache, on_slurm, 2), *ONE_CPU_RANK_PER_NODE,
+    )
+    job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0", log[-4000:]
+    assert f"job {job_id} (restart 0): 2 nodes x 1 processes" in log
+    assert "world size 2" in log
+    # The run directory keeps its own copy of the job's log.
+    assert "world size 2" in (on_slurm / "logs" / f"slurm-{job_id}.out").read_text()
+    assert (on_slurm / "export" / "model.safetensors").exists()
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run_module("trainer.train", exact_overrides(data_cache, local, 2), cwd=REPO, launcher=torchrun)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(train_losses(on_slurm)) == 20
+    assert train_losses(on_slurm) == train_losses(local)
+
+
+def _wait_for_step(run_dir: Path, step: int, cluster: SlurmCluster, job_id: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and any(r.get("step", 0) >= step for r in read_metrics(run_dir)):
+            return
+        assert cluster.job(job_id)["JobState"] in {"PENDING", "RUNNING"}, cluster.job(job_id)
+        time.sleep(0.5)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, data_cache: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    steps = 150
+    submitted = run_module(
+        "launcher",
+        [
+            "experiment=smoke", "cluster=slurm", "cluster.nodes=2", *ONE_CPU_RANK_PER_NODE,
+            f"data.cache_dir={data_cache}", f"run.dir={run_dir}", "logging.wandb.mode=offline",
+            f"train.steps={steps}", "eval.every=0", "checkpoint.every=0", "logging.every=1",
+        ],
+        cwd=REPO, env=slurm_cluster.env, timeout=300,
+    )
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    assert "pretrain.sh" in (run_dir / "sbatch.txt").read_text()
+    assert (run_dir / "config.yaml").exists()
+
+    _wait_for_step(run_dir, 5, slurm_cluster, job_id)
+    slurm_cluster.command("scancel", "--signal=USR1", "--batch", job_id)
+    deadline = time.monotonic() + 300
+    while slurm_cluster.job(job_id)["Restarts"] != "1":
+        assert time.monotonic() < deadline, f"job {job_id} was not requeued: {slurm_cluster.job(job_id)}"
+        time.sleep(1)
+    # Slurm holds a requeued job for about two minutes before it may start again; not worth waiting.
+    slurm_cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
+
+    log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log[-4000:]
+    saved = re.search(r'"step": (\d+), "reason": "stop requested"', log)
+    assert saved and 5 <= int(saved.group(1)) < steps, log[-4000:]
+    assert f"job {job_id} (restart 1)" in log
+    # Every optimizer step once, in order, across both attempts.
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, steps + 1))
+    assert (run_dir / "export" / "model.safetensors").exists()
+    # One wandb run, continued after the requeue under the same id.
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2
+    assert {p.name.rsplit("-", 1)[1] for p in attempts} == {(run_dir / "wandb_id").read_text().strip()}
