@@ -255,8 +255,12 @@ def gathered_rng_states(dist: DistInfo) -> list[dict[str, Any]]:
     return gather(rng_state(), dist)
 
 
-def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size: int) -> None:
-    """Refuse to continue a run as a different one (steps, cadences and such may change)."""
+def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size: int) -> bool:
+    """Refuse to continue a run as a different one (steps, cadences and such may change).
+
+    Returns whether the checkpoint was saved by another world size with partitioned (ZeRO)
+    optimizer state, which only DeepSpeed's universal form of it can load.
+    """
     run = json.loads((path / MANIFEST).read_text()).get("run")
     if run is None:
         raise ConfigError(f"cannot resume from {path}: its manifest has no run section (an older format).")
@@ -274,16 +278,30 @@ def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size
         problems.append(f"seed (the data order): checkpoint {data['seed']}, now {cfg.seed}")
     if problems:
         raise ConfigError(f"cannot resume from {path}: the run differs in " + "; ".join(problems) + ". Use another run.dir for a new run, or checkpoint.resume=never.")
-    if run["world_size"] != world_size:
+    if run["world_size"] == world_size or cfg.deepspeed.stage == 0:
+        return False  # without ZeRO every rank holds the whole optimizer state: any world size loads it
+    if cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params:
         raise ConfigError(
             f"cannot resume from {path}: it was saved by {run['world_size']} ranks and this run has "
-            f"{world_size}; resuming on another world size is not supported yet."
+            f"{world_size}; with ZeRO-Offload (deepspeed={cfg.deepspeed.name}) zeroforge resumes only on "
+            "the same world size. Resume on that many ranks, or without offload."
         )
+    log.info("%s was saved by %d ranks; resuming on %d through DeepSpeed's universal checkpoint", path, run["world_size"], world_size)
+    return True
 
 
 def load_checkpoint(engine: DeepSpeedEngine, path: Path) -> dict[str, Any]:
     """Load model, optimizer and scheduler state into the engine; returns our client state."""
+    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in engine.optimizer.param_groups]
     _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    # DeepSpeed's ZeRO-3 universal loader gives every parameter group the first group's
+    # hyperparameters (norms and biases would start to decay), and one `step` tensor to every
+    # group's Adam state (which torch's AdamW then advances once per group and step).
+    for group, hyperparameters in zip(engine.optimizer.param_groups, own):
+        group.update(hyperparameters)
+    for state in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
     if client_state is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint {path}.")
     log.info("resumed from %s (step %d)", path, client_state["step"])

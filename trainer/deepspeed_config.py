@@ -8,7 +8,8 @@ from omegaconf import DictConfig, OmegaConf
 from launcher.validate import Plan
 
 
-def deepspeed_config(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
+def deepspeed_config(cfg: DictConfig, plan: Plan, load_universal: bool = False) -> dict[str, Any]:
+    """load_universal: the engine will load a universal checkpoint (a resume on another world size)."""
     optim, ds = cfg.optim, cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.stage}
     if ds.offload_optimizer:
@@ -35,6 +36,7 @@ def deepspeed_config(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
                 "torch_adam": optim.torch_adam and not ds.offload_optimizer,
             },
         },
+        "checkpoint": {"load_universal": load_universal},
         # zeroforge logs its own metrics; DeepSpeed's periodic prints would duplicate them.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

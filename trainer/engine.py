@@ -26,7 +26,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan) -> DeepSpeedEngine:
+def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_universal: bool = False) -> DeepSpeedEngine:
     import deepspeed
 
     if cfg.model.activation_checkpointing:
@@ -37,7 +37,7 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan) -> DeepSpe
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, plan),
+        config=deepspeed_config(cfg, plan, load_universal),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
     )
     if cfg.model.compile:

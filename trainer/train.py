@@ -36,6 +36,7 @@ from trainer.log import setup_logging
 from trainer.metrics import MetricsLogger
 from trainer.model import build_model, flops_per_token, resolve_vocab_size
 from trainer.preemption import Preempted, StopRequest
+from trainer.universal import universal_checkpoint
 
 log = logging.getLogger("zeroforge")
 
@@ -68,8 +69,9 @@ def train(cfg: DictConfig) -> dict:
     vocab_size = resolve_vocab_size(cfg.model, len(tokenizer))
     train_store = TokenStore(prepared, "train")
     resume_from = find_resume_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume, dist)
-    if resume_from is not None:
-        check_resumable(resume_from, cfg, train_store.manifest, dist.world_size)
+    universal = resume_from is not None and check_resumable(resume_from, cfg, train_store.manifest, dist.world_size)
+    if universal:
+        resume_from = universal_checkpoint(resume_from, dist)
     if dist.is_main:
         write_run_dir(cfg)
 
@@ -77,7 +79,7 @@ def train(cfg: DictConfig) -> dict:
     model = build_model(cfg.model, vocab_size, tokenizer.eos_token_id)
     num_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(model.config, num_params, cfg.data.seq_len)
-    engine = build_engine(model, cfg, plan)
+    engine = build_engine(model, cfg, plan, load_universal=universal)
     log.info(
         "%s: %.2fM parameters | world size %d | ZeRO-%d | %s | micro batch %d x grad accum %d x dp %d = %d",
         cfg.model.name, num_params / 1e6, dist.world_size, cfg.deepspeed.stage, plan.precision,
@@ -87,7 +89,8 @@ def train(cfg: DictConfig) -> dict:
     state = {"step": 0, "tokens": 0, "data": {"consumed_samples": 0}}
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
-        set_rng_state(state["rng"][dist.rank])
+        if len(state["rng"]) == dist.world_size:  # on another world size, ranks keep their fresh seeds
+            set_rng_state(state["rng"][dist.rank])
     loader = BatchLoader(
         train_store, cfg.data.seq_len, cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size,
         dp_rank=dist.rank, dp_size=plan.dp_size, consumed_samples=state["data"]["consumed_samples"],
