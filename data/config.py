@@ -6,6 +6,20 @@ from typing import Optional
 
 
 @dataclass
+class MixtureSourceConfig:
+    """One source of a mixture; the tokenizer, split and sizes are the data section's own."""
+
+    name: str = "???"
+    weight: float = 1.0
+    source: str = "???"
+    data_files: list[str] = field(default_factory=list)
+    subset: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    max_documents: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
     name: str = "embedded"
     # "embedded": the Python standard library's own source, present on every machine.
@@ -26,3 +40,16 @@ class DataConfig:
     # Prepared shards live under cache_dir/<name>-<fingerprint>, shared by runs on the same data.
     cache_dir: str = "~/.cache/zeroforge/data"
     shard_tokens: int = 67108864
+    # Tokenizing processes for prepare; null: one per available core. The output is the same for any number.
+    prepare_workers: Optional[int] = None
+    # Dataloader worker processes per rank that build batches ahead of the step (0: in the
+    # training process). The data order does not depend on it.
+    num_workers: int = 0
+    # Several sources blended by weight (each prepared on its own, all with data.tokenizer, which
+    # cannot be "embedded" here); when set, source/data_files/subset/split/text_field above are unused.
+    mixture: list[MixtureSourceConfig] = field(default_factory=list)
+    # Packed documents: restart position_ids after each EOS (attention stays within a document
+    # only where the model's attention takes packed positions, e.g. flash_attention_2), and take
+    # no loss on the pair from a document's EOS to the next document's first token.
+    reset_position_ids: bool = False
+    mask_cross_document_loss: bool = False

@@ -20,6 +20,7 @@ class TokenStore:
     """One split's shards as a single token sequence, memory-mapped."""
 
     def __init__(self, prepared: Path, split: str):
+        self.prepared, self.split = Path(prepared), split
         self.manifest = load_manifest(prepared)
         dtype = np.dtype(self.manifest["dtype"])
         self.shards: list[np.ndarray] = []
@@ -34,6 +35,10 @@ class TokenStore:
                 )
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+
+    def __reduce__(self):
+        # Dataloader workers started by spawn reopen the files instead of copying their tokens.
+        return TokenStore, (self.prepared, self.split)
 
     def __len__(self) -> int:
         return int(self.starts[-1])

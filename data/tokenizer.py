@@ -47,5 +47,13 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
     """Identifies the token mapping itself, not the files it was saved as."""
     backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        from tokenizers import Tokenizer
+
+        # Padding and truncation are per-call state (batched generation pads on the left), not
+        # part of the mapping: hash a copy without them.
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_padding()
+        backend.no_truncation()
     text = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ from typing import Callable, TypeVar
 from data.errors import DataError
 from launcher.config import ConfigError
 from trainer.distributed import StartupAborted
+from trainer.faults import TrainingDiverged
 from trainer.preemption import REQUEUE_EXIT_CODE, Preempted
 
 T = TypeVar("T")
@@ -21,6 +22,9 @@ def run_entry_point(fn: Callable[[], T]) -> T:
         kind = "configuration error" if isinstance(err, ConfigError) else "data error" if isinstance(err, DataError) else "stopped"
         print(f"zeroforge: {kind}: {err}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)
+    except TrainingDiverged as diverged:
+        print(f"zeroforge: training stopped: {diverged}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except Preempted as stopped:
         print(f"zeroforge: {stopped} (exit code {REQUEUE_EXIT_CODE}: requeue me)", file=sys.stderr, flush=True)
         sys.exit(REQUEUE_EXIT_CODE)

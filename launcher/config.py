@@ -15,6 +15,7 @@ from trainer.config import (
     CheckpointConfig,
     DeepSpeedConfig,
     EvalConfig,
+    ExportConfig,
     GenerateConfig,
     LoggingConfig,
     ModelConfig,
@@ -49,6 +50,8 @@ class ClusterConfig:
     nproc_per_node: int = 1
     # Dense bf16 peak of one accelerator, for MFU; null: detected from the GPU, or unknown.
     peak_tflops: Optional[float] = None
+    # Memory of one accelerator in GiB (what vendors call GB); null: unknown, the planner never refuses.
+    gpu_memory_gb: Optional[float] = None
     # GPUs Slurm allocates per node (--gpus-per-node); 0 on CPU-only nodes.
     gpus_per_node: int = 0
     # Slurm placement; null: the site's default. time is Slurm's --time (e.g. 2-00:00:00).
@@ -74,6 +77,14 @@ class LauncherConfig:
     harness: bool = True
     # Slurm: print the sbatch command and script instead of submitting.
     dry_run: bool = False
+    # The pre-flight memory plan (launcher/plan.py): launch even when it says the job does not fit.
+    force: bool = False
+    # Model FLOPs utilisation assumed for the planned step time and time to the token budget.
+    assumed_mfu: float = 0.4
+    # The inference line of the plan: weights plus KV cache for this batch at this context
+    # (null: model.max_position_embeddings).
+    inference_batch_size: int = 1
+    inference_context: Optional[int] = None
 
 
 @dataclass
@@ -89,6 +100,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 

@@ -9,6 +9,7 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 from launcher.config import ConfigError
+from launcher.plan import check_fits
 from launcher.preflight import preflight
 from launcher.rundir import run_dir_override, write_run_dir
 from launcher.validate import accelerator_is_cuda
@@ -41,6 +42,8 @@ def launch(cfg: DictConfig, overrides: Sequence[str]) -> int:
                 f"cluster.nproc_per_node={cfg.cluster.nproc_per_node} but this machine has "
                 f"{torch.cuda.device_count()} GPUs; expected at most one process per GPU."
             )
+    # The memory plan before the data is prepared: a job that cannot fit is refused in seconds.
+    check_fits(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
     preflight(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
     run_dir = write_run_dir(cfg)
     cmd = torchrun_command(cfg, overrides)

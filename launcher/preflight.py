@@ -5,7 +5,6 @@ from omegaconf import DictConfig
 
 from data.prepare import prepare
 from data.shards import load_manifest
-from launcher.plan import check_fits
 from launcher.rundir import check_run_dir
 from launcher.validate import Plan, validate
 from trainer.model import resolve_vocab_size
@@ -14,7 +13,6 @@ from trainer.model import resolve_vocab_size
 def preflight(cfg: DictConfig, world_size: int) -> Plan:
     """Validate, check the run directory, and prepare the data once (ranks never race to build it)."""
     plan = validate(cfg, world_size)
-    check_fits(cfg, world_size)  # before hours of data preparation or a queue
     check_run_dir(cfg)
     manifest = load_manifest(prepare(cfg.data))
     resolve_vocab_size(cfg.model, manifest["vocab_size"])

@@ -15,6 +15,7 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 from launcher.config import ConfigError
+from launcher.plan import check_fits
 from launcher.rundir import check_run_dir, run_dir_override, write_run_dir
 from launcher.validate import validate
 
@@ -45,7 +46,9 @@ def sbatch_command(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
 
 def submit(cfg: DictConfig, overrides: Sequence[str]) -> int:
     """Submit one job (or, with launcher.dry_run=true, print what would be submitted)."""
-    validate(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
+    world_size = cfg.cluster.nodes * cfg.cluster.nproc_per_node
+    validate(cfg, world_size)
+    check_fits(cfg, world_size)  # before the queue, not after hours in it
     check_run_dir(cfg)
     cmd = sbatch_command(cfg, overrides)
     if cfg.launcher.dry_run:

@@ -95,6 +95,19 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
         f"deepspeed.offload_params needs ZeRO stage 3, found stage {ds.stage}",
         problems,
     )
+    t = cfg.train
+    _check(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be at least 1, found {t.max_consecutive_skips}", problems)
+    _check(
+        t.spike_zscore is None or (t.spike_zscore > 0 and t.spike_window >= 2),
+        f"the loss-spike guard needs train.spike_zscore > 0 and train.spike_window >= 2, found {t.spike_zscore} and {t.spike_window}",
+        problems,
+    )
+    _check(
+        t.spike_zscore is None or not ds.offload_optimizer,
+        f"train.spike_zscore={t.spike_zscore} with deepspeed={ds.name}: ZeRO-Offload's CPU Adam cannot skip a step; "
+        "turn the guard off (train.spike_zscore=null) or the offload",
+        problems,
+    )
     _check(
         cfg.data.seq_len >= 1 and cfg.data.seq_len <= m.max_position_embeddings,
         f"data.seq_len={cfg.data.seq_len} must be between 1 and the model's maximum "

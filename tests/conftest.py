@@ -80,3 +80,21 @@ def single_process_run(data_cache: Path, tmp_path_factory) -> Path:
     result = run_module("trainer.train", exact_overrides(data_cache, run_dir, 0), cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-rank process group in the test process, for in-process engines. One per session:
+    DeepSpeed keeps the groups made on the first. Its port is taken out of the environment at
+    once, or later subprocesses would inherit a port that is in use (RANK=0, WORLD_SIZE=1 and
+    LOCAL_RANK=0, which DeepSpeed's engines read, say the same as a lone process)."""
+    from trainer import distributed
+
+    port = os.environ.get("MASTER_PORT")
+    info = distributed.init_distributed("cpu")
+    if port is None:
+        os.environ.pop("MASTER_PORT")
+    else:
+        os.environ["MASTER_PORT"] = port
+    yield info
+    distributed.close()

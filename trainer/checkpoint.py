@@ -326,19 +326,27 @@ def export_hf(
     out = Path(out_dir)
     state = consolidated_state_dict(engine, dist)
     if dist.is_main:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(str(tmp), state_dict=state)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "zeroforge.json").write_text(json.dumps(meta, indent=2))
-        old = out.with_name(out.name + ".old")
-        if old.exists() and not out.exists():
-            old.rename(out)  # an export replaced half-way by a killed run: the old one is the only copy
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        log.info("exported HF weights and tokenizer to %s", out)
+        write_export(engine.module, state, tokenizer, out, meta)
     barrier()
     return out
+
+
+def write_export(
+    model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]], tokenizer: PreTrainedTokenizerBase,
+    out: Path, meta: dict[str, Any],
+) -> None:
+    """Write into out.tmp, then swap it in: `out` is always a complete export, old or new."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), state_dict=state)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "zeroforge.json").write_text(json.dumps(meta, indent=2))
+    old = out.with_name(out.name + ".old")
+    if old.exists() and not out.exists():
+        old.rename(out)  # an export replaced half-way by a killed run: the old one is the only copy
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("exported HF weights and tokenizer to %s", out)

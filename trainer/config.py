@@ -40,6 +40,10 @@ class ModelConfig:
     compile: bool = False
     # Passed verbatim to AutoConfig.for_model, for fields the common ones above don't cover.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Continued pre-training: an HF causal LM (export directory or hub name) whose weights start
+    # the run, with a fresh optimizer and data position. Its shape must be the one above, and the
+    # data must be tokenized with its tokenizer (data.tokenizer=<the same path or name>).
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -54,9 +58,6 @@ class OptimConfig:
     schedule: Schedule = Schedule.cosine
     warmup_steps: int = 20
     decay_fraction: float = 0.2
-    # torch's AdamW inside DeepSpeed: no compiler toolchain needed (DeepSpeed's FusedAdam and
-    # CPUAdam are built with one at first use). Ignored with an offloaded optimizer.
-    torch_adam: bool = True
 
 
 @dataclass
@@ -78,6 +79,13 @@ class TrainConfig:
     # Save a checkpoint and stop after every this many steps (as Megatron-LM's --exit-interval):
     # a job that must end inside a time limit resumes where it stopped.
     exit_interval: Optional[int] = None
+    # A step whose loss or gradient norm is not finite is skipped (weights untouched); this many
+    # skipped steps in a row stop the run (trainer/faults.py).
+    max_consecutive_skips: int = 5
+    # Loss-spike guard, off when null: skip a step whose loss is more than this many standard
+    # deviations above the mean of the last spike_window accepted steps.
+    spike_zscore: Optional[float] = None
+    spike_window: int = 100
 
 
 @dataclass
@@ -111,19 +119,55 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    # 0: no validation inside the training loop.
+    # 0: no validation (and no sample generations) inside the training loop.
     every: int = 0
     batch_size: int = 8
     batches: int = 8
+    # An HF export directory, a DeepSpeed checkpoint step_<N> directory, or a checkpoints
+    # directory (its `latest`); checkpoints are consolidated on the fly.
     model_path: str = "${checkpoint.export_dir}"
+    # auto: bf16 on a GPU, fp32 on the CPU.
+    precision: Precision = Precision.auto
+    # lm-evaluation-harness tasks, run through its HF adapter when lm_eval is installed.
+    tasks: list[str] = field(default_factory=list)
+    # At most this many examples per task (null: all).
+    tasks_limit: Optional[int] = None
+    # Greedy sanity generations every `every` steps in training, to samples.jsonl and wandb.
+    sample_prompts: list[str] = field(default_factory=lambda: ["import os\n", "def ", "class "])
+    sample_max_new_tokens: int = 32
 
 
 @dataclass
 class GenerateConfig:
+    # As eval.model_path: an export, a checkpoint step_<N> or a checkpoints directory.
     model_path: str = "${checkpoint.export_dir}"
     prompts: list[str] = field(default_factory=lambda: ["import os\n", "def ", "class "])
+    # One prompt a line, or jsonl with a "prompt" field; used instead of `prompts` when set.
+    prompts_file: Optional[str] = None
+    # Samples written here as jsonl (prompt, text, tokens, tokens/s); null: printed only.
+    output: Optional[str] = None
+    batch_size: int = 8
     max_new_tokens: int = 64
+    # 0: greedy; otherwise sampled with top_k (0: off), top_p (1.0: off).
     temperature: float = 0.8
     top_k: int = 50
     top_p: float = 0.95
+    # 1.0: off; >1 discourages tokens already in the sequence (CTRL's penalty).
+    repetition_penalty: float = 1.0
+    # Generation stops at EOS or at any of these strings (which are kept in the text).
+    stop: list[str] = field(default_factory=list)
     seed: int = 0
+    precision: Precision = Precision.auto
+    # A smaller model with the same tokenizer for speculative (assisted) decoding; one prompt at a time.
+    draft_model_path: Optional[str] = None
+
+
+@dataclass
+class ExportConfig:
+    # A DeepSpeed checkpoint step_<N> directory, or a checkpoints directory (its `latest`).
+    # `python -m trainer.export checkpoint=<dir>` sets it.
+    checkpoint: Optional[str] = None
+    # null: <run dir>/export_<step dir name>, beside the run's own export.
+    output: Optional[str] = None
+    # auto: the precision the run trained in (the weights the model computed with).
+    precision: Precision = Precision.auto

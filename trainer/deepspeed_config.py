@@ -17,27 +17,24 @@ def deepspeed_config(cfg: DictConfig, plan: Plan, load_universal: bool = False) 
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": plan.device == "cuda"}
     zero.update(OmegaConf.to_container(ds.zero_extra, resolve=True))
-    return {
+    config = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": plan.precision == "bf16"},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": optim.lr,
-                "betas": list(optim.betas),
-                "eps": optim.eps,
-                "weight_decay": optim.weight_decay,
-                # Offloaded optimizer states need DeepSpeed's own CPU Adam: DeepSpeed refuses
-                # ZeRO-Offload with torch's AdamW.
-                "torch_adam": optim.torch_adam and not ds.offload_optimizer,
-            },
-        },
         "checkpoint": {"load_universal": load_universal},
         # zeroforge logs its own metrics; DeepSpeed's periodic prints would duplicate them.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # The optimizer is zeroforge's own AdamW (trainer/faults.py), which can skip a bad step.
+        "zero_allow_untested_optimizer": True,
     }
+    if ds.offload_optimizer:
+        # ZeRO-Offload needs DeepSpeed's own CPU Adam, which DeepSpeed builds from this section.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay},
+        }
+    return config

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
+from data.boundaries import IGNORE_INDEX, DocumentBoundaries
 from launcher.validate import Plan
 from trainer.deepspeed_config import deepspeed_config
+from trainer.faults import FaultGuard, SkippableAdamW
 from trainer.schedule import lr_factor
 
 if TYPE_CHECKING:
@@ -34,9 +36,14 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_unive
     if hasattr(model, "config"):
         model.config.use_cache = False
     factor = lr_factor(cfg.optim, cfg.train.steps)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    optim = cfg.optim
+    # With ZeRO-Offload DeepSpeed builds its CPU Adam from the generated config instead.
+    optimizer = None if cfg.deepspeed.offload_optimizer else SkippableAdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        optimizer=optimizer,
+        model_parameters=groups if optimizer is None else None,
         config=deepspeed_config(cfg, plan, load_universal),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
     )
@@ -46,10 +53,19 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_unive
     return engine
 
 
-def causal_lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:]."""
-    logits = model(input_ids=tokens[:, :-1]).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+def causal_lm_loss(
+    model: torch.nn.Module, tokens: torch.Tensor, boundaries: Optional[DocumentBoundaries] = None
+) -> torch.Tensor:
+    """Mean next-token loss of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:].
+
+    With boundaries, positions restart per document and/or the pair after each EOS is left out.
+    """
+    if boundaries is None:
+        logits = model(input_ids=tokens[:, :-1]).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    inputs = tokens[:, :-1]
+    logits = model(input_ids=inputs, position_ids=boundaries.position_ids(inputs)).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), boundaries.targets(tokens).flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:
@@ -58,9 +74,11 @@ def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:
 
 
 def train_step(
-    engine: DeepSpeedEngine, micro_batches: list[torch.Tensor], device: str, measure_grad_norm: bool
-) -> tuple[torch.Tensor, Optional[torch.Tensor], float]:
-    """One optimizer step over this rank's micro-batches: (local mean loss, grad norm, lr used).
+    engine: DeepSpeedEngine, micro_batches: list[torch.Tensor], device: str, measure_grad_norm: bool,
+    guard: FaultGuard, step: int, boundaries: Optional[DocumentBoundaries] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], float, bool]:
+    """One optimizer step over this rank's micro-batches: (local mean loss, grad norm, lr used,
+    whether the update was skipped; see trainer/faults.py).
 
     Loss and norm stay tensors so that a GPU is not synchronised on steps that log nothing.
     """
@@ -68,19 +86,24 @@ def train_step(
     lr = engine.get_lr()[0]  # DeepSpeed advances the scheduler inside the last engine.step()
     total = torch.zeros((), device=device)
     norm = None
+    skipped_before = engine.skipped_steps
     for i, batch in enumerate(micro_batches):
-        loss = causal_lm_loss(engine, batch.to(device, non_blocking=True))
+        loss = causal_lm_loss(engine, batch.to(device, non_blocking=True), boundaries)
         engine.backward(loss)
-        if measure_grad_norm and i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
+        total += loss.detach()
+        last = i == len(micro_batches) - 1
+        if last and (measure_grad_norm or guard.checks_grad_norm) and engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed clips but does not keep the norm; gradients are already
             # averaged across ranks here, so this is the same number ZeRO 1-3 report.
             norm = _grad_norm(engine.module)
+        if last and guard.judges_before_update:
+            guard.before_update(total / len(micro_batches), norm)
         engine.step()
-        total += loss.detach()
     reported = engine.get_global_grad_norm()
     if reported is not None:
         norm = torch.as_tensor(reported)
-    return total / len(micro_batches), norm, lr
+    skipped = guard.after_update(step, skipped_by_deepspeed=engine.skipped_steps > skipped_before)
+    return total / len(micro_batches), norm, lr, skipped
 
 
 @torch.no_grad()

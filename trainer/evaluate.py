@@ -1,45 +1,37 @@
-"""Held-out loss and perplexity of an export: `python -m trainer.evaluate [overrides]`."""
+"""Held-out loss and perplexity of an export or a checkpoint: `python -m trainer.evaluate [overrides]`."""
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
 import math
 import time
-from pathlib import Path
+from typing import Any, Optional
 
 import hydra
 from omegaconf import DictConfig
 
 from data.loader import validation_batches
+from data.mixture import open_split
 from data.prepare import prepare
-from data.shards import TokenStore
 from data.tokenizer import tokenizer_hash
 from launcher.cli import run_entry_point
 from launcher.config import CONF_DIR, ConfigError
 from trainer.engine import validation_loss
-from trainer.export_io import load_export, pick_device
+from trainer.export_io import LoadedModel, inference_dtype, load_model, pick_device
 from trainer.log import setup_logging
 
 log = logging.getLogger("zeroforge")
 
 
-def _validation_data(cfg: DictConfig) -> Path:
-    """The data the export was trained on, where it recorded it and it still exists; else cfg.data."""
-    meta = Path(cfg.eval.model_path) / "zeroforge.json"
-    if meta.exists():
-        recorded = Path(json.loads(meta.read_text()).get("prepared_data", ""))
-        if (recorded / "manifest.json").exists():
-            return recorded
-    return prepare(cfg.data)
-
-
-def evaluate(cfg: DictConfig) -> dict:
-    """Mean loss over the fixed validation windows (the same numbers every run)."""
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Mean loss over the fixed validation windows (the same numbers every run), and the
+    lm-evaluation-harness tasks of eval.tasks where lm_eval is installed."""
     device = pick_device()
-    model, tokenizer = load_export(cfg.eval.model_path, device)
-    prepared = _validation_data(cfg)
-    store = TokenStore(prepared, "validation")
-    if store.manifest["tokenizer_hash"] != tokenizer_hash(tokenizer):
+    loaded = load_model(cfg.eval.model_path, device, inference_dtype(cfg.eval.precision, device))
+    # The data the weights were trained on, where known and still there; else cfg.data.
+    prepared = loaded.prepared_data or prepare(cfg.data)
+    store = open_split(prepared, "validation")  # as the trainer reads it: one source or a mixture
+    if store.manifest["tokenizer_hash"] != tokenizer_hash(loaded.tokenizer):
         raise ConfigError(
             f"the tokenizer of the model at {cfg.eval.model_path} is not the one the data in "
             f"{prepared} was tokenized with ({store.manifest['tokenizer']!r}); evaluate on data "
@@ -47,19 +39,42 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     batches = validation_batches(store, cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches)
     started = time.perf_counter()
-    loss = validation_loss(model, batches, device)
+    loss = validation_loss(loaded.model, batches, device)
     tokens = sum(b[:, 1:].numel() for b in batches)
-    result = {
+    result: dict[str, Any] = {
         "val_loss": loss,
         "perplexity": math.exp(loss),
         "tokens": tokens,
         "tokens_per_s": tokens / (time.perf_counter() - started),
     }
     log.info(
-        "held-out loss %.4f | perplexity %.2f | %d tokens | %.0f tokens/s",
-        loss, result["perplexity"], tokens, result["tokens_per_s"],
+        "%s: held-out loss %.4f | perplexity %.2f | %d tokens | %.0f tokens/s",
+        loaded.source, loss, result["perplexity"], tokens, result["tokens_per_s"],
     )
+    if cfg.eval.tasks:
+        tasks = run_lm_eval(loaded, list(cfg.eval.tasks), cfg.eval.batch_size, cfg.eval.tasks_limit)
+        if tasks is not None:
+            result["tasks"] = tasks
     return result
+
+
+def run_lm_eval(loaded: LoadedModel, tasks: list[str], batch_size: int, limit: Optional[int]) -> Optional[dict]:
+    """Benchmark tasks through lm-evaluation-harness's HF adapter; None (and a warning saying
+    why) where lm_eval is not installed, since it is an optional extra."""
+    if importlib.util.find_spec("lm_eval") is None:
+        log.warning(
+            "eval.tasks=%s not run: lm-evaluation-harness is not installed (pip install 'zeroforge[eval]' "
+            "or pip install lm-eval); the held-out perplexity above does not need it.", tasks,
+        )
+        return None
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    adapter = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+    results = lm_eval.simple_evaluate(model=adapter, tasks=tasks, limit=limit)["results"]
+    for task, metrics in results.items():
+        log.info("%s: %s", task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return results
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

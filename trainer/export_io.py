@@ -1,28 +1,72 @@
-"""Loading an HF export (ours or any causal LM directory) for evaluation and generation."""
+"""Loading a model for evaluation and generation: an HF export (ours or any causal LM directory),
+or a DeepSpeed checkpoint of a run, consolidated on the fly (trainer/consolidate.py)."""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from data.tokenizer import load_tokenizer
+from data.tokenizer import load_tokenizer, tokenizer_hash
 from launcher.config import ConfigError
 from launcher.validate import accelerator_is_cuda
+from trainer import consolidate
+from trainer.checkpoint import LATEST, MANIFEST
+from trainer.model import hf_config, resolve_vocab_size
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    # The prepared data the weights were trained on, where known: evaluation reads its validation split.
+    prepared_data: Optional[Path]
+    # "export" or "checkpoint", and its directory (a checkpoint's step_<N>, `latest` resolved).
+    kind: str
+    path: Path
+    step: Optional[int] = None
+
+    @property
+    def source(self) -> str:
+        return f"{self.kind} {self.path}"
 
 
 def pick_device() -> str:
     return "cuda" if accelerator_is_cuda() else "cpu"
 
 
-def load_export(path: str | Path, device: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def inference_dtype(precision: Any, device: str) -> torch.dtype:
+    """auto: bf16 on a GPU, fp32 on the CPU (as training picks its precision)."""
+    name = precision.value if hasattr(precision, "value") else str(precision)
+    if name == "auto":
+        name = "bf16" if device.startswith("cuda") else "fp32"
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def load_model(path: str | Path, device: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """An export directory (config.json), a checkpoint step_<N> directory, or a checkpoints
+    directory (its `latest`): whichever `path` is."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return load_export(path, device, dtype)
+    if (path / MANIFEST).exists() or (path / LATEST).exists():
+        return load_checkpoint(path, device, dtype)
+    raise ConfigError(
+        f"no model at {path}: expected an export directory with config.json, weights and a tokenizer "
+        "(<run.dir>/export), a checkpoint directory <run.dir>/checkpoints/step_<N>, or "
+        "<run.dir>/checkpoints (its latest); set eval.model_path or generate.model_path."
+    )
+
+
+def load_export(path: str | Path, device: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     path = Path(path)
     if not (path / "config.json").exists():
-        raise ConfigError(
-            f"no model at {path}: expected an export directory with config.json, weights and a "
-            "tokenizer, as training writes to <run.dir>/export (set eval.model_path or "
-            "generate.model_path)."
-        )
+        raise ConfigError(f"no model at {path}: expected an export directory with config.json, weights and a tokenizer.")
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
     if len(tokenizer) > model.config.vocab_size:
@@ -30,5 +74,32 @@ def load_export(path: str | Path, device: str, dtype: torch.dtype = torch.float3
             f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocabulary has "
             f"{model.config.vocab_size}; they do not belong together."
         )
-    model.eval()
-    return model, tokenizer
+    meta = json.loads((path / "zeroforge.json").read_text()) if (path / "zeroforge.json").exists() else {}
+    recorded = Path(meta["prepared_data"]) if meta.get("prepared_data") else None
+    prepared = recorded if recorded is not None and (recorded / "manifest.json").exists() else None
+    return LoadedModel(model.eval(), tokenizer, prepared, "export", path, meta.get("step"))
+
+
+def load_checkpoint(path: str | Path, device: str, dtype: Optional[torch.dtype] = None) -> LoadedModel:
+    """The model of a committed checkpoint, built from the shape its manifest recorded, with the
+    tokenizer of the data its run trained on. dtype None: the precision the run trained in."""
+    step_dir = consolidate.resolve_checkpoint(path)
+    manifest = consolidate.read_manifest(step_dir)
+    prepared = consolidate.prepared_data(step_dir, manifest)
+    tokenizer = load_tokenizer(prepared / "tokenizer")
+    if tokenizer_hash(tokenizer) != manifest["run"]["tokenizer_hash"]:
+        raise ConfigError(
+            f"the tokenizer in {prepared / 'tokenizer'} (hash {tokenizer_hash(tokenizer)}) is not the one "
+            f"checkpoint {step_dir} was trained with (hash {manifest['run']['tokenizer_hash']})."
+        )
+    state = consolidate.checkpoint_state_dict(step_dir)
+    model_cfg = OmegaConf.create(manifest["run"]["model"])
+    config = hf_config(model_cfg, resolve_vocab_size(model_cfg, len(tokenizer)), tokenizer.eos_token_id)
+    model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype or next(iter(state.values())).dtype,
+        attn_implementation=model_cfg.attn_implementation, output_loading_info=True,
+    )
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ConfigError(f"checkpoint {step_dir} does not fit the model its manifest describes: {problems}.")
+    return LoadedModel(model.to(device).eval(), tokenizer, prepared, "checkpoint", step_dir, manifest["step"])

@@ -19,7 +19,15 @@ from trainer.distributed import DistInfo, all_reduce_mean
 log = logging.getLogger("zeroforge")
 
 # Dense bf16 peak TFLOP/s per accelerator, matched against torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
+# The H100 SXM reports itself as e.g. "NVIDIA H100 80GB HBM3"; GH200 carries an H100-class GPU.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
+
+
+def peak_for_device(name: str) -> Optional[float]:
+    for key, value in PEAK_TFLOPS.items():  # the most specific names first
+        if key in name:
+            return value
+    return None
 
 
 def peak_tflops(configured: Optional[float], device: str) -> Optional[float]:
@@ -27,11 +35,7 @@ def peak_tflops(configured: Optional[float], device: str) -> Optional[float]:
         return configured
     if device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_TFLOPS.items():  # longest, most specific names first
-        if key in name:
-            return value
-    return None
+    return peak_for_device(torch.cuda.get_device_name())
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, world_size: int, peak: Optional[float]) -> Optional[float]:
@@ -59,7 +63,7 @@ def _wandb_mode(mode: str) -> str:
 
 def _set_aside_records_after(path: Path, step: int) -> None:
     """A resumed run recomputes the steps after its checkpoint: their old records move to
-    metrics.superseded.jsonl, so each step appears once in metrics.jsonl and no line is lost."""
+    <name>.superseded.jsonl, so each step appears once in <name>.jsonl and no line is lost."""
     lines = path.read_text().splitlines(keepends=True)
     # A line without its newline was cut off by a kill mid-write: it is set aside, not kept.
     keep: list[str] = []
@@ -71,7 +75,7 @@ def _set_aside_records_after(path: Path, step: int) -> None:
             aside.append(line if line.endswith("\n") else line + "\n")
     if not aside:
         return
-    with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+    with open(path.with_name(path.stem + ".superseded.jsonl"), "a") as f:
         f.writelines(aside)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
@@ -86,6 +90,9 @@ class _Sinks:
         if path.exists():
             _set_aside_records_after(path, start_step)
         self.jsonl = open(path, "a", buffering=1)
+        self.samples_path = run_dir / "samples.jsonl"
+        if self.samples_path.exists():
+            _set_aside_records_after(self.samples_path, start_step)
         self.wandb = None
         mode = _wandb_mode(cfg.logging.wandb.mode)
         if mode != "disabled":
@@ -111,6 +118,19 @@ class _Sinks:
         self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def write_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        records = [{"step": step, **row} for row in rows]
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        if self.wandb is not None:
+            import wandb
+
+            # One table of every step so far (read back, so it survives a resume): the latest
+            # table on the dashboard shows the text improving.
+            table = [json.loads(line) for line in self.samples_path.read_text().splitlines()]
+            columns = ["step", "prompt", "text"]
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in table])}, step=step)
 
     def close(self) -> None:
         self.jsonl.close()
@@ -145,13 +165,18 @@ class MetricsLogger:
     def logs_at(self, step: int) -> bool:
         return step == 1 or step % self.every == 0 or step == self.last_step
 
-    def step(self, step: int, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], lr: float) -> Optional[dict]:
+    def step(
+        self, step: int, loss: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor], lr: float, skipped_steps: int = 0
+    ) -> Optional[dict]:
+        """loss: None for a skipped step, whose loss (perhaps not finite) stays out of the mean."""
         self.tokens += self.tokens_per_step
-        self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
-        self._loss_steps += 1
+        if loss is not None:
+            self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+            self._loss_steps += 1
         if not self.logs_at(step):
             return None
-        loss_value = all_reduce_mean(self._loss_sum / self._loss_steps).item()
+        # Skips are agreed across ranks, so every rank takes part in this reduction or none does.
+        loss_value = all_reduce_mean(self._loss_sum / self._loss_steps).item() if self._loss_steps else None
         grad_norm = None if grad_norm is None else float(grad_norm)
         self._loss_sum, self._loss_steps = None, 0
         now = time.perf_counter()
@@ -166,11 +191,13 @@ class MetricsLogger:
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(self.flops_per_token, tokens_per_s, self.world_size, self.peak),
             "mem_gb": peak_memory_gb(self.device),
+            "skipped_steps": skipped_steps,
         }
         self.write(record)
         log.info(
-            "step %d | loss %.4f | lr %.2e | grad_norm %s | %.0f tokens/s | mfu %s | mem %.2f GB",
-            step, loss_value, lr, "n/a" if grad_norm is None else f"{grad_norm:.3f}", tokens_per_s,
+            "step %d | loss %s | lr %.2e | grad_norm %s | %.0f tokens/s | mfu %s | mem %.2f GB",
+            step, "skipped" if loss_value is None else f"{loss_value:.4f}", lr,
+            "n/a" if grad_norm is None else f"{grad_norm:.3f}", tokens_per_s,
             "n/a" if record["mfu"] is None else f"{record['mfu']:.1%}", record["mem_gb"],
         )
         return record
@@ -178,6 +205,11 @@ class MetricsLogger:
     def write(self, record: dict[str, Any]) -> None:
         if self.sinks is not None:
             self.sinks.write(record)
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Sanity generations (prompt, text) to samples.jsonl and a wandb table."""
+        if self.sinks is not None:
+            self.sinks.write_samples(step, rows)
 
     def exclude_time(self, seconds: float) -> None:
         """Leave evaluation and checkpoint time out of the training throughput."""

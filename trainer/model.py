@@ -1,10 +1,15 @@
 """The model: a plain transformers causal LM built from config. Wrapping happens in engine.py."""
 from __future__ import annotations
 
+import logging
+
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from launcher.config import ConfigError
 from trainer.config import ModelConfig
+
+log = logging.getLogger("zeroforge")
 
 
 def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab: int) -> int:
@@ -38,8 +43,37 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> P
     )
 
 
+# What must agree between model.init_from and the configured model for its weights to fit.
+SHAPE_KEYS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "vocab_size", "tie_word_embeddings",
+)
+
+
+def check_init_from(cfg: ModelConfig, vocab_size: int, data_tokenizer_hash: str) -> None:
+    """Before any weights load: model.init_from has the configured shape and the data's tokenizer."""
+    from data.tokenizer import load_tokenizer, tokenizer_hash
+
+    try:
+        theirs = AutoConfig.from_pretrained(cfg.init_from)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.init_from={cfg.init_from}: no causal LM config could be read there ({err}).") from None
+    ours = hf_config(cfg, vocab_size)
+    problems = [
+        f"{key}: {cfg.init_from} has {getattr(theirs, key, None)!r}, model={cfg.name} has {getattr(ours, key)!r}"
+        for key in SHAPE_KEYS if getattr(theirs, key, None) != getattr(ours, key)
+    ]
+    if tokenizer_hash(load_tokenizer(cfg.init_from)) != data_tokenizer_hash:
+        problems.append(f"tokenizer: the data was not tokenized with {cfg.init_from}'s tokenizer (set data.tokenizer={cfg.init_from})")
+    if problems:
+        raise ConfigError(f"model.init_from={cfg.init_from} does not fit this run: " + "; ".join(problems) + ".")
+
+
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> PreTrainedModel:
-    """Randomly initialised in fp32; the seed must be set before this call."""
+    """Randomly initialised in fp32 (the seed must be set before this call), or model.init_from's weights."""
+    if cfg.init_from:
+        log.info("weights from %s (model.init_from); the optimizer and the data position start fresh", cfg.init_from)
+        return AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     config = hf_config(cfg, vocab_size, eos_id)
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
 

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data.boundaries import DocumentBoundaries
 from data.loader import BatchLoader, validation_batches
 from data.prepare import prepare
-from data.shards import TokenStore
+from data.mixture import open_split
 from data.tokenizer import load_tokenizer
 from launcher.cli import run_entry_point
 from launcher.config import CONF_DIR
@@ -32,9 +33,11 @@ from trainer.checkpoint import (
     set_rng_state,
 )
 from trainer.engine import build_engine, train_step, validation_loss
+from trainer.faults import FaultGuard
+from trainer.generate import decode
 from trainer.log import setup_logging
 from trainer.metrics import MetricsLogger
-from trainer.model import build_model, flops_per_token, resolve_vocab_size
+from trainer.model import build_model, check_init_from, flops_per_token, resolve_vocab_size
 from trainer.preemption import Preempted, StopRequest
 from trainer.universal import universal_checkpoint
 
@@ -67,7 +70,9 @@ def train(cfg: DictConfig) -> dict:
     prepared = distributed.rank_zero_first(dist, lambda: prepare(cfg.data))
     tokenizer = load_tokenizer(prepared / "tokenizer")
     vocab_size = resolve_vocab_size(cfg.model, len(tokenizer))
-    train_store = TokenStore(prepared, "train")
+    train_store = open_split(prepared, "train")  # one source, or a weighted mixture
+    if cfg.model.init_from:
+        check_init_from(cfg.model, vocab_size, train_store.manifest["tokenizer_hash"])
     resume_from = find_resume_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume, dist)
     universal = resume_from is not None and check_resumable(resume_from, cfg, train_store.manifest, dist.world_size)
     if universal:
@@ -80,6 +85,7 @@ def train(cfg: DictConfig) -> dict:
     num_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(model.config, num_params, cfg.data.seq_len)
     engine = build_engine(model, cfg, plan, load_universal=universal)
+    guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     log.info(
         "%s: %.2fM parameters | world size %d | ZeRO-%d | %s | micro batch %d x grad accum %d x dp %d = %d",
         cfg.model.name, num_params / 1e6, dist.world_size, cfg.deepspeed.stage, plan.precision,
@@ -89,14 +95,20 @@ def train(cfg: DictConfig) -> dict:
     state = {"step": 0, "tokens": 0, "data": {"consumed_samples": 0}}
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
+        guard.skipped = state.get("skipped_steps", 0)
         if len(state["rng"]) == dist.world_size:  # on another world size, ranks keep their fresh seeds
             set_rng_state(state["rng"][dist.rank])
     loader = BatchLoader(
         train_store, cfg.data.seq_len, cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-        dp_rank=dist.rank, dp_size=plan.dp_size, consumed_samples=state["data"]["consumed_samples"],
+        dp_rank=dist.rank, dp_size=plan.dp_size, num_workers=cfg.data.num_workers, pin_memory=plan.device == "cuda",
     )
+    if resume_from is not None:
+        loader.load_state_dict(state["data"])  # before the first batch: its iterator starts there
+    boundaries = None
+    if cfg.data.reset_position_ids or cfg.data.mask_cross_document_loss:
+        boundaries = DocumentBoundaries(tokenizer.eos_token_id, cfg.data.reset_position_ids, cfg.data.mask_cross_document_loss)
     val_batches = validation_batches(
-        TokenStore(prepared, "validation"), cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches
+        open_split(prepared, "validation"), cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches
     )
     metrics = MetricsLogger(cfg, dist, plan, fpt, start_step=state["step"], start_tokens=state["tokens"])
 
@@ -108,6 +120,7 @@ def train(cfg: DictConfig) -> dict:
             "rng": gathered_rng_states(dist),
             "tokenizer_hash": train_store.manifest["tokenizer_hash"],
             "world_size": dist.world_size,
+            "skipped_steps": guard.skipped,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             "versions": library_versions(),
         }
@@ -119,13 +132,22 @@ def train(cfg: DictConfig) -> dict:
     step = state["step"]
     while step < cfg.train.steps:
         step += 1
-        loss, grad_norm, lr = train_step(engine, loader.next_batch(), device, metrics.logs_at(step))
-        last = metrics.step(step, loss, grad_norm, lr) or last
+        loss, grad_norm, lr, skipped = train_step(engine, loader.next_batch(), device, metrics.logs_at(step), guard, step, boundaries)
+        last = metrics.step(step, None if skipped else loss, grad_norm, lr, guard.skipped) or last
+        if cfg.data.mixture and metrics.logs_at(step):
+            metrics.write({"step": step, **{f"data_share/{k}": v for k, v in loader.mixture_shares().items()}})
         if cfg.eval.every and step % cfg.eval.every == 0:
             started = time.perf_counter()
             val_loss = validation_loss(engine, val_batches, device)
             metrics.write({"step": step, "val_loss": val_loss, "val_ppl": float(np.exp(val_loss))})
             log.info("step %d | validation loss %.4f | perplexity %.2f", step, val_loss, np.exp(val_loss))
+            if cfg.eval.sample_prompts:
+                # Every rank decodes (under ZeRO-3 each forward gathers from all ranks); rank 0 writes.
+                samples = decode(
+                    engine.module, tokenizer, list(cfg.eval.sample_prompts), cfg.eval.sample_max_new_tokens,
+                    synced_gpus=cfg.deepspeed.stage == 3 and dist.world_size > 1,
+                )
+                metrics.samples(step, [{"prompt": s.prompt, "text": s.text} for s in samples])
             metrics.exclude_time(time.perf_counter() - started)
         if stop.agreed():
             checkpoint(step)

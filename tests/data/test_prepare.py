@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,7 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 def test_empty_source_is_refused(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "empty.jsonl", [{"text": "   "}, {"text": ""}])
     cfg = _data_cfg("data.source=json", f"data.data_files=[{tmp_path}/empty.jsonl]", f"data.cache_dir={tmp_path}/c")
-    with pytest.raises(DataError, match="yielded no documents"):
+    with pytest.raises(DataError, match=r"'json' with data_files .*empty\.jsonl.* yielded no documents.*field 'text'"):
         prepare(cfg)
     assert not list((tmp_path / "c").glob("*/manifest.json"))
 
@@ -115,11 +116,11 @@ def test_empty_source_is_refused(tmp_path: Path) -> None:
 def test_missing_field_and_non_text_values_are_named(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "a.jsonl", [{"body": "x"}])
     cfg = _data_cfg("data.source=json", f"data.data_files=[{tmp_path}/a.jsonl]", f"data.cache_dir={tmp_path}/c")
-    with pytest.raises(DataError, match=r"no field 'text' .*\['body'\]"):
+    with pytest.raises(DataError, match=r"a\.jsonl.*no field 'text' .*\['body'\]"):
         prepare(cfg)
     _write_jsonl(tmp_path / "b.jsonl", [{"text": 3}])
     cfg = _data_cfg("data.source=json", f"data.data_files=[{tmp_path}/b.jsonl]", f"data.cache_dir={tmp_path}/c")
-    with pytest.raises(DataError, match="is int, expected text"):
+    with pytest.raises(DataError, match=r"b\.jsonl.*field 'text' .* is int, expected text"):
         prepare(cfg)
 
 
@@ -150,4 +151,108 @@ def test_unknown_hub_dataset_is_named(tmp_path: Path) -> None:
 def test_unknown_tokenizer_is_named(tmp_path: Path) -> None:
     cfg = _data_cfg(f"data.tokenizer={tmp_path}/no-tokenizer", f"data.cache_dir={tmp_path}/c")
     with pytest.raises(DataError, match="no-tokenizer' could not be loaded"):
+        prepare(cfg)
+
+
+def _docs_cfg(tmp_path: Path, data_cache: Path, cache: str, *overrides: str):
+    """300 jsonl documents of varied length, shards of about 400 tokens, the embedded tokenizer."""
+    if not (tmp_path / "docs.jsonl").exists():
+        rows = [{"text": f"doc {i}: " + " ".join(f"word{j * i % 97}" for j in range(i % 40 + 1))} for i in range(300)]
+        _write_jsonl(tmp_path / "docs.jsonl", rows)
+    tokenizer_dir = prepare(_data_cfg(f"data.cache_dir={data_cache}")) / "tokenizer"
+    return _data_cfg(
+        "data.name=docs", "data.source=json", f"data.data_files=[{tmp_path}/docs.jsonl]", f"data.tokenizer={tokenizer_dir}",
+        f"data.cache_dir={tmp_path / cache}", "data.shard_tokens=400", "data.validation_fraction=0.2", *overrides,
+    )
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_output_is_the_same_for_any_number_of_workers(tmp_path: Path, data_cache: Path) -> None:
+    one = prepare(_docs_cfg(tmp_path, data_cache, "one", "data.prepare_workers=1"))
+    three = prepare(_docs_cfg(tmp_path, data_cache, "three", "data.prepare_workers=3"))
+    assert len(load_manifest(one)["splits"]["train"]["shards"]) > 5
+    assert _files(one) == _files(three)
+
+
+def test_each_shard_has_a_document_offset_index(tmp_path: Path, data_cache: Path) -> None:
+    out = prepare(_docs_cfg(tmp_path, data_cache, "c", "data.prepare_workers=2"))
+    manifest = load_manifest(out)
+    documents = 0
+    for shard in manifest["splits"]["train"]["shards"]:
+        tokens = np.fromfile(out / shard["file"], dtype=np.uint16)
+        offsets = np.fromfile(out / shard["index"], dtype=np.uint64).astype(np.int64)
+        assert len(offsets) == shard["documents"] + 1 and offsets[0] == 0 and offsets[-1] == len(tokens)
+        # Every document ends with EOS, and nowhere else.
+        assert np.array_equal(np.flatnonzero(tokens == manifest["eos_id"]), offsets[1:] - 1)
+        documents += shard["documents"]
+    assert documents == manifest["splits"]["train"]["documents"]
+    assert manifest["bos_id"] is None and manifest["source_fingerprint"]
+
+
+def test_interrupted_prepare_resumes_after_its_last_complete_shard(
+    tmp_path: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import data.encode
+    import data.prepare
+
+    reference = prepare(_docs_cfg(tmp_path, data_cache, "reference", "data.prepare_workers=1"))
+    cfg = _docs_cfg(tmp_path, data_cache, "interrupted", "data.prepare_workers=2")
+    real_documents = data.prepare.iter_documents
+
+    def stops_after_200(cfg):
+        for i, doc in enumerate(real_documents(cfg)):
+            if i == 200:
+                raise KeyboardInterrupt  # as if the job were killed here
+            yield doc
+
+    monkeypatch.setattr(data.prepare, "iter_documents", stops_after_200)
+    monkeypatch.setattr(data.prepare, "_BATCH_DOCUMENTS", 16)  # shards complete before the stop
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    partial = prepared_dir(cfg).with_name(prepared_dir(cfg).name + ".partial")
+    recorded = json.loads((partial / "progress.json").read_text())
+    assert len(recorded["train"]["shards"]) >= 3 and not (partial / "manifest.json").exists()
+    (partial / "train_00099.bin.tmp").write_bytes(b"half a shard")  # a write cut off by the kill
+
+    monkeypatch.setattr(data.prepare, "iter_documents", real_documents)
+    encoded: list[int] = []
+    real_call = data.encode.DocumentEncoder.__call__
+    monkeypatch.setattr(data.encode.DocumentEncoder, "__call__",
+                        lambda self, texts: encoded.append(len(texts)) or real_call(self, texts))
+    resumed = prepare(_docs_cfg(tmp_path, data_cache, "interrupted", "data.prepare_workers=1"))
+    # Only the documents after the last recorded shard of their split were tokenized again.
+    split_of = {i: "validation" if is_validation(str(i), 0.2) else "train" for i in range(300)}
+    assert sum(encoded) == sum(1 for i in range(300) if i >= recorded[split_of[i]]["resume_at"]) < 250
+    assert _files(resumed) == _files(reference)
+    assert not partial.exists()
+
+
+def test_bos_and_eos_frame_each_document_where_the_tokenizer_uses_bos(data_cache: Path) -> None:
+    from tokenizers.processors import TemplateProcessing
+
+    from data.encode import DocumentEncoder
+
+    tok = AutoTokenizer.from_pretrained(str(prepare(_data_cfg(f"data.cache_dir={data_cache}")) / "tokenizer"))
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tokens, lengths = DocumentEncoder(tok, np.dtype(np.uint16))(["a b", "c"])
+    first, second = np.split(tokens, np.cumsum(lengths)[:-1])
+    assert first[0] == second[0] == tok.bos_token_id and first[-1] == second[-1] == tok.eos_token_id
+    assert tok.decode(first[1:-1]) == "a b"
+
+
+def test_a_tokenizer_changed_in_place_is_refused(tmp_path: Path, data_cache: Path) -> None:
+    tokenizer_dir = tmp_path / "tok"
+    shutil.copytree(prepare(_data_cfg(f"data.cache_dir={data_cache}")) / "tokenizer", tokenizer_dir)
+    _write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i}"} for i in range(50)])
+    cfg = _data_cfg("data.source=json", f"data.data_files=[{tmp_path}/docs.jsonl]", f"data.tokenizer={tokenizer_dir}",
+                    f"data.cache_dir={tmp_path}/c", "data.validation_fraction=0.3")
+    out = prepare(cfg)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_tokens(["document number"])
+    tok.save_pretrained(str(tokenizer_dir))
+    with pytest.raises(DataError, match=rf"tokenizer .*tok' changed since {out} was prepared: its hash was \w+, now \w+"):
         prepare(cfg)

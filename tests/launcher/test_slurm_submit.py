@@ -37,7 +37,7 @@ def test_dry_run_prints_the_command_and_the_script_and_submits_nothing(tmp_path:
         "launcher", [*H100_1B, "cluster.nodes=4", "launcher.dry_run=true", f"run.dir={run_dir}"], cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    command = shlex.split(result.stdout.splitlines()[0])
+    command = shlex.split(next(line for line in result.stdout.splitlines() if line.startswith("sbatch ")))
     assert command[0] == "sbatch" and "--nodes=4" in command and str(SCRIPT) in command
     assert "#SBATCH --requeue" in result.stdout and "torch.distributed.run" in result.stdout
     assert not run_dir.exists()

@@ -1,0 +1,133 @@
+"""Data pipeline throughput: prepare (tokens/s) against `datasets.Dataset.map`, and the loader.
+
+    python bench/data.py [--documents N] [--seq-len 2048] [--loader-steps 200]
+
+Prepare: the embedded corpus (the Python standard library) is written to one jsonl file, then
+tokenized by `data.prepare` (reading that file, writing shards) with 1 and with all workers, and by
+`Dataset.map(batched=True, num_proc=<same>)` with the same tokenizer over the already-loaded
+dataset (so the baseline is not charged for reading). One tokenizing thread per process on both
+sides (TOKENIZERS_PARALLELISM=false). Goal: prepare >= 1.5 x map.
+Loader: this rank's batches from the prepared shards at seq_len 2048, with 0 and 2 workers.
+Goal: >= 20M tokens/s per rank. Prints a table and writes bench/results/data.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def _corpus(work: Path, documents: int) -> tuple[Path, Path]:
+    """The embedded corpus as jsonl, and the embedded tokenizer trained on it."""
+    from data.corpus import iter_documents
+    from data.prepare import prepare
+    from launcher.config import compose_config
+
+    embedded = compose_config([f"data.cache_dir={work / 'embedded'}"]).data
+    tokenizer = prepare(embedded) / "tokenizer"
+    path = work / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i, (_, text) in enumerate(iter_documents(embedded)):
+            if i == documents:
+                break
+            f.write(json.dumps({"text": text}) + "\n")
+    return path, tokenizer
+
+
+def _prepare_rate(corpus: Path, tokenizer: Path, work: Path, workers: int) -> tuple[float, int]:
+    from data.prepare import prepare
+    from data.shards import load_manifest
+    from launcher.config import compose_config
+
+    cfg = compose_config([
+        "data.name=bench", "data.source=json", f"data.data_files=[{corpus}]", f"data.tokenizer={tokenizer}",
+        f"data.cache_dir={work / f'prepare-{workers}'}", f"data.prepare_workers={workers}",
+    ]).data
+    start = time.perf_counter()
+    out = prepare(cfg)
+    elapsed = time.perf_counter() - start
+    splits = load_manifest(out)["splits"]
+    tokens = splits["train"]["tokens"] + splits["validation"]["tokens"]
+    return tokens / elapsed, tokens
+
+
+def _map_rate(corpus: Path, tokenizer: Path, workers: int) -> tuple[float, int]:
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    dataset = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(corpus.parent / "hf"))
+    start = time.perf_counter()
+    mapped = dataset.map(
+        lambda batch: tok(batch["text"]), batched=True, num_proc=workers if workers > 1 else None,
+        remove_columns=["text"], load_from_cache_file=False,
+    )
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in mapped["input_ids"]) + len(mapped)  # + the EOS prepare appends
+    return tokens / elapsed, tokens
+
+
+def _loader_rate(prepared: Path, seq_len: int, steps: int, workers: int) -> float:
+    from data.loader import BatchLoader
+    from data.mixture import open_split
+
+    loader = BatchLoader(open_split(prepared, "train"), seq_len, seed=0, global_batch=32, micro_batch=8,
+                         dp_rank=0, dp_size=1, num_workers=workers)
+    loader.next_batch()  # start-up (workers, first permutation) is not throughput
+    start = time.perf_counter()
+    for _ in range(steps):
+        loader.next_batch()
+    return steps * 32 * seq_len / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--documents", type=int, default=1500)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--loader-steps", type=int, default=200)
+    args = parser.parse_args()
+
+    from data.encode import default_workers
+    from data.prepare import prepare
+    from launcher.config import compose_config
+
+    cores = default_workers()
+    rows, results = [], {"machine": f"{platform.processor() or platform.machine()}, {cores} cores", "prepare": {}, "loader": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus, tokenizer = _corpus(work, args.documents)
+        for workers in sorted({1, cores}):
+            ours, tokens = _prepare_rate(corpus, tokenizer, work, workers)
+            theirs, their_tokens = _map_rate(corpus, tokenizer, workers)
+            results["prepare"][workers] = {"zeroforge": ours, "datasets_map": theirs, "ratio": ours / theirs,
+                                           "tokens": tokens, "map_tokens": their_tokens}
+            rows.append((f"prepare, {workers} worker(s)", ours, theirs, ours / theirs))
+        prepared = prepare(compose_config([f"data.cache_dir={work / 'embedded'}"]).data)
+        for workers in (0, 2):
+            rate = _loader_rate(prepared, args.seq_len, args.loader_steps, workers)
+            results["loader"][workers] = {"tokens_per_s": rate, "seq_len": args.seq_len}
+            rows.append((f"loader, seq_len {args.seq_len}, {workers} workers", rate, None, None))
+
+    print(f"\n{'what':<36} {'tokens/s':>14} {'Dataset.map':>14} {'ratio':>7}")
+    for what, ours, theirs, ratio in rows:
+        print(f"{what:<36} {ours:>14,.0f} {'' if theirs is None else f'{theirs:,.0f}':>14} "
+              f"{'' if ratio is None else f'{ratio:.2f}':>7}")
+    out = REPO / "bench" / "results" / "data.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Tokenizing document batches, in this process or in a pool of worker processes, in order.
+
+Each document becomes [BOS] + tokens + [EOS] (BOS only where the tokenizer puts one in front of
+text itself). Batches go through the fast tokenizer's Rust batch encoder; the results come back
+in submission order, so the output does not depend on the number of workers.
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+# Batches in flight per worker: enough to keep every worker busy, few enough that a corpus
+# larger than memory streams through instead of being read ahead in full.
+_IN_FLIGHT_PER_WORKER = 4
+
+
+def uses_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+class DocumentEncoder:
+    """texts -> (concatenated token ids, tokens per document), EOS (and BOS) included."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, dtype: np.dtype):
+        self.tokenizer, self.dtype = tokenizer, dtype
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.prefix = [tokenizer.bos_token_id] if uses_bos(tokenizer) else []
+        self.suffix = [tokenizer.eos_token_id]
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.backend is not None:
+            # The Rust encoder without offsets: what a fast tokenizer spends on a batch, no more.
+            ids = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        else:
+            ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        extra = len(self.prefix) + len(self.suffix)
+        lengths = np.fromiter((len(d) + extra for d in ids), dtype=np.int64, count=len(ids))
+        tokens = np.empty(int(lengths.sum()), dtype=self.dtype)
+        end = np.cumsum(lengths)
+        for doc, stop, length in zip(ids, end.tolist(), lengths.tolist()):
+            tokens[stop - length : stop] = self.prefix + doc + self.suffix
+        return tokens, lengths
+
+
+_worker_encoder: Optional[DocumentEncoder] = None
+
+
+def _init_worker(encoder: DocumentEncoder) -> None:
+    global _worker_encoder
+    # Each worker is one tokenizing thread; the pool is the parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    assert _worker_encoder is not None
+    return _worker_encoder(texts)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def encode_batches(
+    encoder: DocumentEncoder, batches: Iterable[tuple[object, list[str]]], workers: int
+) -> Iterator[tuple[object, tuple[np.ndarray, np.ndarray]]]:
+    """(tag, texts) -> (tag, encoded texts), in the order given, with `workers` processes."""
+    if workers <= 1:
+        for tag, texts in batches:
+            yield tag, encoder(texts)
+        return
+    # fork: workers inherit the tokenizer instead of unpickling it; they only run Rust code.
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
+        pending: collections.deque = collections.deque()
+        for tag, texts in batches:
+            pending.append((tag, pool.apply_async(_encode_in_worker, (texts,))))
+            if len(pending) >= workers * _IN_FLIGHT_PER_WORKER:
+                done_tag, result = pending.popleft()
+                yield done_tag, result.get()
+        while pending:
+            done_tag, result = pending.popleft()
+            yield done_tag, result.get()

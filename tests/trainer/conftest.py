@@ -1,0 +1,73 @@
+"""Models the evaluation and generation tests share: tiny random ones, and one trained smoke run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_module
+
+
+def save_tiny_model(data_cache: Path, out: Path, seed: int, overrides: list[str] = ()) -> Path:
+    """A randomly initialised model of conf/model/tiny.yaml (with overrides), saved as an export
+    with the tokenizer of the prepared embedded corpus."""
+    from data.prepare import prepare
+    from data.tokenizer import load_tokenizer
+    from launcher.config import compose_config
+    from trainer.model import build_model, resolve_vocab_size
+
+    cfg = compose_config([f"data.cache_dir={data_cache}", *overrides])
+    tokenizer = load_tokenizer(prepare(cfg.data) / "tokenizer")
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, resolve_vocab_size(cfg.model, len(tokenizer)), tokenizer.eos_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def swap_two_tokens(export: Path, out: Path) -> Path:
+    """The same export with a tokenizer of the same size that maps two tokens the other way round."""
+    shutil.copytree(export, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = "def", "class"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(data_cache: Path, tmp_path_factory) -> Path:
+    return save_tiny_model(data_cache, tmp_path_factory.mktemp("tiny") / "export", seed=0)
+
+
+@pytest.fixture(scope="session")
+def draft_export(data_cache: Path, tmp_path_factory) -> Path:
+    """Smaller than tiny (one layer, half the width), same tokenizer."""
+    small = ["model.num_layers=1", "model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=2", "model.intermediate_size=128"]
+    return save_tiny_model(data_cache, tmp_path_factory.mktemp("draft") / "export", seed=1, overrides=small)
+
+
+def smoke_run_overrides(data_cache: Path, run_dir: Path) -> list[str]:
+    """The smoke run (20 steps, validation, samples and checkpoints every 10) under 2-rank ZeRO-3,
+    in fp32 so that the numbers compared across loaders are exact, with wandb offline."""
+    return [
+        "experiment=smoke", f"data.cache_dir={data_cache}", f"run.dir={run_dir}", "deepspeed=zero3",
+        "train.precision=fp32", "logging.wandb.mode=offline",
+    ]
+
+
+@pytest.fixture(scope="session")
+def zero3_smoke_run(data_cache: Path, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("zero3-smoke")
+    run_dir = base / "run"
+    env = {**os.environ, "WANDB_DIR": str(base / "wandb")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run_module("trainer.train", smoke_run_overrides(data_cache, run_dir), cwd=REPO, launcher=launcher, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir

@@ -1,0 +1,55 @@
+"""`python -m trainer.export checkpoint=<dir>`: a committed DeepSpeed checkpoint as an HF export
+(safetensors, config, tokenizer), with no engine or ranks and without reading the optimizer state."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from launcher.cli import run_entry_point
+from launcher.config import CONF_DIR, ConfigError
+from trainer.checkpoint import MANIFEST, write_export
+from trainer.consolidate import run_config
+from trainer.export_io import inference_dtype, load_checkpoint
+from trainer.log import setup_logging
+
+log = logging.getLogger("zeroforge")
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write the export of cfg.export.checkpoint; returns its directory."""
+    e = cfg.export
+    if not e.checkpoint:
+        raise ConfigError(
+            "no checkpoint to export: expected checkpoint=<run.dir>/checkpoints/step_<N> "
+            "(or <run.dir>/checkpoints for its latest)."
+        )
+    auto = e.precision == "auto"  # a str Enum: equal to its value
+    loaded = load_checkpoint(e.checkpoint, "cpu", None if auto else inference_dtype(e.precision, "cpu"))
+    step_dir = loaded.path
+    out = Path(e.output) if e.output else run_config(step_dir)[1] / f"export_{step_dir.name}"
+    run = json.loads((step_dir / MANIFEST).read_text())["run"]
+    meta = {"step": loaded.step, "tokens": run["tokens"], "prepared_data": str(loaded.prepared_data), "checkpoint": str(step_dir)}
+    write_export(loaded.model, None, loaded.tokenizer, out, meta)
+    return out
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup_logging(0, cfg.logging.level)
+    run_entry_point(lambda: export(cfg))
+
+
+def checkpoint_argument(argv: list[str]) -> list[str]:
+    """`checkpoint=<dir>` means export.checkpoint: in the schema `checkpoint` is the checkpointing
+    section, which a plain path cannot replace."""
+    return [f"export.{arg}" if arg.startswith("checkpoint=") else arg for arg in argv]
+
+
+if __name__ == "__main__":
+    sys.argv = checkpoint_argument(sys.argv)
+    main()
