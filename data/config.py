@@ -22,6 +22,9 @@ class MixtureSourceConfig:
 @dataclass
 class DataConfig:
     name: str = "embedded"
+    # "prepared": tokenized once into shards under cache_dir, sampled in a seeded order.
+    # "stream": tokenized while training, in source order (data/stream.py); needs a named tokenizer.
+    mode: str = "prepared"
     # "embedded": the Python standard library's own source, present on every machine.
     # Otherwise a `datasets` source: a hub name, or a builder ("json", "parquet", "text")
     # reading `data_files`.

@@ -8,7 +8,7 @@ import json
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from data.config import DataConfig
 from data.errors import DataError
@@ -46,56 +46,94 @@ def _local_files(cfg: DataConfig) -> list[str]:
 
 def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
     """Yield (key, text) for every document of the source, in a fixed order."""
-    count = 0
-    for key, text in _raw_documents(cfg):
-        if cfg.max_documents is not None and count >= cfg.max_documents:
-            break
-        count += 1
-        yield key, text
-    if count == 0:
-        raise DataError(
-            f"data source {describe_source(cfg)} yielded no documents; expected at least one "
-            f"non-empty text in field {cfg.text_field!r}."
-        )
+    return iter(SourceReader(cfg))
 
 
-def _raw_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    if cfg.source == "embedded":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        for path in embedded_files():
-            text = path.read_text(encoding="utf-8", errors="replace")
+class SourceReader:
+    """The documents of a source, in a fixed order, read from a position that can be saved.
+
+    position() is where a reader built with it continues: after the last document yielded. It
+    holds the next row, the documents yielded so far (for max_documents) and, for `datasets`
+    sources, the dataset's own state_dict, which reopens at that file and row instead of reading
+    every row before it. Keys (the validation split's hash input) are row numbers for `datasets`
+    sources and file names for the embedded corpus, however the reader started.
+    """
+
+    def __init__(self, cfg: DataConfig, position: Optional[dict] = None):
+        self.cfg = cfg
+        start = position or {"row": 0, "documents": 0, "dataset": None}
+        self._row, self._documents, self._dataset_state = start["row"], start["documents"], start["dataset"]
+        self._dataset = None  # the open streaming dataset, once rows have been read from it
+
+    def position(self) -> dict:
+        dataset = self._dataset.state_dict() if self._dataset is not None else self._dataset_state
+        return {"row": self._row, "documents": self._documents, "dataset": dataset}
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        from_start = self._row == 0
+        for key, text in self._rows():
+            if self.cfg.max_documents is not None and self._documents >= self.cfg.max_documents:
+                break
+            self._documents += 1
+            yield key, text
+        if from_start and self._documents == 0:
+            raise DataError(
+                f"data source {describe_source(self.cfg)} yielded no documents; expected at least one "
+                f"non-empty text in field {self.cfg.text_field!r}."
+            )
+
+    def _rows(self) -> Iterator[tuple[str, str]]:
+        """(key, text) of the non-empty rows from the position on; self._row follows each row read."""
+        cfg = self.cfg
+        if cfg.source == "embedded":
+            root = Path(sysconfig.get_paths()["stdlib"])
+            files = embedded_files()
+            for row in range(self._row, len(files)):
+                self._row = row + 1
+                text = files[row].read_text(encoding="utf-8", errors="replace")
+                if text.strip():
+                    yield str(files[row].relative_to(root)), text
+            return
+        import datasets
+
+        files = _local_files(cfg)
+        if cfg.source in _FILE_BUILDERS and not files:
+            raise DataError(f"data.source={cfg.source!r} reads local files; expected data.data_files, found none.")
+        try:
+            dataset = datasets.load_dataset(
+                cfg.source, name=cfg.subset, data_files=files or None, split=cfg.split, streaming=True
+            )
+            if self._dataset_state is not None:
+                dataset.load_state_dict(self._dataset_state)
+            rows = _rows_of(dataset)
+            first = next(rows, None)
+        except (OSError, ValueError) as err:
+            raise DataError(f"data source {describe_source(cfg)} could not be opened: {err}") from None
+        if first is None:
+            return
+        self._dataset = dataset
+        for index, row in enumerate(itertools.chain([first], rows), start=self._row):
+            self._row = index + 1
+            if cfg.text_field not in row:
+                raise DataError(
+                    f"data source {describe_source(cfg)}: document {index} has no field "
+                    f"{cfg.text_field!r} (data.text_field); its fields are {sorted(row)}."
+                )
+            text = row[cfg.text_field]
+            if not isinstance(text, str):
+                raise DataError(
+                    f"data source {describe_source(cfg)}: field {cfg.text_field!r} of document "
+                    f"{index} is {type(text).__name__}, expected text."
+                )
             if text.strip():
-                yield str(path.relative_to(root)), text
-        return
-    import datasets
+                yield str(index), text
 
-    files = _local_files(cfg)
-    if cfg.source in _FILE_BUILDERS and not files:
-        raise DataError(f"data.source={cfg.source!r} reads local files; expected data.data_files, found none.")
-    try:
-        dataset = datasets.load_dataset(
-            cfg.source, name=cfg.subset, data_files=files or None, split=cfg.split, streaming=True
-        )
-        rows = iter(dataset)
-        first = next(rows, None)
-    except (OSError, ValueError) as err:
-        raise DataError(f"data source {describe_source(cfg)} could not be opened: {err}") from None
-    if first is None:
-        return
-    for index, row in enumerate(itertools.chain([first], rows)):
-        if cfg.text_field not in row:
-            raise DataError(
-                f"data source {describe_source(cfg)}: document {index} has no field "
-                f"{cfg.text_field!r} (data.text_field); its fields are {sorted(row)}."
-            )
-        text = row[cfg.text_field]
-        if not isinstance(text, str):
-            raise DataError(
-                f"data source {describe_source(cfg)}: field {cfg.text_field!r} of document "
-                f"{index} is {type(text).__name__}, expected text."
-            )
-        if text.strip():
-            yield str(index), text
+
+def _rows_of(dataset) -> Iterator[dict]:
+    """The rows of a streaming dataset one by one. Not iter(dataset): inside a DataLoader worker
+    that reads only the worker's share of the files, and every reader here needs all of them."""
+    for batch in dataset.iter(batch_size=1):
+        yield {name: values[0] for name, values in batch.items()}
 
 
 def describe_source(cfg: DataConfig) -> str:

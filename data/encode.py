@@ -75,8 +75,9 @@ def encode_batches(
         for tag, texts in batches:
             yield tag, encoder(texts)
         return
-    # fork: workers inherit the tokenizer instead of unpickling it; they only run Rust code.
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: a process that already ran the tokenizers library's thread pool (training
+    # the embedded tokenizer does) can deadlock in a forked child. Workers unpickle the tokenizer.
+    context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
         pending: collections.deque = collections.deque()
         for tag, texts in batches:

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from data.prepare import prepare
-from data.shards import load_manifest
+from data.build import open_data
 from launcher.rundir import check_run_dir
 from launcher.validate import Plan, validate
 from trainer.model import resolve_vocab_size
 
 
 def preflight(cfg: DictConfig, world_size: int) -> Plan:
-    """Validate, check the run directory, and prepare the data once (ranks never race to build it)."""
+    """Validate, check the run directory, and prepare the data once (ranks never race to build it),
+    or, when streaming, check that its tokenizer loads."""
     plan = validate(cfg, world_size)
     check_run_dir(cfg)
-    manifest = load_manifest(prepare(cfg.data))
+    manifest = open_data(cfg.data).manifest
     resolve_vocab_size(cfg.model, manifest["vocab_size"])
     return plan

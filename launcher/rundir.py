@@ -1,9 +1,13 @@
 """The run directory: what a run needs to be understood later, written before it starts."""
 from __future__ import annotations
 
+import os
+import platform
+import socket
 import subprocess
+from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,18 +24,48 @@ def git_commit() -> Optional[str]:
     return out.stdout.strip() or None
 
 
+def library_versions() -> dict[str, Optional[str]]:
+    """Read from the installed distributions' metadata: no import of the (slow to load) libraries."""
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in ("torch", "deepspeed", "transformers", "datasets"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def system_facts(probe_gpu: bool) -> dict[str, Any]:
+    """Where the run ran: the trainer rewrites config.yaml on its first rank, so a run submitted
+    from a login node records the node it trained on. Only the trainer asks CUDA about its GPUs:
+    in the launcher that would hold a context, and GPU memory, for the whole run."""
+    import torch
+
+    gpus = torch.cuda.device_count() if probe_gpu and torch.cuda.is_available() else 0
+    return {
+        "hostname": socket.gethostname(),
+        "gpu": (torch.cuda.get_device_name(0) if gpus else "cpu") if probe_gpu else None,
+        "gpu_count": gpus if probe_gpu else None,  # visible on this node
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "versions": library_versions(),
+    }
+
+
 def run_dir_override(cfg: DictConfig) -> str:
     """`run.dir=<absolute path>` for a child process, quoted so that any path survives Hydra's parser."""
     path = str(Path(cfg.run.dir).resolve()).replace("'", "\\'")
     return f"run.dir='{path}'"
 
 
-def write_run_dir(cfg: DictConfig) -> Path:
-    """Create run.dir and write the resolved config (with the code version) as config.yaml."""
+def write_run_dir(cfg: DictConfig, probe_gpu: bool = False) -> Path:
+    """Create run.dir and write the resolved config (with the code version and the system) as config.yaml.
+
+    probe_gpu: record the GPU (the trainer, where CUDA is in use anyway)."""
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resolved["code_version"] = git_commit()
+    resolved["system"] = system_facts(probe_gpu)
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(OmegaConf.to_yaml(resolved))
     tmp.replace(run_dir / "config.yaml")

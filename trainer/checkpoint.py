@@ -7,13 +7,14 @@ whose manifest does not verify is never loaded: loading falls back to the newest
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from launcher.config import ConfigError
+from trainer.background_save import BackgroundWriter, file_entry
 from trainer.distributed import DistInfo, barrier, from_rank_zero, gather
 
 if TYPE_CHECKING:
@@ -47,14 +49,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _agree_or_raise(problem: Optional[str], dist: DistInfo, what: str) -> None:
     """Every rank raises if any rank failed, instead of the others waiting in a collective."""
     problems = [p for p in gather(problem, dist) if p]
@@ -72,47 +66,86 @@ def _my_share(files: list[str], dist: DistInfo) -> list[str]:
     return files[dist.rank :: dist.world_size]
 
 
-def save_checkpoint(
-    engine: DeepSpeedEngine, cfg: DictConfig, step: int, client_state: dict[str, Any], dist: DistInfo
-) -> Path:
-    """Save and commit step_<N> under cfg.dir (the checkpoint config), then apply retention.
+@dataclass
+class _InFlight:
+    step: int
+    tmp: Path
+    final: Path
+    run: dict[str, Any]
 
-    Every rank must call it. Returns the committed directory.
+
+class Checkpointer:
+    """Saves through DeepSpeed into step_<N>.tmp and commits atomically, then applies retention.
+
+    With checkpoint.async_save the files are written by a background thread
+    (trainer/background_save.py) and the commit waits for commit_pending(), which the training
+    loop calls after the next step: the loop blocks only for the snapshot.
     """
-    root = Path(cfg.dir)
-    final = root / step_tag(step)
-    tmp = root / (step_tag(step) + ".tmp")
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-    barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
-    barrier()
-    files = from_rank_zero(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if dist.is_main else None, dist)
-    mine, problem = {}, None
-    try:
-        for name in _my_share(files, dist):
-            _fsync(tmp / name)
-            mine[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-    except OSError as err:
-        problem = f"rank {dist.rank}: {err}"
-    entries: dict[str, dict] = {}
-    for part in gather(mine, dist):
-        entries.update(part)
-    _agree_or_raise(problem, dist, f"saving {final}")
-    problem = None
-    if dist.is_main:
+
+    def __init__(self, engine: DeepSpeedEngine, cfg: DictConfig, dist: DistInfo):
+        self.engine, self.cfg, self.dist = engine, cfg, dist
+        self.root = Path(cfg.dir)
+        self.writer: Optional[BackgroundWriter] = None
+        if cfg.async_save:
+            self.writer = BackgroundWriter(engine.checkpoint_engine.zipfile_serialization)
+            engine.checkpoint_engine = self.writer
+        self._in_flight: Optional[_InFlight] = None
+
+    def save(self, step: int, client_state: dict[str, Any]) -> float:
+        """Every rank must call it. Returns the seconds the caller was blocked."""
+        started = time.perf_counter()
+        self.commit_pending()  # one save in flight at a time
+        final = self.root / step_tag(step)
+        tmp = self.root / (step_tag(step) + ".tmp")
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        barrier()
+        self.engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client_state, save_latest=False)
         # What a resume must check before DeepSpeed touches the files (a model of another shape
-        # or another world size fails inside DeepSpeed's loader, not with a clear message).
+        # fails inside DeepSpeed's loader, not with a clear message).
         run = {k: client_state[k] for k in ("tokens", "data", "tokenizer_hash", "world_size")}
         run["model"] = client_state["config"]["model"]
+        self._in_flight = _InFlight(step, tmp, final, run)
+        if self.writer is None:
+            self.commit_pending()
+        return time.perf_counter() - started
+
+    def commit_pending(self) -> float:
+        """Commit the save in flight, once its files are written; every rank must call it.
+        Returns the seconds the caller was blocked (0 when nothing was in flight)."""
+        if self._in_flight is None:
+            return 0.0
+        started = time.perf_counter()
+        job, self._in_flight = self._in_flight, None
+        dist = self.dist
+        written, problem = self.writer.wait() if self.writer else ({}, None)
+        _agree_or_raise(problem, dist, f"writing {job.final}")
+        barrier()
+        # Files a background writer already synced and hashed; every other file is hashed here,
+        # each rank a share, so a large checkpoint is hashed in parallel.
+        entries: dict[str, dict] = {}
+        for part in gather({str(path.relative_to(job.tmp)): entry for path, entry in written.items()}, dist):
+            entries.update(part)
+        files = from_rank_zero(sorted(str(p.relative_to(job.tmp)) for p in job.tmp.rglob("*") if p.is_file()) if dist.is_main else None, dist)
+        mine, problem = {}, None
         try:
-            _commit(root, tmp, final, {"step": step, "run": run, "files": entries})
+            for name in _my_share([f for f in files if f not in entries], dist):
+                mine[name] = file_entry(job.tmp / name)
         except OSError as err:
-            problem = f"rank 0: {err}"
-    _agree_or_raise(problem, dist, f"committing {final}")
-    if dist.is_main:
-        apply_retention(root, cfg.keep_last, cfg.keep_every)
-    return final
+            problem = f"rank {dist.rank}: {err}"
+        for part in gather(mine, dist):
+            entries.update(part)
+        _agree_or_raise(problem, dist, f"saving {job.final}")
+        problem = None
+        if dist.is_main:
+            try:
+                _commit(self.root, job.tmp, job.final, {"step": job.step, "run": job.run, "files": entries})
+            except OSError as err:
+                problem = f"rank 0: {err}"
+        _agree_or_raise(problem, dist, f"committing {job.final}")
+        if dist.is_main:
+            apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every)
+        return time.perf_counter() - started
 
 
 def _commit(root: Path, tmp: Path, final: Path, manifest: dict) -> None:
@@ -144,7 +177,7 @@ def _verify(path: Path, dist: DistInfo) -> Optional[str]:
             if not target.exists() or target.stat().st_size != files[name]["bytes"]:
                 problem = f"{name} is missing or has the wrong size"
                 break
-            if _sha256(target) != files[name]["sha256"]:
+            if file_entry(target)["sha256"] != files[name]["sha256"]:
                 problem = f"{name} does not match its checksum"
                 break
     except (OSError, ValueError, KeyError) as err:

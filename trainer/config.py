@@ -114,6 +114,9 @@ class CheckpointConfig:
     # Retention, applied after each commit: the newest keep_last, plus every keep_every-th step.
     keep_last: int = 3
     keep_every: Optional[int] = None
+    # Write checkpoint files from a background thread while training goes on; the loop waits only
+    # for a copy of the state in host memory, and the checkpoint commits after the next step.
+    async_save: bool = False
     export_dir: str = "${run.dir}/export"
 
 

@@ -13,7 +13,7 @@ import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -140,6 +140,16 @@ def run_config(step_dir: Path) -> tuple[DictConfig, Path]:
         f"no config.yaml found for checkpoint {step_dir}: expected the run's resolved config in "
         f"{step_dir.parent.parent} (a checkpoint is read from its run directory, <run.dir>/checkpoints/step_<N>)."
     )
+
+
+def run_tokenizer(step_dir: Path, manifest: dict[str, Any]) -> tuple[Optional[Path], str]:
+    """The prepared data the checkpoint's run trained on (None when it streamed its data), and
+    where its tokenizer is: the prepared copy, or the streamed run's data.tokenizer."""
+    cfg, _ = run_config(step_dir)
+    if cfg.data.get("mode") == "stream":
+        return None, str(cfg.data.tokenizer)
+    prepared = prepared_data(step_dir, manifest)
+    return prepared, str(prepared / "tokenizer")
 
 
 def prepared_data(step_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -1,6 +1,7 @@
 """Wrapping the plain model for training: activation checkpointing, compile, the DeepSpeed engine."""
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -28,8 +29,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class _KnownOptimizer(logging.Filter):
+    """DeepSpeed warns about every optimizer class not on its list; ours is torch's AdamW with a skip flag."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
+
+
+_KNOWN_OPTIMIZER = _KnownOptimizer()
+
+
 def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_universal: bool = False) -> DeepSpeedEngine:
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.addFilter(_KNOWN_OPTIMIZER)  # added once: the same filter object is not added twice
 
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from data.loader import validation_batches
 from data.mixture import open_split
-from data.prepare import prepare
+from data.build import open_data
 from data.tokenizer import tokenizer_hash
 from launcher.cli import run_entry_point
 from launcher.config import CONF_DIR, ConfigError
@@ -28,16 +28,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     lm-evaluation-harness tasks of eval.tasks where lm_eval is installed."""
     device = pick_device()
     loaded = load_model(cfg.eval.model_path, device, inference_dtype(cfg.eval.precision, device))
-    # The data the weights were trained on, where known and still there; else cfg.data.
-    prepared = loaded.prepared_data or prepare(cfg.data)
-    store = open_split(prepared, "validation")  # as the trainer reads it: one source or a mixture
-    if store.manifest["tokenizer_hash"] != tokenizer_hash(loaded.tokenizer):
+    # The data the weights were trained on, where known and still there; else cfg.data (prepared,
+    # or streamed: then its held-out documents, read from the source).
+    if loaded.prepared_data is not None:
+        store = open_split(loaded.prepared_data, "validation")  # as the trainer reads it: one source or a mixture
+        where, manifest = str(loaded.prepared_data), store.manifest
+        batches = validation_batches(store, cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches)
+    else:
+        data = open_data(cfg.data)
+        where, manifest = data.manifest.get("source", cfg.data.name), data.manifest
+        batches = data.validation_batches(cfg.eval.batch_size, cfg.eval.batches)
+    if manifest["tokenizer_hash"] != tokenizer_hash(loaded.tokenizer):
         raise ConfigError(
             f"the tokenizer of the model at {cfg.eval.model_path} is not the one the data in "
-            f"{prepared} was tokenized with ({store.manifest['tokenizer']!r}); evaluate on data "
-            "prepared with the model's tokenizer."
+            f"{where} was tokenized with ({manifest['tokenizer']!r}); evaluate on data "
+            "tokenized with the model's tokenizer."
         )
-    batches = validation_batches(store, cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches)
     started = time.perf_counter()
     loss = validation_loss(loaded.model, batches, device)
     tokens = sum(b[:, 1:].numel() for b in batches)

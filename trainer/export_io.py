@@ -85,11 +85,11 @@ def load_checkpoint(path: str | Path, device: str, dtype: Optional[torch.dtype] 
     tokenizer of the data its run trained on. dtype None: the precision the run trained in."""
     step_dir = consolidate.resolve_checkpoint(path)
     manifest = consolidate.read_manifest(step_dir)
-    prepared = consolidate.prepared_data(step_dir, manifest)
-    tokenizer = load_tokenizer(prepared / "tokenizer")
+    prepared, tokenizer_at = consolidate.run_tokenizer(step_dir, manifest)
+    tokenizer = load_tokenizer(tokenizer_at)
     if tokenizer_hash(tokenizer) != manifest["run"]["tokenizer_hash"]:
         raise ConfigError(
-            f"the tokenizer in {prepared / 'tokenizer'} (hash {tokenizer_hash(tokenizer)}) is not the one "
+            f"the tokenizer in {tokenizer_at} (hash {tokenizer_hash(tokenizer)}) is not the one "
             f"checkpoint {step_dir} was trained with (hash {manifest['run']['tokenizer_hash']})."
         )
     state = consolidate.checkpoint_state_dict(step_dir)

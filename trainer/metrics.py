@@ -1,4 +1,5 @@
-"""Metrics: throughput and MFU, and the sinks (console, metrics.jsonl, wandb) that rank 0 writes."""
+"""Metrics: throughput, step and data-wait time, MFU, and the sinks (console, metrics.jsonl,
+wandb, a progress line) that rank 0 writes."""
 from __future__ import annotations
 
 import json
@@ -8,13 +9,14 @@ import resource
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.validate import Plan
-from trainer.distributed import DistInfo, all_reduce_mean
+from trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
+from trainer.progress import open_progress
 
 log = logging.getLogger("zeroforge")
 
@@ -43,6 +45,39 @@ def mfu(flops_per_token: float, tokens_per_s: float, world_size: int, peak: Opti
     if peak is None:
         return None
     return flops_per_token * tokens_per_s / (peak * 1e12 * world_size)
+
+
+class Stopwatch:
+    """Seconds spent inside `with stopwatch:` blocks, summed until the next lap()."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        self._started = self.clock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += self.clock() - self._started
+
+    def lap(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def timing(tokens: int, seconds: float, steps: int, data_wait_s: float, world_size: int) -> dict[str, float]:
+    """The timing fields of a record: `steps` optimizer steps took `seconds` (evaluation and
+    checkpoints left out) for `tokens` tokens on all ranks, `data_wait_s` of it in next_batch()."""
+    tokens_per_s = tokens / seconds
+    return {
+        "tokens_per_s": tokens_per_s,  # all ranks together
+        "tokens_per_s_per_gpu": tokens_per_s / world_size,
+        "step_time_s": seconds / steps,
+        "data_wait_s": data_wait_s,
+        "data_wait_share": data_wait_s / seconds,
+    }
 
 
 def peak_memory_gb(device: str) -> float:
@@ -156,9 +191,14 @@ class MetricsLogger:
         self.tokens_per_step = plan.tokens_per_step
         self.peak = peak_tflops(cfg.cluster.peak_tflops, plan.device)
         self.sinks = _Sinks(cfg, Path(cfg.run.dir), start_step) if dist.is_main else None
+        self.progress = open_progress(dist.rank, cfg.train.steps, start_step)
         self.tokens = start_tokens
+        # train() times loader.next_batch() with it: `with metrics.data_wait: batch = ...`.
+        self.data_wait = Stopwatch()
         self._last_time = time.perf_counter()
         self._last_tokens = start_tokens
+        self._last_step = start_step
+        self._tokens_per_s: Optional[float] = None
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_steps = 0
 
@@ -174,32 +214,39 @@ class MetricsLogger:
             self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
             self._loss_steps += 1
         if not self.logs_at(step):
+            self.progress.update(step, self._tokens_per_s)
             return None
         # Skips are agreed across ranks, so every rank takes part in this reduction or none does.
         loss_value = all_reduce_mean(self._loss_sum / self._loss_steps).item() if self._loss_steps else None
         grad_norm = None if grad_norm is None else float(grad_norm)
         self._loss_sum, self._loss_steps = None, 0
+        # The slowest rank's wait is the one that holds every rank back at the next collective.
+        data_wait = all_reduce_max(torch.tensor(self.data_wait.lap(), device=self.device)).item()
         now = time.perf_counter()
-        tokens_per_s = (self.tokens - self._last_tokens) / (now - self._last_time)
-        self._last_time, self._last_tokens = now, self.tokens
+        times = timing(self.tokens - self._last_tokens, now - self._last_time, step - self._last_step, data_wait, self.world_size)
+        self._last_time, self._last_tokens, self._last_step = now, self.tokens, step
+        self._tokens_per_s = times["tokens_per_s"]
         record = {
             "step": step,
             "loss": loss_value,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": self.tokens,
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu(self.flops_per_token, tokens_per_s, self.world_size, self.peak),
+            **times,
+            "mfu": mfu(self.flops_per_token, times["tokens_per_s"], self.world_size, self.peak),
             "mem_gb": peak_memory_gb(self.device),
             "skipped_steps": skipped_steps,
         }
         self.write(record)
         log.info(
-            "step %d | loss %s | lr %.2e | grad_norm %s | %.0f tokens/s | mfu %s | mem %.2f GB",
+            "step %d | loss %s | lr %.2e | grad_norm %s | %.0f tokens/s (%.0f per GPU) | %.3f s/step, %.0f%% waiting for data"
+            " | mfu %s | mem %.2f GB",
             step, "skipped" if loss_value is None else f"{loss_value:.4f}", lr,
-            "n/a" if grad_norm is None else f"{grad_norm:.3f}", tokens_per_s,
+            "n/a" if grad_norm is None else f"{grad_norm:.3f}", times["tokens_per_s"], times["tokens_per_s_per_gpu"],
+            times["step_time_s"], 100 * times["data_wait_share"],
             "n/a" if record["mfu"] is None else f"{record['mfu']:.1%}", record["mem_gb"],
         )
+        self.progress.update(step, self._tokens_per_s)
         return record
 
     def write(self, record: dict[str, Any]) -> None:
@@ -216,5 +263,6 @@ class MetricsLogger:
         self._last_time += seconds
 
     def close(self) -> None:
+        self.progress.close()
         if self.sinks is not None:
             self.sinks.close()

@@ -14,22 +14,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.boundaries import DocumentBoundaries
-from data.loader import BatchLoader, validation_batches
-from data.prepare import prepare
-from data.mixture import open_split
-from data.tokenizer import load_tokenizer
+from data.build import open_data
 from launcher.cli import run_entry_point
 from launcher.config import CONF_DIR
-from launcher.rundir import check_run_dir, write_run_dir
+from launcher.rundir import check_run_dir, library_versions, write_run_dir
 from launcher.validate import validate
 from trainer import distributed
 from trainer.checkpoint import (
+    Checkpointer,
     check_resumable,
     export_hf,
     find_resume_checkpoint,
     gathered_rng_states,
     load_checkpoint,
-    save_checkpoint,
     set_rng_state,
 )
 from trainer.engine import build_engine, train_step, validation_loss
@@ -42,13 +39,6 @@ from trainer.preemption import Preempted, StopRequest
 from trainer.universal import universal_checkpoint
 
 log = logging.getLogger("zeroforge")
-
-
-def library_versions() -> dict[str, str]:
-    import deepspeed
-    import transformers
-
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
 
 
 def seed_everything(seed: int) -> None:
@@ -67,18 +57,17 @@ def train(cfg: DictConfig) -> dict:
     stop = StopRequest(device, cfg.run.dir, env.rank)  # from here on, a stop request is answered by a save
     dist = distributed.init_distributed(plan.device)
 
-    prepared = distributed.rank_zero_first(dist, lambda: prepare(cfg.data))
-    tokenizer = load_tokenizer(prepared / "tokenizer")
+    train_data = distributed.rank_zero_first(dist, lambda: open_data(cfg.data))  # prepared shards, or a stream
+    tokenizer = train_data.tokenizer
     vocab_size = resolve_vocab_size(cfg.model, len(tokenizer))
-    train_store = open_split(prepared, "train")  # one source, or a weighted mixture
     if cfg.model.init_from:
-        check_init_from(cfg.model, vocab_size, train_store.manifest["tokenizer_hash"])
+        check_init_from(cfg.model, vocab_size, train_data.manifest["tokenizer_hash"])
     resume_from = find_resume_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume, dist)
-    universal = resume_from is not None and check_resumable(resume_from, cfg, train_store.manifest, dist.world_size)
+    universal = resume_from is not None and check_resumable(resume_from, cfg, train_data.manifest, dist.world_size)
     if universal:
         resume_from = universal_checkpoint(resume_from, dist)
     if dist.is_main:
-        write_run_dir(cfg)
+        write_run_dir(cfg, probe_gpu=True)
 
     seed_everything(cfg.seed)
     model = build_model(cfg.model, vocab_size, tokenizer.eos_token_id)
@@ -98,42 +87,44 @@ def train(cfg: DictConfig) -> dict:
         guard.skipped = state.get("skipped_steps", 0)
         if len(state["rng"]) == dist.world_size:  # on another world size, ranks keep their fresh seeds
             set_rng_state(state["rng"][dist.rank])
-    loader = BatchLoader(
-        train_store, cfg.data.seq_len, cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-        dp_rank=dist.rank, dp_size=plan.dp_size, num_workers=cfg.data.num_workers, pin_memory=plan.device == "cuda",
+    loader = train_data.loader(
+        cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size, dist.rank, plan.dp_size,
+        pin_memory=plan.device == "cuda",
     )
     if resume_from is not None:
         loader.load_state_dict(state["data"])  # before the first batch: its iterator starts there
     boundaries = None
     if cfg.data.reset_position_ids or cfg.data.mask_cross_document_loss:
         boundaries = DocumentBoundaries(tokenizer.eos_token_id, cfg.data.reset_position_ids, cfg.data.mask_cross_document_loss)
-    val_batches = validation_batches(
-        open_split(prepared, "validation"), cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.batches
-    )
+    val_batches = train_data.validation_batches(cfg.eval.batch_size, cfg.eval.batches)
     metrics = MetricsLogger(cfg, dist, plan, fpt, start_step=state["step"], start_tokens=state["tokens"])
+    checkpointer = Checkpointer(engine, cfg.checkpoint, dist)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, commit_now: bool = False) -> None:
         client_state = {
             "step": step,
             "tokens": metrics.tokens,
             "data": loader.state_dict(),
             "rng": gathered_rng_states(dist),
-            "tokenizer_hash": train_store.manifest["tokenizer_hash"],
+            "tokenizer_hash": train_data.manifest["tokenizer_hash"],
             "world_size": dist.world_size,
             "skipped_steps": guard.skipped,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             "versions": library_versions(),
         }
-        started = time.perf_counter()
-        save_checkpoint(engine, cfg.checkpoint, step, client_state, dist)
-        metrics.exclude_time(time.perf_counter() - started)
+        metrics.exclude_time(checkpointer.save(step, client_state))
+        if commit_now:
+            metrics.exclude_time(checkpointer.commit_pending())
 
     last: dict = {}
     step = state["step"]
     while step < cfg.train.steps:
         step += 1
-        loss, grad_norm, lr, skipped = train_step(engine, loader.next_batch(), device, metrics.logs_at(step), guard, step, boundaries)
+        with metrics.data_wait:
+            batch = loader.next_batch()
+        loss, grad_norm, lr, skipped = train_step(engine, batch, device, metrics.logs_at(step), guard, step, boundaries)
         last = metrics.step(step, None if skipped else loss, grad_norm, lr, guard.skipped) or last
+        metrics.exclude_time(checkpointer.commit_pending())  # an async save commits once the next step is done
         if cfg.data.mixture and metrics.logs_at(step):
             metrics.write({"step": step, **{f"data_share/{k}": v for k, v in loader.mixture_shares().items()}})
         if cfg.eval.every and step % cfg.eval.every == 0:
@@ -150,13 +141,13 @@ def train(cfg: DictConfig) -> dict:
                 metrics.samples(step, [{"prompt": s.prompt, "text": s.text} for s in samples])
             metrics.exclude_time(time.perf_counter() - started)
         if stop.agreed():
-            checkpoint(step)
+            checkpoint(step, commit_now=True)
             stop.request_requeue(step, "stop requested")
             metrics.close()
             raise Preempted(f"stop requested: saved step {step}; a restart resumes from it")
         exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
         if step == cfg.train.steps or exit_now or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            checkpoint(step)
+            checkpoint(step, commit_now=step == cfg.train.steps or exit_now)
         if exit_now:
             stop.request_requeue(step, "train.exit_interval")
             log.info("step %d: train.exit_interval=%d reached; stopping, a restart resumes here", step, cfg.train.exit_interval)
@@ -165,7 +156,7 @@ def train(cfg: DictConfig) -> dict:
     if step == cfg.train.steps:
         export_hf(
             engine, tokenizer, cfg.checkpoint.export_dir, dist,
-            {"step": step, "tokens": metrics.tokens, "prepared_data": str(prepared.resolve())},
+            {"step": step, "tokens": metrics.tokens, "prepared_data": str(train_data.prepared.resolve()) if train_data.prepared else None},
         )
     metrics.close()
     distributed.close()

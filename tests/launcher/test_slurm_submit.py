@@ -61,3 +61,16 @@ def test_local_cluster_refuses_several_nodes(tmp_path: Path) -> None:
     result = run_module("launcher", ["cluster.nodes=2", f"run.dir={tmp_path / 'run'}"], cwd=REPO)
     assert result.returncode == 2
     assert "cluster=local runs on this machine alone, but cluster.nodes=2" in result.stderr
+
+
+def test_the_script_header_holds_the_slurm_cluster_defaults() -> None:
+    """Direct `sbatch slurm/pretrain.sh` users get the header; launcher users get the config: the same numbers."""
+    header = dict(
+        line.removeprefix("#SBATCH --").partition("=")[::2] for line in SCRIPT.read_text().splitlines() if line.startswith("#SBATCH --")
+    )
+    assert "requeue" in header
+    c = compose_config(["cluster=slurm"]).cluster
+    assert header["nodes"] == str(c.nodes)
+    assert header["gpus-per-node"] == str(c.gpus_per_node)
+    assert header["time"] == c.time
+    assert header["signal"] == f"B:USR1@{c.warning_s}"

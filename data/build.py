@@ -1,0 +1,50 @@
+"""The training data for data.mode: prepared shards or a streamed source, behind one interface.
+
+Either gives the tokenizer, a manifest (fingerprint, tokenizer hash, vocabulary size: what
+checkpoints and init_from are checked against), the prepared directory (None when streaming),
+a loader with next_batch(), state_dict() and load_state_dict(), and fixed validation batches.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from data.config import DataConfig
+from data.errors import DataError
+from data.loader import BatchLoader, validation_batches
+from data.mixture import open_split
+from data.prepare import prepare
+from data.stream import StreamData
+from data.tokenizer import load_tokenizer
+
+MODES = ("prepared", "stream")
+
+
+class PreparedData:
+    """The training data of data.mode=prepared: shards prepared once into data.cache_dir."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.prepared: Path = prepare(cfg)
+        self.tokenizer = load_tokenizer(self.prepared / "tokenizer")
+        self.train = open_split(self.prepared, "train")  # one source, or a weighted mixture
+        self.manifest = self.train.manifest
+
+    def loader(self, seed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
+               pin_memory: bool = False) -> BatchLoader:
+        return BatchLoader(self.train, self.cfg.seq_len, seed, global_batch, micro_batch, dp_rank=dp_rank,
+                           dp_size=dp_size, num_workers=self.cfg.num_workers, pin_memory=pin_memory)
+
+    def validation_batches(self, batch_size: int, num_batches: int) -> list[torch.Tensor]:
+        return validation_batches(open_split(self.prepared, "validation"), self.cfg.seq_len, batch_size, num_batches)
+
+
+def open_data(cfg: DataConfig) -> Union[PreparedData, StreamData]:
+    """Prepares (or finds) the data, or opens the stream's tokenizer, by data.mode."""
+    if cfg.mode == "prepared":
+        return PreparedData(cfg)
+    if cfg.mode == "stream":
+        return StreamData(cfg)
+    raise DataError(f"data.mode={cfg.mode!r}: expected one of {list(MODES)}.")
