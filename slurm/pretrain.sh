@@ -27,6 +27,7 @@
 
 # Not -e: the script must outlive a failed training step to decide whether to requeue.
 set -uo pipefail
+: "${SLURM_JOB_ID:?zeroforge: submit this script with sbatch (see its first lines); it needs a Slurm job}"
 
 # The generic Slurm cluster unless the overrides name another; the node count is the allocation's.
 set -- cluster=slurm "$@" "cluster.nodes=${SLURM_JOB_NUM_NODES}"

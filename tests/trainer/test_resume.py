@@ -91,17 +91,14 @@ def test_no_verifiable_checkpoint_is_an_error_not_a_fresh_start(data_cache: Path
     assert len(read_metrics(run_dir)) == 10  # nothing was set aside or overwritten
 
 
-def test_resume_refuses_another_model_or_world_size(data_cache: Path, tmp_path: Path) -> None:
+def test_resume_refuses_another_model(data_cache: Path, tmp_path: Path) -> None:
+    """(Another world size is allowed: tests/trainer/test_world_size_change.py.)"""
     run_dir = tmp_path / "run"
     _ok(run_module("trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.exit_interval=10"], cwd=REPO))
 
     changed = run_module("trainer.train", [*exact_overrides(data_cache, run_dir, 2), "model.hidden_size=64"], cwd=REPO)
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
     assert "model.hidden_size: checkpoint 128, now 64" in changed.stderr
-
-    wider = run_module("trainer.train", exact_overrides(data_cache, run_dir, 2), cwd=REPO, launcher=TORCHRUN)
-    assert wider.returncode != 0
-    assert "saved by 1 ranks and this run has 2" in wider.stdout + wider.stderr
     # Nothing was lost: the checkpoint is still there, and a matching run still resumes from it.
     output = _ok(run_module("trainer.train", exact_overrides(data_cache, run_dir, 2), cwd=REPO))
     assert "resumed from" in output
