@@ -110,6 +110,15 @@ class _RankSteps(IterableDataset):
             step += stride
 
 
+def check_batch_split(global_batch: int, micro_batch: int, dp_size: int) -> None:
+    """Every rank takes whole micro-batches of an equal slice of each global batch."""
+    if global_batch % dp_size or (global_batch // dp_size) % micro_batch:
+        raise DataError(
+            f"global batch {global_batch} must split into {dp_size} ranks of whole micro-batches "
+            f"of {micro_batch}."
+        )
+
+
 class BatchLoader:
     """This rank's micro-batches, step after step; its iterator starts at the first next_batch(),
     so a state loaded before that (load_state_dict) decides where it begins."""
@@ -127,11 +136,7 @@ class BatchLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
     ):
-        if global_batch % dp_size or (global_batch // dp_size) % micro_batch:
-            raise DataError(
-                f"global batch {global_batch} must split into {dp_size} ranks of whole micro-batches "
-                f"of {micro_batch}."
-            )
+        check_batch_split(global_batch, micro_batch, dp_size)
         self.windows = Windows(store, seq_len, seed)
         self.fingerprint = store.manifest["fingerprint"]
         self.global_batch, self.micro_batch = global_batch, micro_batch

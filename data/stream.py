@@ -32,6 +32,7 @@ from data.config import DataConfig
 from data.corpus import describe_source, source_fingerprint
 from data.encode import uses_bos
 from data.errors import DataError
+from data.loader import check_batch_split
 from data.packing import PackedStream, stream_validation_batches
 from data.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -112,11 +113,7 @@ class StreamLoader:
         num_workers: int = 0,
         pin_memory: bool = False,
     ):
-        if global_batch % dp_size or (global_batch // dp_size) % micro_batch:
-            raise DataError(
-                f"global batch {global_batch} must split into {dp_size} ranks of whole micro-batches "
-                f"of {micro_batch}."
-            )
+        check_batch_split(global_batch, micro_batch, dp_size)
         self.cfg, self.tokenizer, self.manifest, self.seed = cfg, tokenizer, manifest, seed
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
