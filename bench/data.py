@@ -1,11 +1,13 @@
 """Data pipeline throughput: prepare (tokens/s) against `datasets.Dataset.map`, and the loader.
 
-    python bench/data.py [--documents N] [--seq-len 2048] [--loader-steps 200]
+    python bench/data.py [--documents N] [--seq-len 2048] [--loader-steps 200] [--workers 1 8 16]
 
-Prepare: the embedded corpus (the Python standard library) is written to one jsonl file, then
+Prepare: the embedded corpus (the Python standard library) is written to a jsonl file, then
 tokenized by `data.prepare` (reading that file, writing shards) with 1 and with all workers, and by
 `Dataset.map(batched=True, num_proc=<same>)` with the same tokenizer over the already-loaded
-dataset (so the baseline is not charged for reading). One tokenizing thread per process on both
+dataset (so the baseline is not charged for reading). Each worker count tokenizes one copy of the
+corpus per worker (the same work per worker, so fixed start-up costs weigh the same at 1 and at 16
+workers). Libraries are imported before any timing. One tokenizing thread per process on both
 sides (TOKENIZERS_PARALLELISM=false). Goal: prepare >= 1.5 x map.
 Loader: this rank's batches from the prepared shards at seq_len 2048, with 0 and 2 workers.
 Goal: >= 20M tokens/s per rank. Prints a table and writes bench/results/data.json.
@@ -13,6 +15,7 @@ Goal: >= 20M tokens/s per rank. Prints a table and writes bench/results/data.jso
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -27,21 +30,24 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
-def _corpus(work: Path, documents: int) -> tuple[Path, Path]:
-    """The embedded corpus as jsonl, and the embedded tokenizer trained on it."""
+def _corpus(work: Path, documents: int) -> tuple[list[str], Path]:
+    """The embedded corpus's first documents, and the embedded tokenizer trained on it."""
     from data.corpus import iter_documents
     from data.prepare import prepare
     from launcher.config import compose_config
 
     embedded = compose_config([f"data.cache_dir={work / 'embedded'}"]).data
     tokenizer = prepare(embedded) / "tokenizer"
-    path = work / "corpus.jsonl"
+    texts = [text for _, text in itertools.islice(iter_documents(embedded), documents)]
+    return texts, tokenizer
+
+
+def _write_jsonl(texts: list[str], copies: int, path: Path) -> Path:
     with open(path, "w") as f:
-        for i, (_, text) in enumerate(iter_documents(embedded)):
-            if i == documents:
-                break
-            f.write(json.dumps({"text": text}) + "\n")
-    return path, tokenizer
+        for _ in range(copies):
+            for text in texts:
+                f.write(json.dumps({"text": text}) + "\n")
+    return path
 
 
 def _prepare_rate(corpus: Path, tokenizer: Path, work: Path, workers: int) -> tuple[float, int]:
@@ -65,7 +71,6 @@ def _map_rate(corpus: Path, tokenizer: Path, workers: int) -> tuple[float, int]:
     import datasets
     from transformers import AutoTokenizer
 
-    datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     dataset = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(corpus.parent / "hf"))
     start = time.perf_counter()
@@ -96,7 +101,12 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=1500)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--loader-steps", type=int, default=200)
+    parser.add_argument("--workers", type=int, nargs="*", help="prepare worker counts (default: 1 and all cores)")
     args = parser.parse_args()
+
+    import datasets  # here, so that no timing below pays for the import
+
+    datasets.disable_progress_bars()
 
     from data.encode import default_workers
     from data.prepare import prepare
@@ -106,8 +116,9 @@ def main() -> None:
     rows, results = [], {"machine": f"{platform.processor() or platform.machine()}, {cores} cores", "prepare": {}, "loader": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus, tokenizer = _corpus(work, args.documents)
-        for workers in sorted({1, cores}):
+        texts, tokenizer = _corpus(work, args.documents)
+        for workers in sorted(set(args.workers or {1, cores})):
+            corpus = _write_jsonl(texts, workers, work / f"corpus-{workers}.jsonl")
             ours, tokens = _prepare_rate(corpus, tokenizer, work, workers)
             theirs, their_tokens = _map_rate(corpus, tokenizer, workers)
             results["prepare"][workers] = {"zeroforge": ours, "datasets_map": theirs, "ratio": ours / theirs,

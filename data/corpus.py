@@ -44,9 +44,14 @@ def _local_files(cfg: DataConfig) -> list[str]:
     return files
 
 
+# Rows a reader that needs no position takes from a `datasets` source at once: one row at a time
+# costs more than tokenizing it once prepare runs a dozen workers.
+_ROWS_PER_READ = 1024
+
+
 def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
     """Yield (key, text) for every document of the source, in a fixed order."""
-    return iter(SourceReader(cfg))
+    return iter(SourceReader(cfg, rows_per_read=_ROWS_PER_READ))
 
 
 class SourceReader:
@@ -55,24 +60,30 @@ class SourceReader:
     position() is where a reader built with it continues: after the last document yielded. It
     holds the next row, the documents yielded so far (for max_documents) and, for `datasets`
     sources, the dataset's own state_dict, which reopens at that file and row instead of reading
-    every row before it. Keys (the validation split's hash input) are row numbers for `datasets`
-    sources and file names for the embedded corpus, however the reader started.
+    every row before it; it is exact only for a reader that reads one row at a time. Keys (the
+    validation split's hash input) are row numbers for `datasets` sources and file names for the
+    embedded corpus, however the reader started.
     """
 
-    def __init__(self, cfg: DataConfig, position: Optional[dict] = None):
-        self.cfg = cfg
+    def __init__(self, cfg: DataConfig, position: Optional[dict] = None, rows_per_read: int = 1):
+        self.cfg, self.rows_per_read = cfg, rows_per_read
+        # Plain values: an OmegaConf attribute read per document costs as much as a small document.
+        self._max_documents: Optional[int] = cfg.max_documents
+        self._text_field: str = cfg.text_field
         start = position or {"row": 0, "documents": 0, "dataset": None}
         self._row, self._documents, self._dataset_state = start["row"], start["documents"], start["dataset"]
         self._dataset = None  # the open streaming dataset, once rows have been read from it
 
     def position(self) -> dict:
+        if self.rows_per_read != 1:
+            raise RuntimeError(f"SourceReader(rows_per_read={self.rows_per_read}) has no exact position.")
         dataset = self._dataset.state_dict() if self._dataset is not None else self._dataset_state
         return {"row": self._row, "documents": self._documents, "dataset": dataset}
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         from_start = self._row == 0
         for key, text in self._rows():
-            if self.cfg.max_documents is not None and self._documents >= self.cfg.max_documents:
+            if self._max_documents is not None and self._documents >= self._max_documents:
                 break
             self._documents += 1
             yield key, text
@@ -105,35 +116,39 @@ class SourceReader:
             )
             if self._dataset_state is not None:
                 dataset.load_state_dict(self._dataset_state)
-            rows = _rows_of(dataset)
+            rows = _rows_of(dataset, self.rows_per_read)
             first = next(rows, None)
         except (OSError, ValueError) as err:
             raise DataError(f"data source {describe_source(cfg)} could not be opened: {err}") from None
         if first is None:
             return
         self._dataset = dataset
+        field = self._text_field
         for index, row in enumerate(itertools.chain([first], rows), start=self._row):
             self._row = index + 1
-            if cfg.text_field not in row:
+            if field not in row:
                 raise DataError(
                     f"data source {describe_source(cfg)}: document {index} has no field "
-                    f"{cfg.text_field!r} (data.text_field); its fields are {sorted(row)}."
+                    f"{field!r} (data.text_field); its fields are {sorted(row)}."
                 )
-            text = row[cfg.text_field]
+            text = row[field]
             if not isinstance(text, str):
                 raise DataError(
-                    f"data source {describe_source(cfg)}: field {cfg.text_field!r} of document "
+                    f"data source {describe_source(cfg)}: field {field!r} of document "
                     f"{index} is {type(text).__name__}, expected text."
                 )
             if text.strip():
                 yield str(index), text
 
 
-def _rows_of(dataset) -> Iterator[dict]:
-    """The rows of a streaming dataset one by one. Not iter(dataset): inside a DataLoader worker
-    that reads only the worker's share of the files, and every reader here needs all of them."""
-    for batch in dataset.iter(batch_size=1):
-        yield {name: values[0] for name, values in batch.items()}
+def _rows_of(dataset, rows_per_read: int) -> Iterator[dict]:
+    """The rows of a streaming dataset one by one, read rows_per_read at a time. Not iter(dataset):
+    inside a DataLoader worker that reads only the worker's share of the files, and every reader
+    here needs all of them."""
+    for batch in dataset.iter(batch_size=rows_per_read):
+        columns = list(batch.items())
+        for i in range(len(columns[0][1])):
+            yield {name: values[i] for name, values in columns}
 
 
 def describe_source(cfg: DataConfig) -> str:

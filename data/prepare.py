@@ -275,8 +275,9 @@ def _build(cfg: DataConfig, build: Path) -> None:
         """Batches of (source position, split) and texts not yet in a complete shard."""
         batch: list[tuple[int, str]] = []
         texts: list[str] = []
+        fraction = cfg.validation_fraction  # read once: an OmegaConf read per document is slow
         for position, (key, text) in enumerate(iter_documents(cfg)):
-            split = "validation" if is_validation(key, cfg.validation_fraction) else "train"
+            split = "validation" if is_validation(key, fraction) else "train"
             if position < writers[split].resume_at:
                 continue
             batch.append((position, split))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from data.corpus import embedded_files, is_validation
@@ -175,6 +176,26 @@ def test_output_is_the_same_for_any_number_of_workers(tmp_path: Path, data_cache
     three = prepare(_docs_cfg(tmp_path, data_cache, "three", "data.prepare_workers=3"))
     assert len(load_manifest(one)["splits"]["train"]["shards"]) > 5
     assert _files(one) == _files(three)
+
+
+def test_workers_never_run_the_callers_main_module(tmp_path: Path, data_cache: Path) -> None:
+    """A spawned worker would import the caller's script first: the trainer's torch and DeepSpeed
+    in every worker, and a script without a __main__ guard run again (its workers failing)."""
+    cfg = _docs_cfg(tmp_path, data_cache, "script", "data.prepare_workers=2")
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from omegaconf import OmegaConf\n"
+        "from data.prepare import prepare\n"
+        f"with open({str(tmp_path / 'runs')!r}, 'a') as f:\n"
+        "    f.write('ran\\n')\n"
+        f"print(prepare(OmegaConf.create({OmegaConf.to_yaml(cfg)!r})))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs").read_text() == "ran\n"
+    assert _files(Path(done.stdout.strip())) == _files(prepare(_docs_cfg(tmp_path, data_cache, "one", "data.prepare_workers=1")))
 
 
 def test_each_shard_has_a_document_offset_index(tmp_path: Path, data_cache: Path) -> None:
