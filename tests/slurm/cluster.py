@@ -99,14 +99,14 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
         self._run(_binary("slurmctld"))
         self._run(_binary("slurmd"), "-N", "n1")
         self._run(_binary("slurmd"), "-N", "n2")
-        self._wait_for_idle_nodes()
+        self.wait_for_idle_nodes()
 
     def _run(self, *cmd: str) -> None:
         result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr}\n{self.logs()}")
 
-    def _wait_for_idle_nodes(self, timeout: float = 60) -> None:
+    def wait_for_idle_nodes(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         states = ""
         while time.monotonic() < deadline:
