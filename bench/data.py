@@ -8,7 +8,10 @@ tokenized by `data.prepare` (reading that file, writing shards) with 1 and with 
 dataset (so the baseline is not charged for reading). Each worker count tokenizes one copy of the
 corpus per worker (the same work per worker, so fixed start-up costs weigh the same at 1 and at 16
 workers). Libraries are imported before any timing. One tokenizing thread per process on both
-sides (TOKENIZERS_PARALLELISM=false). Goal: prepare >= 1.5 x map.
+sides (TOKENIZERS_PARALLELISM=false). Goal: prepare >= 1.5 x map. Each run also records the CPU
+time of the calling process and of its (reaped) worker processes, from getrusage: CPU seconds per
+million tokens show whether a side spends more per token as workers are added, and the workers'
+busy share (their CPU / (wall x workers)) whether they waited.
 Loader: this rank's batches from the prepared shards at seq_len 2048, with 0 and 2 workers.
 Goal: >= 20M tokens/s per rank. Prints a table and writes bench/results/data.json.
 """
@@ -19,6 +22,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -28,6 +32,47 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+class _Measured:
+    """Wall time and the CPU time of this process and of the worker processes it reaped meanwhile."""
+
+    def __enter__(self) -> "_Measured":
+        self._start = (time.perf_counter(), _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, main, workers = self._start
+        self.wall = time.perf_counter() - wall
+        self.main_cpu = _cpu(resource.RUSAGE_SELF) - main
+        self.workers_cpu = _cpu(resource.RUSAGE_CHILDREN) - workers
+
+    def figures(self, tokens: int, workers: int) -> dict:
+        return {
+            "tokens_per_s": tokens / self.wall, "tokens": tokens, "wall_s": self.wall,
+            "main_cpu_s": self.main_cpu, "workers_cpu_s": self.workers_cpu,
+            "cpu_s_per_mtoken": (self.main_cpu + self.workers_cpu) / tokens * 1e6,
+            "workers_busy": self.workers_cpu / (self.wall * workers) if workers > 1 else None,
+        }
+
+
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine() -> str:
+    """CPU model, logical CPUs and physical cores: one tokenizing process per logical CPU shares a
+    core with another where there are two threads per core."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())
+    cores = {
+        (Path(f"{cpu}/topology/physical_package_id").read_text().strip(), Path(f"{cpu}/topology/core_id").read_text().strip())
+        for cpu in map(str, Path("/sys/devices/system/cpu").glob("cpu[0-9]*")) if Path(f"{cpu}/topology/core_id").exists()
+    }
+    from data.encode import default_workers
+
+    return f"{model}, {default_workers()} logical CPUs usable, {len(cores) or '?'} physical cores"
 
 
 def _corpus(work: Path, documents: int) -> tuple[list[str], Path]:
@@ -50,7 +95,7 @@ def _write_jsonl(texts: list[str], copies: int, path: Path) -> Path:
     return path
 
 
-def _prepare_rate(corpus: Path, tokenizer: Path, work: Path, workers: int) -> tuple[float, int]:
+def _prepare_rate(corpus: Path, tokenizer: Path, work: Path, workers: int) -> dict:
     from data.prepare import prepare
     from data.shards import load_manifest
     from launcher.config import compose_config
@@ -59,28 +104,24 @@ def _prepare_rate(corpus: Path, tokenizer: Path, work: Path, workers: int) -> tu
         "data.name=bench", "data.source=json", f"data.data_files=[{corpus}]", f"data.tokenizer={tokenizer}",
         f"data.cache_dir={work / f'prepare-{workers}'}", f"data.prepare_workers={workers}",
     ]).data
-    start = time.perf_counter()
-    out = prepare(cfg)
-    elapsed = time.perf_counter() - start
+    with _Measured() as run:
+        out = prepare(cfg)
     splits = load_manifest(out)["splits"]
-    tokens = splits["train"]["tokens"] + splits["validation"]["tokens"]
-    return tokens / elapsed, tokens
+    return run.figures(splits["train"]["tokens"] + splits["validation"]["tokens"], workers)
 
 
-def _map_rate(corpus: Path, tokenizer: Path, workers: int) -> tuple[float, int]:
+def _map_rate(corpus: Path, tokenizer: Path, workers: int) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     dataset = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(corpus.parent / "hf"))
-    start = time.perf_counter()
-    mapped = dataset.map(
-        lambda batch: tok(batch["text"]), batched=True, num_proc=workers if workers > 1 else None,
-        remove_columns=["text"], load_from_cache_file=False,
-    )
-    elapsed = time.perf_counter() - start
-    tokens = sum(len(ids) for ids in mapped["input_ids"]) + len(mapped)  # + the EOS prepare appends
-    return tokens / elapsed, tokens
+    with _Measured() as run:
+        mapped = dataset.map(
+            lambda batch: tok(batch["text"]), batched=True, num_proc=workers if workers > 1 else None,
+            remove_columns=["text"], load_from_cache_file=False,
+        )
+    return run.figures(sum(len(ids) for ids in mapped["input_ids"]) + len(mapped), workers)  # + prepare's EOS
 
 
 def _loader_rate(prepared: Path, seq_len: int, steps: int, workers: int) -> float:
@@ -113,17 +154,17 @@ def main() -> None:
     from launcher.config import compose_config
 
     cores = default_workers()
-    rows, results = [], {"machine": f"{platform.processor() or platform.machine()}, {cores} cores", "prepare": {}, "loader": {}}
+    rows, cpu_rows, results = [], [], {"machine": _machine(), "prepare": {}, "loader": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         texts, tokenizer = _corpus(work, args.documents)
         for workers in sorted(set(args.workers or {1, cores})):
             corpus = _write_jsonl(texts, workers, work / f"corpus-{workers}.jsonl")
-            ours, tokens = _prepare_rate(corpus, tokenizer, work, workers)
-            theirs, their_tokens = _map_rate(corpus, tokenizer, workers)
-            results["prepare"][workers] = {"zeroforge": ours, "datasets_map": theirs, "ratio": ours / theirs,
-                                           "tokens": tokens, "map_tokens": their_tokens}
-            rows.append((f"prepare, {workers} worker(s)", ours, theirs, ours / theirs))
+            ours, theirs = _prepare_rate(corpus, tokenizer, work, workers), _map_rate(corpus, tokenizer, workers)
+            ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+            results["prepare"][workers] = {"zeroforge": ours, "datasets_map": theirs, "ratio": ratio}
+            rows.append((f"prepare, {workers} worker(s)", ours["tokens_per_s"], theirs["tokens_per_s"], ratio))
+            cpu_rows.append((workers, ours, theirs))
         prepared = prepare(compose_config([f"data.cache_dir={work / 'embedded'}"]).data)
         for workers in (0, 2):
             rate = _loader_rate(prepared, args.seq_len, args.loader_steps, workers)
@@ -134,10 +175,18 @@ def main() -> None:
     for what, ours, theirs, ratio in rows:
         print(f"{what:<36} {ours:>14,.0f} {'' if theirs is None else f'{theirs:,.0f}':>14} "
               f"{'' if ratio is None else f'{ratio:.2f}':>7}")
+    print(f"\n{'CPU s per M tokens (workers busy)':<36} {'prepare':>14} {'Dataset.map':>14}   on {results['machine']}")
+    for workers, ours, theirs in cpu_rows:
+        print(f"{f'{workers} worker(s)':<36} {_cpu_cell(ours):>14} {_cpu_cell(theirs):>14}")
     out = REPO / "bench" / "results" / "data.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
+
+
+def _cpu_cell(figures: dict) -> str:
+    busy = figures["workers_busy"]
+    return f"{figures['cpu_s_per_mtoken']:.2f}" + ("" if busy is None else f" ({busy:.0%})")
 
 
 if __name__ == "__main__":
