@@ -119,8 +119,10 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted((self.root / "log").glob("*.log")))
 
-    def command(self, *cmd: str, check: bool = True, cwd: Optional[Path] = None) -> str:
-        result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120, cwd=cwd)
+    def command(self, *cmd: str, check: bool = True, cwd: Optional[Path] = None, path: Optional[Path] = None) -> str:
+        """Runs a Slurm client command; `path` goes in front of PATH (sbatch passes it on to the job)."""
+        env = self.env if path is None else {**self.env, "PATH": f"{path}{os.pathsep}{self.env['PATH']}"}
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stdout}{result.stderr}")
         return result.stdout

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -18,8 +20,8 @@ SCRIPT = REPO / "slurm" / "pretrain.sh"
 ONE_CPU_RANK_PER_NODE = ["cluster.nproc_per_node=1", "cluster.gpus_per_node=0"]
 
 
-def _submit(cluster: SlurmCluster, cwd: Path, *args: str) -> str:
-    out = cluster.command("sbatch", "--parsable", *args, cwd=cwd)
+def _submit(cluster: SlurmCluster, cwd: Path, *args: str, path: Optional[Path] = None) -> str:
+    out = cluster.command("sbatch", "--parsable", *args, cwd=cwd, path=path)
     return out.strip().split(";")[0]
 
 
@@ -100,3 +102,37 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster: SlurmClu
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2
     assert {p.name.rsplit("-", 1)[1] for p in attempts} == {(run_dir / "wandb_id").read_text().strip()}
+
+
+def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(slurm_cluster: SlurmCluster, data_cache: Path, tmp_path: Path) -> None:
+    # The second node hangs where its torchrun would start (as a node with a stuck filesystem or a
+    # wrong network would): the first must give up after cluster.rendezvous_timeout_s and
+    # --kill-on-bad-exit must end the whole job, instead of both holding their nodes until the
+    # time limit. The job's own limit (5 min) only bounds the test if that path breaks.
+    stuck = "3599"
+    shim = tmp_path / "bin" / "python"
+    shim.parent.mkdir()
+    shim.write_text(
+        "#!/bin/bash\n"
+        f'if [[ "${{SLURM_NODEID:-}}" == 1 && "$*" == "-m torch.distributed.run"* ]]; then exec sleep {stuck}; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    shim.chmod(0o755)
+    timeout_s = 20
+    job_id = _submit(
+        slurm_cluster, tmp_path, "--nodes=2", "--time=5", f"--output={tmp_path}/slurm-%j.out", str(SCRIPT),
+        *exact_overrides(data_cache, tmp_path / "run", 0), *ONE_CPU_RANK_PER_NODE,
+        f"cluster.rendezvous_timeout_s={timeout_s}", path=shim.parent,
+    )
+    job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", f"{job}\n{log[-4000:]}"
+    assert "RendezvousTimeoutError" in log, log[-4000:]
+    assert re.search(r"training exited with status [1-9]", log), log[-4000:]
+    minutes, seconds = map(int, job["RunTime"].split(":")[-2:])
+    assert 60 * minutes + seconds < timeout_s + 60, f"the job ran {job['RunTime']}, expected about {timeout_s}s\n{log[-4000:]}"
+    # Ending the job also ended the stuck node's process.
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-f", f"sleep {stuck}"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the stuck node's process outlived the job"
+        time.sleep(1)
