@@ -1,6 +1,7 @@
 """Data pipeline throughput: prepare (tokens/s) against `datasets.Dataset.map`, and the loader.
 
-    python bench/data.py [--documents N] [--seq-len 2048] [--loader-steps 200] [--workers 1 8 16]
+    python bench/data.py [--documents N] [--seq-len 2048] [--loader-steps 200] [--stream-steps 20]
+                         [--workers 1 8 16]
 
 Prepare: the embedded corpus (the Python standard library) is written to a jsonl file, then
 tokenized by `data.prepare` (reading that file, writing shards) with 1 and with all workers, and by
@@ -13,7 +14,11 @@ time of the calling process and of its (reaped) worker processes, from getrusage
 million tokens show whether a side spends more per token as workers are added, and the workers'
 busy share (their CPU / (wall x workers)) whether they waited.
 Loader: this rank's batches from the prepared shards at seq_len 2048, with 0 and 2 workers.
-Goal: >= 20M tokens/s per rank. Prints a table and writes bench/results/data.json.
+Goal: >= 20M tokens/s per rank. Stream: data.mode=stream over the jsonl, one rank, with the
+validation windows taken first (as the trainer does), 0 and 1 workers, the tokenizer's thread pool
+on (the library's default) and, as the baseline, off. Every rank tokenizes the whole stream, so a
+rank's rate is the most a streamed job of any size gets. Prints a table and writes
+bench/results/data.json.
 """
 from __future__ import annotations
 
@@ -137,11 +142,33 @@ def _loader_rate(prepared: Path, seq_len: int, steps: int, workers: int) -> floa
     return steps * 32 * seq_len / (time.perf_counter() - start)
 
 
+def _stream_rate(corpus: Path, tokenizer: Path, seq_len: int, steps: int, workers: int, threads: bool) -> float:
+    from data.stream import StreamData
+    from launcher.config import compose_config
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads else "false"
+    try:
+        data = StreamData(compose_config([
+            "data.mode=stream", "data.source=json", f"data.data_files=[{corpus}]", f"data.tokenizer={tokenizer}",
+            f"data.seq_len={seq_len}", f"data.num_workers={workers}",
+        ]).data)
+        data.validation_batches(batch_size=1, num_batches=1)
+        loader = data.loader(seed=0, global_batch=32, micro_batch=8, dp_rank=0, dp_size=1)
+        loader.next_batch()  # start-up (workers, opening the source) is not throughput
+        start = time.perf_counter()
+        for _ in range(steps):
+            loader.next_batch()
+        return steps * 32 * seq_len / (time.perf_counter() - start)
+    finally:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--documents", type=int, default=1500)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--loader-steps", type=int, default=200)
+    parser.add_argument("--stream-steps", type=int, default=20)
     parser.add_argument("--workers", type=int, nargs="*", help="prepare worker counts (default: 1 and all cores)")
     args = parser.parse_args()
 
@@ -154,7 +181,7 @@ def main() -> None:
     from launcher.config import compose_config
 
     cores = default_workers()
-    rows, cpu_rows, results = [], [], {"machine": _machine(), "prepare": {}, "loader": {}}
+    rows, cpu_rows, results = [], [], {"machine": _machine(), "prepare": {}, "loader": {}, "stream": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         texts, tokenizer = _corpus(work, args.documents)
@@ -170,6 +197,12 @@ def main() -> None:
             rate = _loader_rate(prepared, args.seq_len, args.loader_steps, workers)
             results["loader"][workers] = {"tokens_per_s": rate, "seq_len": args.seq_len}
             rows.append((f"loader, seq_len {args.seq_len}, {workers} workers", rate, None, None))
+        # Last: a process that has used the tokenizer's thread pool forks children that cannot.
+        corpus = _write_jsonl(texts, 1, work / "stream.jsonl")
+        for workers, threads in ((0, False), (0, True), (1, False), (1, True)):
+            rate = _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, workers, threads)
+            results["stream"][f"{workers} workers, tokenizer threads {'on' if threads else 'off'}"] = rate
+            rows.append((f"stream, {workers} workers, threads {'on' if threads else 'off'}", rate, None, None))
 
     print(f"\n{'what':<36} {'tokens/s':>14} {'Dataset.map':>14} {'ratio':>7}")
     for what, ours, theirs, ratio in rows:

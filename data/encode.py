@@ -79,23 +79,32 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @contextlib.contextmanager
+def main_module_hidden() -> Iterator[None]:
+    """Processes spawned meanwhile start without importing this process's __main__.
+
+    A spawned process imports the parent's __main__ first, which workers of this package never
+    use: under the trainer that is torch and DeepSpeed in every worker (minutes for 16 workers on
+    a 16-core GPU host), and a script without an `if __name__ == "__main__"` guard would run again.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+@contextlib.contextmanager
 def _spawn_pool(workers: int, encoder: DocumentEncoder) -> Iterator[multiprocessing.pool.Pool]:
     """A pool of `workers` spawned processes, each holding the encoder.
 
     spawn, not fork: a process that already ran the tokenizers library's thread pool (training
-    the embedded tokenizer does) can deadlock in a forked child. A spawned process would also
-    import the parent's __main__ first, which the workers never use: under the trainer that is
-    torch and DeepSpeed in every worker (minutes on a 16-core GPU host), and a script without an
-    `if __name__ == "__main__"` guard would run again. So __main__ is hidden while the workers
-    start; the pool starts all of them in its constructor.
+    the embedded tokenizer does) can deadlock in a forked child. The pool starts all its workers
+    in its constructor, so __main__ is hidden only for that.
     """
     context = multiprocessing.get_context("spawn")
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
+    with main_module_hidden():
         pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder,))
-    finally:
-        sys.modules["__main__"] = main
     with pool:
         yield pool
 

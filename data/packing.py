@@ -68,7 +68,7 @@ class PackedStream:
         flat = self._peek(count * self.seq_len + 1)
         rows = np.lib.stride_tricks.sliding_window_view(flat, self.seq_len + 1)[:: self.seq_len]
         self.skip(count)
-        return np.ascontiguousarray(rows)
+        return rows.copy()  # a writable array of its own: the view is read-only (and torch warns)
 
     def skip(self, count: int) -> None:
         """Moves past `count` windows without building them (their documents are still read)."""

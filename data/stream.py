@@ -8,8 +8,12 @@ size continues the same sequence. The price: every rank reads and tokenizes the 
 keeps 1/dp of it. We chose this over `datasets.distributed.split_dataset_by_node`, which gives
 each rank its own documents and so packs them differently for every world size: exactness over
 read efficiency. Dataloader worker w of W builds the steps w, w+W, ... (so none twice), each
-reading the whole source too: one worker already takes tokenizing off the training process, and
-more only add reading. Where reading the source dp times is too slow, prepare it (data.mode=prepared).
+reading and tokenizing the whole source too (packing needs every document's length): one worker
+takes tokenizing off the training process, more only cost CPU. The workers are spawned, not
+forked: in a process forked after the training process used the tokenizer's thread pool (its
+validation windows do), the tokenizers library silently turns that pool off, and the worker
+would tokenize on one core. Where tokenizing the source on every rank is too slow, prepare it
+(data.mode=prepared).
 
 State: {consumed_samples, position}, where position is the stream's (epoch, source position in
 front of the document holding the next window's first token, offset in that document). Every
@@ -30,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from data.config import DataConfig
 from data.corpus import describe_source, source_fingerprint
-from data.encode import uses_bos
+from data.encode import main_module_hidden, uses_bos
 from data.errors import DataError
 from data.loader import check_batch_split
 from data.packing import PackedStream, stream_validation_batches
@@ -126,7 +130,10 @@ class StreamLoader:
         steps = _StreamSteps(self.cfg, self.tokenizer, self.position, self.global_batch, self.dp_rank, self.dp_size)
         if self.num_workers == 0:
             return iter(steps)
-        return iter(DataLoader(steps, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory))
+        loader = DataLoader(steps, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            multiprocessing_context="spawn")
+        with main_module_hidden():  # the iterator starts the workers
+            return iter(loader)
 
     def next_batch(self) -> list[torch.Tensor]:
         """The micro-batches ([micro_batch, seq_len + 1] token ids) of this rank's next step."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -46,12 +47,16 @@ def corpus(tmp_path_factory) -> Corpus:
     return Corpus(files, texts, root / "tokenizer")
 
 
-def _cfg(corpus: Corpus, *overrides: str):
+def _overrides(corpus: Corpus, *extra: str) -> list[str]:
     files = ",".join(str(f) for f in corpus.files)
-    return compose_config([
+    return [
         "data.mode=stream", "data.source=json", f"data.data_files=[{files}]", f"data.tokenizer={corpus.tokenizer}",
-        f"data.seq_len={SEQ}", "data.validation_fraction=0.1", *overrides,
-    ]).data
+        f"data.seq_len={SEQ}", "data.validation_fraction=0.1", *extra,
+    ]
+
+
+def _cfg(corpus: Corpus, *overrides: str):
+    return compose_config(_overrides(corpus, *overrides)).data
 
 
 def _loaders(corpus: Corpus, dp_size: int, state: Optional[dict] = None, num_workers: int = 0) -> list[StreamLoader]:
@@ -138,6 +143,18 @@ def test_dataloader_workers_give_the_same_steps_and_state(corpus: Corpus) -> Non
     resumed = _loaders(corpus, 2, workers[1].state_dict())
     got += _steps(resumed, 3)
     assert all(torch.equal(a, b) for a, b in zip(got, straight)) and len(got) == 8
+
+
+def test_a_stream_worker_tokenizes_on_threads_after_the_training_process_has(corpus: Corpus) -> None:
+    # A forked worker would inherit a tokenizer thread pool the library then turns off (after the
+    # validation windows used it here): one core for the whole stream.
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}  # the library's default
+    result = run_module(
+        "tests.data.stream_worker_probe", _overrides(corpus, "data.num_workers=1"), cwd=REPO, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = json.loads(result.stdout.strip().splitlines()[-1])
+    assert threads["after"] > threads["before"], threads
 
 
 def test_validation_holds_out_documents_by_the_hash_rule(corpus: Corpus) -> None:
