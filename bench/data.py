@@ -1,6 +1,6 @@
 """Data pipeline throughput: prepare (tokens/s) against `datasets.Dataset.map`, and the loader.
 
-    python bench/data.py [--documents N] [--seq-len 2048] [--loader-steps 200] [--stream-steps 20]
+    python bench/data.py [--documents N] [--seq-len 2048] [--loader-steps 200] [--stream-steps 50]
                          [--workers 1 8 16]
 
 Prepare: the embedded corpus (the Python standard library) is written to a jsonl file, then
@@ -16,9 +16,9 @@ busy share (their CPU / (wall x workers)) whether they waited.
 Loader: this rank's batches from the prepared shards at seq_len 2048, with 0 and 2 workers.
 Goal: >= 20M tokens/s per rank. Stream: data.mode=stream over the jsonl, one rank, with the
 validation windows taken first (as the trainer does), 0 and 1 workers, the tokenizer's thread pool
-on (the library's default) and, as the baseline, off. Every rank tokenizes the whole stream, so a
-rank's rate is the most a streamed job of any size gets. Prints a table and writes
-bench/results/data.json.
+as the library sets it by default (on) against one thread (TOKENIZERS_PARALLELISM=false) as the
+baseline. Every rank tokenizes the whole stream, so a rank's rate is the most a streamed job of
+any size gets. Prints a table and writes bench/results/data.json.
 """
 from __future__ import annotations
 
@@ -77,10 +77,10 @@ def _machine() -> str:
     }
     from data.encode import default_workers
 
-    return f"{model}, {default_workers()} logical CPUs usable, {len(cores) or '?'} physical cores"
+    return f"{model}, {default_workers()} of {os.cpu_count()} logical CPUs usable, {len(cores) or '?'} physical cores in all"
 
 
-def _corpus(work: Path, documents: int) -> tuple[list[str], Path]:
+def corpus_and_tokenizer(work: Path, documents: int) -> tuple[list[str], Path]:
     """The embedded corpus's first documents, and the embedded tokenizer trained on it."""
     from data.corpus import iter_documents
     from data.prepare import prepare
@@ -92,7 +92,7 @@ def _corpus(work: Path, documents: int) -> tuple[list[str], Path]:
     return texts, tokenizer
 
 
-def _write_jsonl(texts: list[str], copies: int, path: Path) -> Path:
+def write_jsonl(texts: list[str], copies: int, path: Path) -> Path:
     with open(path, "w") as f:
         for _ in range(copies):
             for text in texts:
@@ -100,7 +100,7 @@ def _write_jsonl(texts: list[str], copies: int, path: Path) -> Path:
     return path
 
 
-def _prepare_rate(corpus: Path, tokenizer: Path, work: Path, workers: int) -> dict:
+def prepare_rate(corpus: Path, tokenizer: Path, work: Path, workers: int) -> dict:
     from data.prepare import prepare
     from data.shards import load_manifest
     from launcher.config import compose_config
@@ -146,7 +146,8 @@ def _stream_rate(corpus: Path, tokenizer: Path, seq_len: int, steps: int, worker
     from data.stream import StreamData
     from launcher.config import compose_config
 
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads else "false"
+    if threads:
+        del os.environ["TOKENIZERS_PARALLELISM"]  # unset, as users run: the library's default
     try:
         data = StreamData(compose_config([
             "data.mode=stream", "data.source=json", f"data.data_files=[{corpus}]", f"data.tokenizer={tokenizer}",
@@ -168,7 +169,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=1500)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--loader-steps", type=int, default=200)
-    parser.add_argument("--stream-steps", type=int, default=20)
+    parser.add_argument("--stream-steps", type=int, default=50)
     parser.add_argument("--workers", type=int, nargs="*", help="prepare worker counts (default: 1 and all cores)")
     args = parser.parse_args()
 
@@ -184,33 +185,35 @@ def main() -> None:
     rows, cpu_rows, results = [], [], {"machine": _machine(), "prepare": {}, "loader": {}, "stream": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        texts, tokenizer = _corpus(work, args.documents)
+        texts, tokenizer = corpus_and_tokenizer(work, args.documents)
         for workers in sorted(set(args.workers or {1, cores})):
-            corpus = _write_jsonl(texts, workers, work / f"corpus-{workers}.jsonl")
-            ours, theirs = _prepare_rate(corpus, tokenizer, work, workers), _map_rate(corpus, tokenizer, workers)
+            corpus = write_jsonl(texts, workers, work / f"corpus-{workers}.jsonl")
+            ours, theirs = prepare_rate(corpus, tokenizer, work, workers), _map_rate(corpus, tokenizer, workers)
             ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
             results["prepare"][workers] = {"zeroforge": ours, "datasets_map": theirs, "ratio": ratio}
-            rows.append((f"prepare, {workers} worker(s)", ours["tokens_per_s"], theirs["tokens_per_s"], ratio))
+            rows.append((f"prepare, {workers} worker(s) (vs Dataset.map)", ours["tokens_per_s"], theirs["tokens_per_s"], ratio))
             cpu_rows.append((workers, ours, theirs))
         prepared = prepare(compose_config([f"data.cache_dir={work / 'embedded'}"]).data)
         for workers in (0, 2):
             rate = _loader_rate(prepared, args.seq_len, args.loader_steps, workers)
             results["loader"][workers] = {"tokens_per_s": rate, "seq_len": args.seq_len}
             rows.append((f"loader, seq_len {args.seq_len}, {workers} workers", rate, None, None))
-        # Last: a process that has used the tokenizer's thread pool forks children that cannot.
-        corpus = _write_jsonl(texts, 1, work / "stream.jsonl")
-        for workers, threads in ((0, False), (0, True), (1, False), (1, True)):
-            rate = _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, workers, threads)
-            results["stream"][f"{workers} workers, tokenizer threads {'on' if threads else 'off'}"] = rate
-            rows.append((f"stream, {workers} workers, threads {'on' if threads else 'off'}", rate, None, None))
+        # Last: before this, no tokenizer in this process used its thread pool, so no forked child
+        # (Dataset.map's, the loader's) found it turned off.
+        corpus = write_jsonl(texts, 1, work / "stream.jsonl")
+        for workers in (0, 1):
+            one = _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, workers, threads=False)
+            pool = _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, workers, threads=True)
+            results["stream"][workers] = {"tokens_per_s": pool, "one_thread_tokens_per_s": one, "seq_len": args.seq_len}
+            rows.append((f"stream, {workers} workers (vs 1 thread)", pool, one, pool / one))
 
-    print(f"\n{'what':<36} {'tokens/s':>14} {'Dataset.map':>14} {'ratio':>7}")
+    print(f"\n{'what':<40} {'tokens/s':>14} {'baseline':>14} {'ratio':>7}")
     for what, ours, theirs, ratio in rows:
-        print(f"{what:<36} {ours:>14,.0f} {'' if theirs is None else f'{theirs:,.0f}':>14} "
+        print(f"{what:<40} {ours:>14,.0f} {'' if theirs is None else f'{theirs:,.0f}':>14} "
               f"{'' if ratio is None else f'{ratio:.2f}':>7}")
-    print(f"\n{'CPU s per M tokens (workers busy)':<36} {'prepare':>14} {'Dataset.map':>14}   on {results['machine']}")
+    print(f"\n{'CPU s per M tokens (workers busy)':<40} {'prepare':>14} {'Dataset.map':>14}   on {results['machine']}")
     for workers, ours, theirs in cpu_rows:
-        print(f"{f'{workers} worker(s)':<36} {_cpu_cell(ours):>14} {_cpu_cell(theirs):>14}")
+        print(f"{f'{workers} worker(s)':<40} {_cpu_cell(ours):>14} {_cpu_cell(theirs):>14}")
     out = REPO / "bench" / "results" / "data.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

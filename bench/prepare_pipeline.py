@@ -5,12 +5,13 @@
 `data.prepare` runs as usual (one process reads the jsonl and hands out batches, workers send the
 tokens back in order, shards are written and hashed) except that each worker sleeps as long as a
 tokenizer of --rate tokens/s would take (a document of n bytes counts as n/4 tokens) instead of
-tokenizing. Sleeping workers need no core, so 16 of them measure on 2 cores what the pipeline
-would do on 16. The baseline is the ideal rate, workers x --rate; the table shows the share of it
-reached end to end and between the first and the last result (the steady state, without start-up
-and drain). As in bench/data.py, N workers get N copies of the corpus (N x --copies: longer runs
-weigh start-up less). Writes
-bench/results/prepare_pipeline.json.
+tokenizing. Sleeping workers take little CPU (the workers' CPU column says how little: unpickling
+texts, pickling zeros), so many of them measure on a few cores what the pipeline would do on many.
+The baseline is the ideal rate, workers x --rate. The table shows the share of it reached end to
+end, and in the steady state: the tokens of the results between the one that arrives when every
+batch of the first full queue (4 per worker) is back and the one from which only a full queue is
+left to drain, over the time between them. As in bench/data.py, N workers get N copies of the
+corpus (N x --copies: longer runs weigh start-up less). Writes bench/results/prepare_pipeline.json.
 """
 from __future__ import annotations
 
@@ -42,27 +43,34 @@ class SleepingEncoder:
 
 def _run(corpus: Path, tokenizer: Path, work: Path, workers: int, rate: float) -> dict:
     import data.prepare as prepare_module
+    from data.encode import IN_FLIGHT_PER_WORKER
 
-    from bench.data import _prepare_rate
+    from bench.data import prepare_rate
 
-    results: list[float] = []
-    real_encode = prepare_module.encode_batches
+    results: list[tuple[float, int]] = []  # (arrival, tokens) of each batch
+    real_encode, real_encoder = prepare_module.encode_batches, prepare_module.DocumentEncoder
 
     def timed(*args: object) -> Iterator:
-        for item in real_encode(*args):
-            results.append(time.perf_counter())
-            yield item
+        for tag, (tokens, lengths) in real_encode(*args):
+            results.append((time.perf_counter(), len(tokens)))
+            yield tag, (tokens, lengths)
 
     prepare_module.encode_batches = timed
     prepare_module.DocumentEncoder = lambda tokenizer, dtype: SleepingEncoder(dtype, rate)
-    start = time.perf_counter()
-    figures = _prepare_rate(corpus, tokenizer, work, workers)
-    ideal = workers * rate
-    steady = figures["tokens"] * (len(results) - 1) / len(results) / (results[-1] - results[0])
+    try:
+        start = time.perf_counter()
+        figures = prepare_rate(corpus, tokenizer, work, workers)
+    finally:
+        prepare_module.encode_batches, prepare_module.DocumentEncoder = real_encode, real_encoder
+    queue = workers * IN_FLIGHT_PER_WORKER
+    first, last = queue - 1, len(results) - 1 - queue
+    steady = None
+    if last > first:
+        steady = sum(n for _, n in results[first + 1 : last + 1]) / (results[last][0] - results[first][0])
     return {
-        "workers": workers, "tokens": figures["tokens"], "ideal_tokens_per_s": ideal,
-        "tokens_per_s": figures["tokens_per_s"], "first_result_s": results[0] - start,
-        "steady_tokens_per_s": steady, "main_cpu_s": figures["main_cpu_s"],
+        "workers": workers, "tokens": figures["tokens"], "ideal_tokens_per_s": workers * rate,
+        "tokens_per_s": figures["tokens_per_s"], "first_result_s": results[0][0] - start,
+        "steady_tokens_per_s": steady, "main_cpu_s": figures["main_cpu_s"], "workers_cpu_s": figures["workers_cpu_s"],
     }
 
 
@@ -75,23 +83,24 @@ def main() -> None:
 
     import datasets  # before any timing, as in bench/data.py
 
-    from bench.data import _corpus, _write_jsonl
+    from bench.data import corpus_and_tokenizer, write_jsonl
 
     datasets.disable_progress_bars()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        texts, tokenizer = _corpus(work, 1500)
+        texts, tokenizer = corpus_and_tokenizer(work, 1500)
         for workers in args.workers:
-            corpus = _write_jsonl(texts, workers * args.copies, work / f"corpus-{workers}.jsonl")
+            corpus = write_jsonl(texts, workers * args.copies, work / f"corpus-{workers}.jsonl")
             rows.append(_run(corpus, tokenizer, work / f"run-{workers}", workers, args.rate))
 
     print(f"\n{'workers':>7} {'ideal tokens/s':>15} {'tokens/s':>12} {'of ideal':>9} {'first result':>13} "
-          f"{'steady of ideal':>16} {'main CPU':>9}")
+          f"{'steady of ideal':>16} {'main CPU':>9} {'workers CPU':>12}")
     for r in rows:
+        steady = "" if r["steady_tokens_per_s"] is None else f"{r['steady_tokens_per_s'] / r['ideal_tokens_per_s']:.0%}"
         print(f"{r['workers']:>7} {r['ideal_tokens_per_s']:>15,.0f} {r['tokens_per_s']:>12,.0f} "
               f"{r['tokens_per_s'] / r['ideal_tokens_per_s']:>9.0%} {r['first_result_s']:>12.2f}s "
-              f"{r['steady_tokens_per_s'] / r['ideal_tokens_per_s']:>16.0%} {r['main_cpu_s']:>8.2f}s")
+              f"{steady:>16} {r['main_cpu_s']:>8.2f}s {r['workers_cpu_s']:>11.2f}s")
     out = REPO / "bench" / "results" / "prepare_pipeline.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # Batches in flight per worker: enough to keep every worker busy, few enough that a corpus
 # larger than memory streams through instead of being read ahead in full.
-_IN_FLIGHT_PER_WORKER = 4
+IN_FLIGHT_PER_WORKER = 4
 
 
 def uses_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -125,7 +125,7 @@ def encode_batches(
         pending: collections.deque = collections.deque()
         for tag, texts in batches:
             pending.append((tag, pool.apply_async(_encode_in_worker, (texts,))))
-            if len(pending) >= workers * _IN_FLIGHT_PER_WORKER:
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
                 done_tag, result = pending.popleft()
                 yield done_tag, result.get()
         while pending:

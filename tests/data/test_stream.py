@@ -154,7 +154,7 @@ def test_a_stream_worker_tokenizes_on_threads_after_the_training_process_has(cor
     )
     assert result.returncode == 0, result.stderr[-3000:]
     threads = json.loads(result.stdout.strip().splitlines()[-1])
-    assert threads["after"] > threads["before"], threads
+    assert threads["parent_started_pool"] and threads["after"] > threads["before"], threads
 
 
 def test_validation_holds_out_documents_by_the_hash_rule(corpus: Corpus) -> None:
