@@ -10,7 +10,7 @@ import re
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -44,10 +44,38 @@ def sbatch_command(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
     return [*cmd, str(SCRIPT), *forwarded, run_dir_override(cfg)]
 
 
+def time_limit_s(value: str) -> Optional[int]:
+    """Seconds in a Slurm --time value (minutes, minutes:seconds, hours:minutes:seconds,
+    days-hours[:minutes[:seconds]]); None for UNLIMITED or any form left for sbatch to judge."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if match is None:
+        return None
+    days, first, second, third = (int(g) if g is not None else None for g in match.groups())
+    if days is not None:
+        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
+    if third is not None:
+        return (first * 60 + second) * 60 + third
+    return first * 60 + (second or 0)
+
+
+def check_time_limit(cfg: DictConfig) -> None:
+    """A limit no longer than the warning gets the warning as the job starts, which then dies with
+    an empty log: Slurm's USR1 arrives before the script can handle it."""
+    c = cfg.cluster
+    limit = time_limit_s(str(c.time))
+    if limit is not None and limit <= c.warning_s:
+        raise ConfigError(
+            f"cluster.time={c.time} ({limit} s) must be longer than cluster.warning_s={c.warning_s}: Slurm "
+            "signals the job that many seconds before its time limit, here as soon as it starts; "
+            "raise cluster.time or lower cluster.warning_s."
+        )
+
+
 def submit(cfg: DictConfig, overrides: Sequence[str]) -> int:
     """Submit one job (or, with launcher.dry_run=true, print what would be submitted)."""
     world_size = cfg.cluster.nodes * cfg.cluster.nproc_per_node
     validate(cfg, world_size)
+    check_time_limit(cfg)
     check_fits(cfg, world_size)  # before the queue, not after hours in it
     check_run_dir(cfg)
     cmd = sbatch_command(cfg, overrides)

@@ -5,7 +5,7 @@ import shlex
 from pathlib import Path
 
 from launcher.config import compose_config
-from launcher.slurm import SCRIPT, sbatch_command
+from launcher.slurm import SCRIPT, sbatch_command, time_limit_s
 from tests.conftest import REPO, run_module
 
 H100_1B = ["cluster=h100", "model=llama-1b", "train.global_batch_size=512"]
@@ -55,6 +55,27 @@ def test_a_sweep_submits_one_job_per_point_each_in_its_own_run_directory(tmp_pat
     assert run_dirs[0] != run_dirs[1]
     assert all(d.startswith(f"run.dir='{tmp_path / 'sweep'}/") for d in run_dirs)
     assert ["optim.lr=0.001" in c for c in commands] == [True, False]
+
+
+def test_slurm_time_limits_in_seconds() -> None:
+    assert time_limit_s("30") == 30 * 60
+    assert time_limit_s("5:30") == 5 * 60 + 30
+    assert time_limit_s("24:00:00") == 24 * 3600
+    assert time_limit_s("1-12") == 36 * 3600
+    assert time_limit_s("2-00:30") == 48 * 3600 + 30 * 60
+    assert time_limit_s("2-00:00:10") == 48 * 3600 + 10
+    assert time_limit_s("UNLIMITED") is None
+
+
+def test_a_time_limit_within_the_warning_is_refused_before_submitting(tmp_path: Path) -> None:
+    # Slurm would send the stop warning as the job starts, and the job would die with an empty log.
+    result = run_module(
+        "launcher", [*H100_1B, "cluster.time=00:05:00", "launcher.dry_run=true", f"run.dir={tmp_path / 'run'}"],
+        cwd=REPO,
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "cluster.time=00:05:00 (300 s) must be longer than cluster.warning_s=300" in result.stderr
+    assert "sbatch " not in result.stdout
 
 
 def test_local_cluster_refuses_several_nodes(tmp_path: Path) -> None:

@@ -110,7 +110,8 @@ def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(slurm_c
     # The second node hangs where its torchrun would start (as a node with a stuck filesystem or a
     # wrong network would): the first must give up after cluster.rendezvous_timeout_s and
     # --kill-on-bad-exit must end the whole job, instead of both holding their nodes until the
-    # time limit. The job's own limit (5 min) only bounds the test if that path breaks.
+    # time limit. The job's own limit only bounds the test if that path breaks; it must exceed the
+    # script's warning time (--signal=B:USR1@300), or Slurm signals the job as it starts.
     stuck = f"zf-stuck-node-{uuid.uuid4().hex[:8]}"  # its process name: unique to this test run
     shim = tmp_path / "bin" / "python"
     shim.parent.mkdir()
@@ -122,7 +123,7 @@ def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(slurm_c
     shim.chmod(0o755)
     timeout_s = 20
     job_id = _submit(
-        slurm_cluster, tmp_path, "--nodes=2", "--time=5", f"--output={tmp_path}/slurm-%j.out", str(SCRIPT),
+        slurm_cluster, tmp_path, "--nodes=2", "--time=10", f"--output={tmp_path}/slurm-%j.out", str(SCRIPT),
         *exact_overrides(data_cache, tmp_path / "run", 0), *ONE_CPU_RANK_PER_NODE,
         f"cluster.rendezvous_timeout_s={timeout_s}", path=shim.parent,
     )
