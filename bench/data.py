@@ -129,17 +129,26 @@ def _map_rate(corpus: Path, tokenizer: Path, workers: int) -> dict:
     return run.figures(sum(len(ids) for ids in mapped["input_ids"]) + len(mapped), workers)  # + prepare's EOS
 
 
+GLOBAL_BATCH, MICRO_BATCH = 32, 8  # one rank's loader: samples per step, per micro-batch
+
+
+def _tokens_per_s(loader, seq_len: int, steps: int) -> float:
+    """Tokens/s of a loader's steps after its first: start-up (workers, permutation, opening the
+    source) is not throughput."""
+    loader.next_batch()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loader.next_batch()
+    return steps * GLOBAL_BATCH * seq_len / (time.perf_counter() - start)
+
+
 def _loader_rate(prepared: Path, seq_len: int, steps: int, workers: int) -> float:
     from data.loader import BatchLoader
     from data.mixture import open_split
 
-    loader = BatchLoader(open_split(prepared, "train"), seq_len, seed=0, global_batch=32, micro_batch=8,
-                         dp_rank=0, dp_size=1, num_workers=workers)
-    loader.next_batch()  # start-up (workers, first permutation) is not throughput
-    start = time.perf_counter()
-    for _ in range(steps):
-        loader.next_batch()
-    return steps * 32 * seq_len / (time.perf_counter() - start)
+    loader = BatchLoader(open_split(prepared, "train"), seq_len, seed=0, global_batch=GLOBAL_BATCH,
+                         micro_batch=MICRO_BATCH, dp_rank=0, dp_size=1, num_workers=workers)
+    return _tokens_per_s(loader, seq_len, steps)
 
 
 def _stream_rate(corpus: Path, tokenizer: Path, seq_len: int, steps: int, workers: int, threads: bool) -> float:
@@ -154,12 +163,8 @@ def _stream_rate(corpus: Path, tokenizer: Path, seq_len: int, steps: int, worker
             f"data.seq_len={seq_len}", f"data.num_workers={workers}",
         ]).data)
         data.validation_batches(batch_size=1, num_batches=1)
-        loader = data.loader(seed=0, global_batch=32, micro_batch=8, dp_rank=0, dp_size=1)
-        loader.next_batch()  # start-up (workers, opening the source) is not throughput
-        start = time.perf_counter()
-        for _ in range(steps):
-            loader.next_batch()
-        return steps * 32 * seq_len / (time.perf_counter() - start)
+        loader = data.loader(seed=0, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, dp_rank=0, dp_size=1)
+        return _tokens_per_s(loader, seq_len, steps)
     finally:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 

@@ -44,6 +44,8 @@ class PackedStream:
         position: Optional[dict] = None,
     ):
         self.cfg, self.split, self.seq_len = cfg, split, seq_len
+        # Plain values for the per-document split test: an OmegaConf read costs as much as a small document.
+        self.fraction, self.held_out = cfg.validation_fraction, split == "validation"
         self.encoder = DocumentEncoder(tokenizer, np.dtype(np.int64))
         start = position or {"epoch": 0, "source": None, "offset": 0}
         self.epoch = start["epoch"]
@@ -128,7 +130,7 @@ class PackedStream:
             if item is None:
                 break
             key, text = item
-            if is_validation(key, self.cfg.validation_fraction) == (self.split == "validation"):
+            if is_validation(key, self.fraction) == self.held_out:
                 sources.append(source)
                 texts.append(text)
                 self.read_in_epoch = True
