@@ -36,17 +36,17 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    from data.loader import BatchLoader
-    from data.prepare import prepare
-    from data.shards import TokenStore, load_manifest
-    from launcher.config import compose_config
-    from launcher.validate import validate
-    from trainer import distributed
-    from trainer.checkpoint import Checkpointer
-    from trainer.engine import build_engine, train_step
-    from trainer.faults import FaultGuard
-    from trainer.model import build_model, resolve_vocab_size
-    from trainer.train import seed_everything
+    from zeroforge.data.loader import BatchLoader
+    from zeroforge.data.prepare import prepare
+    from zeroforge.data.shards import TokenStore, load_manifest
+    from zeroforge.trainer import distributed
+    from zeroforge.trainer.checkpoint import Checkpointer
+    from zeroforge.trainer.config import compose_config
+    from zeroforge.trainer.engine import build_engine, train_step
+    from zeroforge.trainer.faults import FaultGuard
+    from zeroforge.trainer.model import build_model, resolve_vocab_size
+    from zeroforge.trainer.train import seed_everything
+    from zeroforge.trainer.validate import validate
 
     scratch = Path(tempfile.mkdtemp(prefix="zeroforge-bench-ckpt-"))
     base = [

@@ -75,16 +75,16 @@ def _machine() -> str:
         (Path(f"{cpu}/topology/physical_package_id").read_text().strip(), Path(f"{cpu}/topology/core_id").read_text().strip())
         for cpu in map(str, Path("/sys/devices/system/cpu").glob("cpu[0-9]*")) if Path(f"{cpu}/topology/core_id").exists()
     }
-    from data.encode import default_workers
+    from zeroforge.data.encode import default_workers
 
     return f"{model}, {default_workers()} of {os.cpu_count()} logical CPUs usable, {len(cores) or '?'} physical cores in all"
 
 
 def corpus_and_tokenizer(work: Path, documents: int) -> tuple[list[str], Path]:
     """The embedded corpus's first documents, and the embedded tokenizer trained on it."""
-    from data.corpus import iter_documents
-    from data.prepare import prepare
-    from launcher.config import compose_config
+    from zeroforge.data.corpus import iter_documents
+    from zeroforge.data.prepare import prepare
+    from zeroforge.trainer.config import compose_config
 
     embedded = compose_config([f"data.cache_dir={work / 'embedded'}"]).data
     tokenizer = prepare(embedded) / "tokenizer"
@@ -101,9 +101,9 @@ def write_jsonl(texts: list[str], copies: int, path: Path) -> Path:
 
 
 def prepare_rate(corpus: Path, tokenizer: Path, work: Path, workers: int) -> dict:
-    from data.prepare import prepare
-    from data.shards import load_manifest
-    from launcher.config import compose_config
+    from zeroforge.data.prepare import prepare
+    from zeroforge.data.shards import load_manifest
+    from zeroforge.trainer.config import compose_config
 
     cfg = compose_config([
         "data.name=bench", "data.source=json", f"data.data_files=[{corpus}]", f"data.tokenizer={tokenizer}",
@@ -143,8 +143,8 @@ def _tokens_per_s(loader, seq_len: int, steps: int) -> float:
 
 
 def _loader_rate(prepared: Path, seq_len: int, steps: int, workers: int) -> float:
-    from data.loader import BatchLoader
-    from data.mixture import open_split
+    from zeroforge.data.loader import BatchLoader
+    from zeroforge.data.mixture import open_split
 
     loader = BatchLoader(open_split(prepared, "train"), seq_len, seed=0, global_batch=GLOBAL_BATCH,
                          micro_batch=MICRO_BATCH, dp_rank=0, dp_size=1, num_workers=workers)
@@ -152,8 +152,8 @@ def _loader_rate(prepared: Path, seq_len: int, steps: int, workers: int) -> floa
 
 
 def _stream_rate(corpus: Path, tokenizer: Path, seq_len: int, steps: int, workers: int, threads: bool) -> float:
-    from data.stream import StreamData
-    from launcher.config import compose_config
+    from zeroforge.data.stream import StreamData
+    from zeroforge.trainer.config import compose_config
 
     if threads:
         del os.environ["TOKENIZERS_PARALLELISM"]  # unset, as users run: the library's default
@@ -182,9 +182,9 @@ def main() -> None:
 
     datasets.disable_progress_bars()
 
-    from data.encode import default_workers
-    from data.prepare import prepare
-    from launcher.config import compose_config
+    from zeroforge.data.encode import default_workers
+    from zeroforge.data.prepare import prepare
+    from zeroforge.trainer.config import compose_config
 
     cores = default_workers()
     rows, cpu_rows, results = [], [], {"machine": _machine(), "prepare": {}, "loader": {}, "stream": {}}

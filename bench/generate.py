@@ -2,7 +2,7 @@
 
     python bench/generate.py [--new-tokens 256] [--batches 1 8 32] [--model PATH] [--repeats 2] [--threads 1]
 
-Greedy decoding through trainer.generate.decode (the code `python -m trainer.generate` runs), on
+Greedy decoding through zeroforge.trainer.generate.decode (the code `zeroforge generate` runs), on
 the `tiny` model randomly initialised with a fixed seed, or on an export or checkpoint (--model).
 Both variants decode the same tokens (greedy, checked), so they do the same work; each keeps its
 best of --repeats. Prints a table and the check the issue asks for (the cache >= 3x faster than
@@ -27,11 +27,11 @@ GOAL = 3.0
 def _model(path: str | None):
     import torch
 
-    from data.prepare import prepare
-    from data.tokenizer import load_tokenizer
-    from launcher.config import compose_config
-    from trainer.export_io import load_model
-    from trainer.model import build_model, resolve_vocab_size
+    from zeroforge.data.prepare import prepare
+    from zeroforge.data.tokenizer import load_tokenizer
+    from zeroforge.trainer.config import compose_config
+    from zeroforge.trainer.export_io import load_model
+    from zeroforge.trainer.model import build_model, resolve_vocab_size
 
     if path:
         loaded = load_model(path, "cpu")
@@ -57,7 +57,7 @@ def main() -> None:
 
     import torch
 
-    from trainer.generate import decode
+    from zeroforge.trainer.generate import decode
 
     torch.set_num_threads(args.threads)
     model, tokenizer, name = _model(args.model)

@@ -2,7 +2,7 @@
 
     python bench/gpu.py [--steps 40] [--models llama-125m llama-1b] [--overrides deepspeed=zero3 ...]
 
-Runs `python -m trainer.train` per model at seq_len 2048 on the embedded corpus (tokenizer
+Runs `zeroforge train` per model at seq_len 2048 on the embedded corpus (tokenizer
 vocabulary 32,000, so the output layer has a realistic share of the FLOPs), reads its
 metrics.jsonl, prints a table and writes bench/results/gpu.json. MFU uses the peak of the
 detected GPU (trainer/metrics.py PEAK_TFLOPS).
@@ -29,7 +29,7 @@ def run(model: str, steps: int, log_every: int, overrides: list[str]) -> dict:
             f"logging.every={log_every}", "eval.every=0", "checkpoint.every=0", "logging.wandb.mode=disabled",
             f"run.dir={run_dir}", *overrides,
         ]
-        subprocess.run([sys.executable, "-m", "trainer.train", *args], cwd=REPO, check=True)
+        subprocess.run([sys.executable, "-m", "zeroforge.trainer.train", *args], cwd=REPO, check=True)
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "loss" in r and r["step"] > log_every]  # past the warm-up interval
     return {

@@ -3,7 +3,7 @@
     python bench/overhead.py [--steps 60] [--warmup 10] [--threads N] [overrides ...]
 
 Each loop runs in its own process on the same model, batch, sequence length and thread count;
-the trainer is the real `python -m trainer.train`, read back from its metrics.jsonl. The three
+the trainer is the real `zeroforge train`, read back from its metrics.jsonl. The three
 loops take turns for --repeats rounds and each keeps its best round, since a shared machine only
 ever makes a loop slower. Prints a table and writes bench/results/overhead.json.
 Goal: trainer >= 0.97 x bare DeepSpeed.
@@ -27,9 +27,9 @@ def _batches(cfg, count: int):
     """Real windows from the prepared training split, the same for every loop."""
     import torch
 
-    from data.loader import BatchLoader
-    from data.prepare import prepare
-    from data.shards import TokenStore
+    from zeroforge.data.loader import BatchLoader
+    from zeroforge.data.prepare import prepare
+    from zeroforge.data.shards import TokenStore
 
     loader = BatchLoader(
         TokenStore(prepare(cfg.data), "train"), cfg.data.seq_len, cfg.seed, cfg.train.global_batch_size,
@@ -39,10 +39,10 @@ def _batches(cfg, count: int):
 
 
 def _model(cfg):
-    from data.prepare import prepare
-    from data.shards import load_manifest
-    from trainer.model import build_model, resolve_vocab_size
-    from trainer.train import seed_everything
+    from zeroforge.data.prepare import prepare
+    from zeroforge.data.shards import load_manifest
+    from zeroforge.trainer.model import build_model, resolve_vocab_size
+    from zeroforge.trainer.train import seed_everything
 
     seed_everything(cfg.seed)
     vocab = resolve_vocab_size(cfg.model, load_manifest(prepare(cfg.data))["vocab_size"])
@@ -53,9 +53,9 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
     """Tokens/s of one bare loop after warmup steps."""
     import torch
 
-    from launcher.config import compose_config
-    from launcher.validate import validate
-    from trainer.engine import causal_lm_loss
+    from zeroforge.trainer.config import compose_config
+    from zeroforge.trainer.engine import causal_lm_loss
+    from zeroforge.trainer.validate import validate
 
     cfg = compose_config(overrides)
     plan = validate(cfg, 1, cuda=False)
@@ -64,8 +64,8 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
     if kind == "deepspeed":
         import deepspeed
 
-        from trainer.deepspeed_config import deepspeed_config
-        from trainer.distributed import init_distributed
+        from zeroforge.trainer.deepspeed_config import deepspeed_config
+        from zeroforge.trainer.distributed import init_distributed
 
         init_distributed("cpu")
         model, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, plan))
@@ -98,7 +98,7 @@ def trainer_tokens_per_s(overrides: list[str], steps: int, warmup: int, env: dic
             *overrides, f"run.dir={run_dir}", f"train.steps={steps}", f"logging.every={warmup}",
             "logging.wandb.mode=disabled", "eval.every=0", "checkpoint.every=0",
         ]
-        subprocess.run([sys.executable, "-m", "trainer.train", *args], cwd=REPO, env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "zeroforge.trainer.train", *args], cwd=REPO, env=env, check=True, capture_output=True)
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     # Intervals after the warm-up: total tokens over total time, not a mean of rates.
     timed = [r for r in records if "loss" in r and r["step"] > warmup]

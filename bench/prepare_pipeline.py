@@ -42,10 +42,9 @@ class SleepingEncoder:
 
 
 def _run(corpus: Path, tokenizer: Path, work: Path, workers: int, rate: float) -> dict:
-    import data.prepare as prepare_module
-    from data.encode import IN_FLIGHT_PER_WORKER
-
+    import zeroforge.data.prepare as prepare_module
     from bench.data import prepare_rate
+    from zeroforge.data.encode import IN_FLIGHT_PER_WORKER
 
     results: list[tuple[float, int]] = []  # (arrival, tokens) of each batch
     real_encode, real_encoder = prepare_module.encode_batches, prepare_module.DocumentEncoder

@@ -11,13 +11,13 @@ from typing import Union
 
 import torch
 
-from data.config import DataConfig
-from data.errors import DataError
-from data.loader import BatchLoader, validation_batches
-from data.mixture import open_split
-from data.prepare import prepare
-from data.stream import StreamData
-from data.tokenizer import load_tokenizer
+from zeroforge.data.config import DataConfig
+from zeroforge.data.errors import DataError
+from zeroforge.data.loader import BatchLoader, validation_batches
+from zeroforge.data.mixture import open_split
+from zeroforge.data.prepare import prepare
+from zeroforge.data.stream import StreamData
+from zeroforge.data.tokenizer import load_tokenizer
 
 MODES = ("prepared", "stream")
 

@@ -10,8 +10,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, Optional
 
-from data.config import DataConfig
-from data.errors import DataError
+from zeroforge.data.config import DataConfig
+from zeroforge.data.errors import DataError
 
 # Test suites and the IDE are left out: they are large and unlike the rest of the library.
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}

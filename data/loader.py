@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.errors import DataError
-from data.mixture import Mixture, MixtureSchedule
-from data.shards import TokenStore
+from zeroforge.data.errors import DataError
+from zeroforge.data.mixture import Mixture, MixtureSchedule
+from zeroforge.data.shards import TokenStore
 
 Source = Union[TokenStore, Mixture]
 

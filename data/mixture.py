@@ -13,8 +13,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from data.errors import DataError
-from data.shards import TokenStore, load_manifest
+from zeroforge.data.errors import DataError
+from zeroforge.data.shards import TokenStore, load_manifest
 
 # Weights are rounded to multiples of 1/_RESOLUTION: shares are exact to 0.01%, and the schedule
 # repeats at most every _RESOLUTION draws, so one period is cheap to lay out in full.

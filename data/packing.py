@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from data.config import DataConfig
-from data.corpus import SourceReader, describe_source, is_validation
-from data.encode import DocumentEncoder
-from data.errors import DataError
+from zeroforge.data.config import DataConfig
+from zeroforge.data.corpus import SourceReader, describe_source, is_validation
+from zeroforge.data.encode import DocumentEncoder
+from zeroforge.data.errors import DataError
 
 # Documents tokenized per batch: the fast tokenizer's batch encoder amortises its overhead over
 # them, while the read-ahead stays small.

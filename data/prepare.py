@@ -1,6 +1,6 @@
 """Offline preparation: documents -> tokenizer -> packed token shards + manifest.json.
 
-`python -m data.prepare [overrides]`, or called by the launcher and trainer (cached by fingerprint).
+`zeroforge prepare [overrides]`, or called by the launcher and trainer (cached by fingerprint).
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from data.config import DataConfig, MixtureSourceConfig
-from data.corpus import describe_source, is_validation, iter_documents, source_fingerprint
-from data.encode import DocumentEncoder, default_workers, encode_batches, uses_bos
-from data.errors import DataError
-from data.shards import load_manifest
-from data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
+from zeroforge.data.config import DataConfig, MixtureSourceConfig
+from zeroforge.data.corpus import describe_source, is_validation, iter_documents, source_fingerprint
+from zeroforge.data.encode import DocumentEncoder, default_workers, encode_batches, uses_bos
+from zeroforge.data.errors import DataError
+from zeroforge.data.shards import load_manifest
+from zeroforge.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 
 log = logging.getLogger(__name__)
 
@@ -324,23 +324,3 @@ def _build(cfg: DataConfig, build: Path) -> None:
     }
     progress_file.unlink(missing_ok=True)
     (build / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-
-def main() -> None:
-    import hydra
-
-    from launcher.cli import run_entry_point
-    from launcher.config import CONF_DIR
-
-    from trainer.log import setup_logging
-
-    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-    def _main(cfg: DictConfig) -> None:
-        setup_logging(0, cfg.logging.level)
-        run_entry_point(lambda: print(prepare(cfg.data)))
-
-    _main()
-
-
-if __name__ == "__main__":
-    main()

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import DataError
+from zeroforge.data.errors import DataError
 
 
 def load_manifest(prepared: Path) -> dict:
     path = Path(prepared) / "manifest.json"
     if not path.exists():
-        raise DataError(f"no manifest.json in {prepared}; expected a directory made by data.prepare.")
+        raise DataError(f"no manifest.json in {prepared}; expected a directory made by zeroforge prepare.")
     return json.loads(path.read_text())
 
 

@@ -32,13 +32,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
-from data.config import DataConfig
-from data.corpus import describe_source, source_fingerprint
-from data.encode import main_module_hidden, uses_bos
-from data.errors import DataError
-from data.loader import check_batch_split
-from data.packing import PackedStream, stream_validation_batches
-from data.tokenizer import load_tokenizer, tokenizer_hash
+from zeroforge.data.config import DataConfig
+from zeroforge.data.corpus import describe_source, source_fingerprint
+from zeroforge.data.encode import main_module_hidden, uses_bos
+from zeroforge.data.errors import DataError
+from zeroforge.data.loader import check_batch_split
+from zeroforge.data.packing import PackedStream, stream_validation_batches
+from zeroforge.data.tokenizer import load_tokenizer, tokenizer_hash
 
 STREAM_FORMAT = 1
 

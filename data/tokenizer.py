@@ -7,7 +7,7 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from data.errors import DataError
+from zeroforge.data.errors import DataError
 
 EOS = "<|endoftext|>"
 

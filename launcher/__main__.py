@@ -1,4 +1,4 @@
-"""`python -m launcher [overrides]`: compose and validate the config, then run or submit the job.
+"""`zeroforge launch [overrides]`: compose and validate the config, then run or submit the job.
 
 cluster=local runs torchrun on this machine; a Slurm cluster (cluster=slurm, h100, b200) submits
 slurm/pretrain.sh with sbatch. With Hydra's `-m`, every sweep point is its own job and run directory.
@@ -13,11 +13,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from launcher.cli import run_entry_point
-from launcher.config import CONF_DIR, Scheduler
-from launcher.local import launch
-from launcher.slurm import submit
-from trainer.log import setup_logging
+from zeroforge.launcher.local import launch
+from zeroforge.launcher.slurm import submit
+from zeroforge.trainer.config import CONF_DIR, Scheduler
+from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.log import setup_logging
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -1,4 +1,4 @@
-"""Inside a Slurm job, before any rank starts: `python -m launcher.job [overrides]`.
+"""Inside a Slurm job, before any rank starts: `python -m zeroforge.launcher.job [overrides]`.
 
 slurm/pretrain.sh runs this once on the batch host. It checks the config against the allocation,
 prepares the data (once, so that ranks never race to build it), and writes the per-node settings
@@ -15,10 +15,10 @@ from typing import Mapping
 import hydra
 from omegaconf import DictConfig
 
-from launcher.cli import run_entry_point
-from launcher.config import CONF_DIR, ConfigError
-from launcher.preflight import preflight
-from trainer.log import setup_logging
+from zeroforge.launcher.preflight import preflight
+from zeroforge.trainer.config import CONF_DIR, ConfigError
+from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.log import setup_logging
 
 log = logging.getLogger("zeroforge")
 

@@ -8,12 +8,12 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from launcher.config import ConfigError
-from launcher.plan import check_fits
-from launcher.preflight import preflight
-from launcher.rundir import run_dir_override, write_run_dir
-from launcher.validate import accelerator_is_cuda
-from trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE
+from zeroforge.launcher.plan import check_fits
+from zeroforge.launcher.preflight import preflight
+from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE
+from zeroforge.trainer.rundir import run_dir_override, write_run_dir
+from zeroforge.trainer.validate import accelerator_is_cuda
 
 log = logging.getLogger("zeroforge")
 
@@ -24,7 +24,7 @@ def torchrun_command(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
         sys.executable, "-m", "torch.distributed.run",
         # --standalone picks a free rendezvous port, so two local runs never collide.
         "--standalone", "--nnodes", "1", "--nproc_per_node", str(cfg.cluster.nproc_per_node),
-        "-m", "trainer.train", *overrides, run_dir_override(cfg),
+        "-m", "zeroforge.trainer.train", *overrides, run_dir_override(cfg),
     ]
 
 
@@ -61,8 +61,8 @@ def launch(cfg: DictConfig, overrides: Sequence[str]) -> int:
         log.error("training exited with code %d; its log is above and in %s", code, run_dir)
         return code
     if cfg.launcher.harness:
-        from trainer.evaluate import evaluate
-        from trainer.generate import generate
+        from zeroforge.trainer.evaluate import evaluate
+        from zeroforge.trainer.generate import generate
 
         evaluate(cfg)
         generate(cfg)

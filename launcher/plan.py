@@ -1,6 +1,6 @@
 """The pre-flight plan: whether a job fits on its GPUs and how long it takes, before it is queued.
 
-`python -m launcher.plan [overrides]` prints it; every launch path calls `check_fits(cfg, world_size)`,
+`zeroforge plan [overrides]` prints it; every launch path calls `check_fits(cfg, world_size)`,
 which refuses a job that cannot fit (unless `launcher.force=true`) and names changes that would.
 
 Memory per GPU follows what DeepSpeed allocates: the ZeRO paper's accounting (e-byte weights
@@ -31,8 +31,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.cli import run_entry_point
-from launcher.config import CONF_DIR, ConfigError, Scheduler
+from zeroforge.trainer.config import CONF_DIR, ConfigError, Scheduler
+from zeroforge.trainer.entry import run_entry_point
 
 log = logging.getLogger("zeroforge")
 
@@ -173,7 +173,7 @@ def model_shape(cfg: DictConfig) -> ModelShape:
     """Count parameters on the meta device: any AutoConfig causal LM, no memory for weights."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.model import flops_per_token, hf_config
+    from zeroforge.trainer.model import flops_per_token, hf_config
 
     m = cfg.model
     vocab = planned_vocab_size(cfg)
@@ -200,8 +200,8 @@ def planned_vocab_size(cfg: DictConfig) -> int:
     """The vocabulary training will use, known before the data is prepared where possible."""
     import json
 
-    from data.prepare import prepared_dir
-    from trainer.model import resolve_vocab_size
+    from zeroforge.data.prepare import prepared_dir
+    from zeroforge.trainer.model import resolve_vocab_size
 
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size
@@ -304,7 +304,7 @@ def _precision(cfg: DictConfig) -> str:
     precision = cfg.train.precision.value if hasattr(cfg.train.precision, "value") else str(cfg.train.precision)
     if precision != "auto":
         return precision
-    from launcher.validate import accelerator_is_cuda
+    from zeroforge.trainer.validate import accelerator_is_cuda
 
     c = cfg.cluster
     on_gpus = c.gpu_memory_gb is not None or c.get("gpus_per_node", 0) > 0 or accelerator_is_cuda()
@@ -312,8 +312,8 @@ def _precision(cfg: DictConfig) -> str:
 
 
 def _peak_tflops(cfg: DictConfig) -> Optional[float]:
-    from launcher.validate import accelerator_is_cuda
-    from trainer.metrics import peak_tflops
+    from zeroforge.trainer.metrics import peak_tflops
+    from zeroforge.trainer.validate import accelerator_is_cuda
 
     if cfg.cluster.peak_tflops is not None:
         return cfg.cluster.peak_tflops
@@ -499,14 +499,14 @@ def refusal(cfg: DictConfig, plan: MemoryPlan) -> str:
         lines += [f"  {overrides}  ->  {_gib(p.total)} per GPU" for overrides, p in found]
     else:
         lines.append(f"No change of ZeRO stage, checkpointing, micro batch, offload or (on Slurm) up to {2**_MAX_NODE_DOUBLINGS}x the nodes fits.")
-    lines.append("Or launcher.force=true to launch anyway (python -m launcher.plan prints the whole plan)")
+    lines.append("Or launcher.force=true to launch anyway (zeroforge plan prints the whole plan)")
     return "\n".join(lines)
 
 
 def check_fits(cfg: DictConfig, world_size: int) -> MemoryPlan:
     """What every launch path calls before it prepares data or submits: refuse a job that cannot
     fit, unless forced. It validates first, so a plan is only ever made of a valid config."""
-    from launcher.validate import validate
+    from zeroforge.trainer.validate import validate
 
     validate(cfg, world_size)
     plan = estimate(cfg, world_size)
@@ -587,7 +587,7 @@ def format_plan(cfg: DictConfig, plan: MemoryPlan) -> str:
 
 
 def print_plan(cfg: DictConfig) -> MemoryPlan:
-    from launcher.validate import validate
+    from zeroforge.trainer.validate import validate
 
     world_size = cfg.cluster.nodes * cfg.cluster.nproc_per_node
     validate(cfg, world_size)

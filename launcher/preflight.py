@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from data.build import open_data
-from launcher.rundir import check_run_dir
-from launcher.validate import Plan, validate
-from trainer.model import resolve_vocab_size
+from zeroforge.data.build import open_data
+from zeroforge.trainer.model import resolve_vocab_size
+from zeroforge.trainer.rundir import check_run_dir
+from zeroforge.trainer.validate import Plan, validate
 
 
 def preflight(cfg: DictConfig, world_size: int) -> Plan:

@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
-from launcher.config import ConfigError
-from launcher.plan import check_fits
-from launcher.rundir import check_run_dir, run_dir_override, write_run_dir
-from launcher.validate import validate
+from zeroforge.launcher.plan import check_fits
+from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.rundir import check_run_dir, run_dir_override, write_run_dir
+from zeroforge.trainer.validate import validate
 
 log = logging.getLogger("zeroforge")
 

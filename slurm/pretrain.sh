@@ -3,7 +3,7 @@
 #
 #   sbatch slurm/pretrain.sh cluster=h100 model=llama-1b                  (arguments: Hydra overrides)
 #   sbatch --nodes=4 --time=2-00:00:00 --partition=gpu slurm/pretrain.sh cluster=h100 model=llama-8b
-#   python -m launcher cluster=h100 cluster.nodes=4 model=llama-8b       (validates, then submits this)
+#   zeroforge launch cluster=h100 cluster.nodes=4 model=llama-8b       (validates, then submits this)
 #
 # Every #SBATCH line below is a default; a flag on the sbatch command line overrides it. One srun
 # task per node starts torchrun, which starts cluster.nproc_per_node training processes (one per
@@ -35,7 +35,7 @@ set -- cluster=slurm "$@" "cluster.nodes=${SLURM_JOB_NUM_NODES}"
 # Validate against this allocation and prepare the data once, before any node starts a rank.
 ZF_JOB_ENV=$(mktemp)
 export ZF_JOB_ENV
-python -m launcher.job "$@" || exit $?
+python -m zeroforge.launcher.job "$@" || exit $?
 # shellcheck disable=SC1090
 source "$ZF_JOB_ENV"
 rm -f "$ZF_JOB_ENV"
@@ -69,7 +69,7 @@ srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bas
         --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$ZF_NPROC_PER_NODE" \
         --rdzv-backend=c10d --rdzv-endpoint="$0" --rdzv-id="$SLURM_JOB_ID" \
         --rdzv-conf="join_timeout=$ZF_RDZV_TIMEOUT" --local-addr="$(node_addr "$SLURMD_NODENAME")" \
-        --max-restarts=0 -m trainer.train "$@"' "$endpoint" "$@" &
+        --max-restarts=0 -m zeroforge.trainer.train "$@"' "$endpoint" "$@" &
 srun_pid=$!
 # wait returns early when a trapped signal arrives; go on waiting for srun itself.
 while :; do

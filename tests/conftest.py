@@ -23,8 +23,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """The embedded corpus, prepared once for the whole session (every test shares the cache)."""
-    from data.prepare import prepare
-    from launcher.config import compose_config
+    from zeroforge.data.prepare import prepare
+    from zeroforge.trainer.config import compose_config
 
     cache = tmp_path_factory.mktemp("data-cache")
     prepare(compose_config([f"data.cache_dir={cache}"]).data)
@@ -75,9 +75,9 @@ def exact_overrides(data_cache: Path, run_dir: Path, stage: int) -> list[str]:
 
 @pytest.fixture(scope="session")
 def single_process_run(data_cache: Path, tmp_path_factory) -> Path:
-    """`python -m trainer.train` in one process without ZeRO: what every variant is compared to."""
+    """`zeroforge train` in one process without ZeRO: what every variant is compared to."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    result = run_module("trainer.train", exact_overrides(data_cache, run_dir, 0), cwd=REPO)
+    result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, 0), cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 
@@ -88,7 +88,7 @@ def process_group():
     DeepSpeed keeps the groups made on the first. Its port is taken out of the environment at
     once, or later subprocesses would inherit a port that is in use (RANK=0, WORLD_SIZE=1 and
     LOCAL_RANK=0, which DeepSpeed's engines read, say the same as a lone process)."""
-    from trainer import distributed
+    from zeroforge.trainer import distributed
 
     port = os.environ.get("MASTER_PORT")
     info = distributed.init_distributed("cpu")

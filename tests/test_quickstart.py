@@ -1,4 +1,4 @@
-"""The README's main command, end to end: `python -m launcher` with the defaults."""
+"""The README's main command, end to end: `zeroforge launch` with the defaults."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,7 @@ def test_default_launch_trains_exports_evaluates_and_samples(data_cache: Path, t
     # As a user runs it: all cores for the one rank, not the one thread the multi-rank tests use.
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     # Only where things go differ from the defaults: the shared data cache and a temporary run dir.
-    result = run_module("launcher", [f"data.cache_dir={data_cache}", f"run.dir={run_dir}"], cwd=REPO, timeout=900, env=env)
+    result = run_module("zeroforge.launcher", [f"data.cache_dir={data_cache}", f"run.dir={run_dir}"], cwd=REPO, timeout=900, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
 

@@ -23,9 +23,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from launcher.config import ConfigError
-from trainer.background_save import BackgroundWriter, file_entry
-from trainer.distributed import DistInfo, barrier, from_rank_zero, gather
+from zeroforge.trainer.background_save import BackgroundWriter, file_entry
+from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero, gather
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

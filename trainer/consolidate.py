@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.config import ConfigError
-from trainer.checkpoint import LATEST, MANIFEST
+from zeroforge.trainer.checkpoint import LATEST, MANIFEST
+from zeroforge.trainer.config import ConfigError
 
 _ZERO3_MODEL = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 _ZERO3_OPTIM = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -154,13 +154,13 @@ def run_tokenizer(step_dir: Path, manifest: dict[str, Any]) -> tuple[Optional[Pa
 
 def prepared_data(step_dir: Path, manifest: dict[str, Any]) -> Path:
     """The prepared data (and tokenizer) the checkpoint's run trained on."""
-    from data.prepare import prepared_dir_for
+    from zeroforge.data.prepare import prepared_dir_for
 
     cfg, run_dir = run_config(step_dir)
     path = prepared_dir_for(cfg.data.cache_dir, cfg.data.name, manifest["run"]["data"]["fingerprint"])
     if not (path / "tokenizer").exists():
         raise ConfigError(
             f"checkpoint {step_dir} was trained on the data prepared in {path}, which is gone; prepare it "
-            f"again with the run's data settings (python -m data.prepare, overrides from {run_dir / 'config.yaml'})."
+            f"again with the run's data settings (zeroforge prepare, overrides from {run_dir / 'config.yaml'})."
         )
     return path

@@ -5,7 +5,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.validate import Plan
+from zeroforge.trainer.validate import Plan
 
 
 def deepspeed_config(cfg: DictConfig, plan: Plan, load_universal: bool = False) -> dict[str, Any]:

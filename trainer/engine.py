@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
-from data.boundaries import IGNORE_INDEX, DocumentBoundaries
-from launcher.validate import Plan
-from trainer.deepspeed_config import deepspeed_config
-from trainer.faults import FaultGuard, SkippableAdamW
-from trainer.schedule import lr_factor
+from zeroforge.data.boundaries import IGNORE_INDEX, DocumentBoundaries
+from zeroforge.trainer.deepspeed_config import deepspeed_config
+from zeroforge.trainer.faults import FaultGuard, SkippableAdamW
+from zeroforge.trainer.schedule import lr_factor
+from zeroforge.trainer.validate import Plan
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

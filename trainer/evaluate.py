@@ -1,4 +1,4 @@
-"""Held-out loss and perplexity of an export or a checkpoint: `python -m trainer.evaluate [overrides]`."""
+"""Held-out loss and perplexity of an export or a checkpoint: `zeroforge evaluate [overrides]`."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,15 +10,15 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from data.loader import validation_batches
-from data.mixture import open_split
-from data.build import open_data
-from data.tokenizer import tokenizer_hash
-from launcher.cli import run_entry_point
-from launcher.config import CONF_DIR, ConfigError
-from trainer.engine import validation_loss
-from trainer.export_io import LoadedModel, inference_dtype, load_model, pick_device
-from trainer.log import setup_logging
+from zeroforge.data.build import open_data
+from zeroforge.data.loader import validation_batches
+from zeroforge.data.mixture import open_split
+from zeroforge.data.tokenizer import tokenizer_hash
+from zeroforge.trainer.config import CONF_DIR, ConfigError
+from zeroforge.trainer.engine import validation_loss
+from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.export_io import LoadedModel, inference_dtype, load_model, pick_device
+from zeroforge.trainer.log import setup_logging
 
 log = logging.getLogger("zeroforge")
 

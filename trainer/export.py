@@ -1,4 +1,4 @@
-"""`python -m trainer.export checkpoint=<dir>`: a committed DeepSpeed checkpoint as an HF export
+"""`zeroforge export checkpoint=<dir>`: a committed DeepSpeed checkpoint as an HF export
 (safetensors, config, tokenizer), with no engine or ranks and without reading the optimizer state."""
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from launcher.cli import run_entry_point
-from launcher.config import CONF_DIR, ConfigError
-from trainer.checkpoint import MANIFEST, write_export
-from trainer.consolidate import run_config
-from trainer.export_io import inference_dtype, load_checkpoint
-from trainer.log import setup_logging
+from zeroforge.trainer.checkpoint import MANIFEST, write_export
+from zeroforge.trainer.config import CONF_DIR, ConfigError
+from zeroforge.trainer.consolidate import run_config
+from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.export_io import inference_dtype, load_checkpoint
+from zeroforge.trainer.log import setup_logging
 
 log = logging.getLogger("zeroforge")
 

@@ -12,12 +12,12 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from data.tokenizer import load_tokenizer, tokenizer_hash
-from launcher.config import ConfigError
-from launcher.validate import accelerator_is_cuda
-from trainer import consolidate
-from trainer.checkpoint import LATEST, MANIFEST
-from trainer.model import hf_config, resolve_vocab_size
+from zeroforge.data.tokenizer import load_tokenizer, tokenizer_hash
+from zeroforge.trainer import consolidate
+from zeroforge.trainer.checkpoint import LATEST, MANIFEST
+from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.model import hf_config, resolve_vocab_size
+from zeroforge.trainer.validate import accelerator_is_cuda
 
 
 @dataclass

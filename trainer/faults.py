@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
-from trainer.distributed import all_reduce_mean
+from zeroforge.trainer.distributed import all_reduce_mean
 
 log = logging.getLogger("zeroforge")
 

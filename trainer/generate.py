@@ -1,4 +1,4 @@
-"""Samples from an export or a checkpoint: `python -m trainer.generate [overrides]`.
+"""Samples from an export or a checkpoint: `zeroforge generate [overrides]`.
 
 Prompts come from generate.prompts or generate.prompts_file, are batched with left padding and
 decoded with the KV cache (greedy at temperature 0, otherwise sampled); with
@@ -19,11 +19,11 @@ import torch
 from omegaconf import DictConfig
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from data.tokenizer import tokenizer_hash
-from launcher.cli import run_entry_point
-from launcher.config import CONF_DIR, ConfigError
-from trainer.export_io import inference_dtype, load_model, pick_device
-from trainer.log import setup_logging
+from zeroforge.data.tokenizer import tokenizer_hash
+from zeroforge.trainer.config import CONF_DIR, ConfigError
+from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.export_io import inference_dtype, load_model, pick_device
+from zeroforge.trainer.log import setup_logging
 
 log = logging.getLogger("zeroforge")
 

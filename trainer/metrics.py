@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.validate import Plan
-from trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
-from trainer.progress import open_progress
+from zeroforge.trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
+from zeroforge.trainer.progress import open_progress
+from zeroforge.trainer.validate import Plan
 
 log = logging.getLogger("zeroforge")
 

@@ -6,8 +6,7 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from launcher.config import ConfigError
-from trainer.config import ModelConfig
+from zeroforge.trainer.config import ConfigError, ModelConfig
 
 log = logging.getLogger("zeroforge")
 
@@ -52,7 +51,7 @@ SHAPE_KEYS = (
 
 def check_init_from(cfg: ModelConfig, vocab_size: int, data_tokenizer_hash: str) -> None:
     """Before any weights load: model.init_from has the configured shape and the data's tokenizer."""
-    from data.tokenizer import load_tokenizer, tokenizer_hash
+    from zeroforge.data.tokenizer import load_tokenizer, tokenizer_hash
 
     try:
         theirs = AutoConfig.from_pretrained(cfg.init_from)

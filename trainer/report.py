@@ -1,4 +1,4 @@
-"""`python -m trainer.report run.dir=<dir>`: a run's curves as <dir>/report.png and a short summary.
+"""`zeroforge report run.dir=<dir>`: a run's curves as <dir>/report.png and a short summary.
 
 Reads `metrics.jsonl` as the trainer writes it, so it works on a run that is still training: a
 last line cut off mid-write is left out.
@@ -14,8 +14,8 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from launcher.cli import run_entry_point
-from launcher.config import CONF_DIR, ConfigError
+from zeroforge.trainer.config import CONF_DIR, ConfigError
+from zeroforge.trainer.entry import run_entry_point
 
 
 @dataclass(frozen=True)

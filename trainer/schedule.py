@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from trainer.config import OptimConfig, Schedule
+from zeroforge.trainer.config import OptimConfig, Schedule
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:

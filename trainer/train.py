@@ -1,6 +1,6 @@
 """train(cfg): init -> build -> loop -> save and export, in that order, top to bottom.
 
-Entry points: `python -m trainer.train [overrides]`, `torchrun --nproc_per_node N -m trainer.train`.
+Entry points: `zeroforge train [overrides]`, `torchrun --nproc_per_node N -m zeroforge.trainer.train`.
 """
 from __future__ import annotations
 
@@ -13,14 +13,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.boundaries import DocumentBoundaries
-from data.build import open_data
-from launcher.cli import run_entry_point
-from launcher.config import CONF_DIR
-from launcher.rundir import check_run_dir, library_versions, write_run_dir
-from launcher.validate import validate
-from trainer import distributed
-from trainer.checkpoint import (
+from zeroforge.data.boundaries import DocumentBoundaries
+from zeroforge.data.build import open_data
+from zeroforge.trainer import distributed
+from zeroforge.trainer.checkpoint import (
     Checkpointer,
     check_resumable,
     export_hf,
@@ -29,14 +25,18 @@ from trainer.checkpoint import (
     load_checkpoint,
     set_rng_state,
 )
-from trainer.engine import build_engine, train_step, validation_loss
-from trainer.faults import FaultGuard
-from trainer.generate import decode
-from trainer.log import setup_logging
-from trainer.metrics import MetricsLogger
-from trainer.model import build_model, check_init_from, flops_per_token, resolve_vocab_size
-from trainer.preemption import Preempted, StopRequest
-from trainer.universal import universal_checkpoint
+from zeroforge.trainer.config import CONF_DIR
+from zeroforge.trainer.engine import build_engine, train_step, validation_loss
+from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.faults import FaultGuard
+from zeroforge.trainer.generate import decode
+from zeroforge.trainer.log import setup_logging
+from zeroforge.trainer.metrics import MetricsLogger
+from zeroforge.trainer.model import build_model, check_init_from, flops_per_token, resolve_vocab_size
+from zeroforge.trainer.preemption import Preempted, StopRequest
+from zeroforge.trainer.rundir import check_run_dir, library_versions, write_run_dir
+from zeroforge.trainer.universal import universal_checkpoint
+from zeroforge.trainer.validate import validate
 
 log = logging.getLogger("zeroforge")
 

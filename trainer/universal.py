@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.config import ConfigError
-from trainer.distributed import DistInfo, barrier, from_rank_zero
+from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero
 
 log = logging.getLogger("zeroforge")
 

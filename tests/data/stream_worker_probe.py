@@ -15,8 +15,8 @@ from typing import Iterator
 
 import torch
 
-from data import stream
-from launcher.config import compose_config
+from zeroforge.data import stream
+from zeroforge.trainer.config import compose_config
 
 
 class ProbeSteps(stream._StreamSteps):

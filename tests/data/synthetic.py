@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.shards import TokenStore
+from zeroforge.data.shards import TokenStore
 
 
 def counting_store(path: Path, num_tokens: int, shard_tokens: int = 1000, fingerprint: str = "f" * 64,

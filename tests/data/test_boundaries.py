@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from data.boundaries import DocumentBoundaries, cu_seqlens, document_position_ids
-from trainer.engine import causal_lm_loss
+from zeroforge.data.boundaries import DocumentBoundaries, cu_seqlens, document_position_ids
+from zeroforge.trainer.engine import causal_lm_loss
 
 EOS = 0
 # Two windows of seq_len 6 (+1): documents end with EOS; the first row starts mid-document.

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import DataError
-from data.loader import BatchLoader, SampleOrder, validation_batches
-from data.prepare import prepare
-from data.shards import TokenStore
-from launcher.config import compose_config
 from tests.data.synthetic import counting_store
+from zeroforge.data.errors import DataError
+from zeroforge.data.loader import BatchLoader, SampleOrder, validation_batches
+from zeroforge.data.prepare import prepare
+from zeroforge.data.shards import TokenStore
+from zeroforge.trainer.config import compose_config
 
 
 def test_each_sample_exactly_once_per_epoch() -> None:
@@ -133,7 +133,7 @@ def test_ranks_take_disjoint_slices_of_each_global_batch(tmp_path: Path) -> None
 
 
 def test_workers_build_interleaved_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from data import loader as loader_module
+    from zeroforge.data import loader as loader_module
 
     loader = _ranks(_counting(tmp_path), 2)[1]
     steps = loader_module._RankSteps(loader.windows, 32, 16, dp_rank=1, dp_size=2)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from data.errors import DataError
-from data.loader import BatchLoader, validation_batches
-from data.mixture import Mixture, MixtureSchedule, open_split
-from data.prepare import prepare
-from launcher.config import compose_config
 from tests.data.synthetic import counting_store
+from zeroforge.data.errors import DataError
+from zeroforge.data.loader import BatchLoader, validation_batches
+from zeroforge.data.mixture import Mixture, MixtureSchedule, open_split
+from zeroforge.data.prepare import prepare
+from zeroforge.trainer.config import compose_config
 
 
 def _greedy(weights: list[Fraction], draws: int) -> list[int]:

@@ -13,12 +13,12 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from data.corpus import embedded_files, is_validation
-from data.errors import DataError
-from data.prepare import prepare, prepared_dir
-from data.shards import TokenStore, load_manifest
-from launcher.config import compose_config
 from tests.conftest import REPO
+from zeroforge.data.corpus import embedded_files, is_validation
+from zeroforge.data.errors import DataError
+from zeroforge.data.prepare import prepare, prepared_dir
+from zeroforge.data.shards import TokenStore, load_manifest
+from zeroforge.trainer.config import compose_config
 
 
 def _data_cfg(*overrides: str):
@@ -67,7 +67,7 @@ def test_validation_split_is_a_pure_function_of_the_key() -> None:
     held = [k for k in keys if is_validation(k, 0.1)]
     assert 800 < len(held) < 1200
     # The same in another interpreter with another string-hash seed: no dependence on hash().
-    code = "from data.corpus import is_validation; print([k for k in (f'doc-{i}' for i in range(10000)) if is_validation(k, 0.1)])"
+    code = "from zeroforge.data.corpus import is_validation; print([k for k in (f'doc-{i}' for i in range(10000)) if is_validation(k, 0.1)])"
     other = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
     assert other.stdout.strip() == str(held)
@@ -186,7 +186,7 @@ def test_workers_never_run_the_callers_main_module(tmp_path: Path, data_cache: P
     script.write_text(
         "from pathlib import Path\n"
         "from omegaconf import OmegaConf\n"
-        "from data.prepare import prepare\n"
+        "from zeroforge.data.prepare import prepare\n"
         f"with open({str(tmp_path / 'runs')!r}, 'a') as f:\n"
         "    f.write('ran\\n')\n"
         f"print(prepare(OmegaConf.create({OmegaConf.to_yaml(cfg)!r})))\n"
@@ -216,12 +216,12 @@ def test_each_shard_has_a_document_offset_index(tmp_path: Path, data_cache: Path
 def test_interrupted_prepare_resumes_after_its_last_complete_shard(
     tmp_path: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import data.encode
-    import data.prepare
+    import zeroforge.data.encode
+    import zeroforge.data.prepare
 
     reference = prepare(_docs_cfg(tmp_path, data_cache, "reference", "data.prepare_workers=1"))
     cfg = _docs_cfg(tmp_path, data_cache, "interrupted", "data.prepare_workers=2")
-    real_documents = data.prepare.iter_documents
+    real_documents = zeroforge.data.prepare.iter_documents
 
     def stops_after_200(cfg):
         for i, doc in enumerate(real_documents(cfg)):
@@ -229,8 +229,8 @@ def test_interrupted_prepare_resumes_after_its_last_complete_shard(
                 raise KeyboardInterrupt  # as if the job were killed here
             yield doc
 
-    monkeypatch.setattr(data.prepare, "iter_documents", stops_after_200)
-    monkeypatch.setattr(data.prepare, "_BATCH_DOCUMENTS", 16)  # shards complete before the stop
+    monkeypatch.setattr(zeroforge.data.prepare, "iter_documents", stops_after_200)
+    monkeypatch.setattr(zeroforge.data.prepare, "_BATCH_DOCUMENTS", 16)  # shards complete before the stop
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg)
     partial = prepared_dir(cfg).with_name(prepared_dir(cfg).name + ".partial")
@@ -238,10 +238,10 @@ def test_interrupted_prepare_resumes_after_its_last_complete_shard(
     assert len(recorded["train"]["shards"]) >= 3 and not (partial / "manifest.json").exists()
     (partial / "train_00099.bin.tmp").write_bytes(b"half a shard")  # a write cut off by the kill
 
-    monkeypatch.setattr(data.prepare, "iter_documents", real_documents)
+    monkeypatch.setattr(zeroforge.data.prepare, "iter_documents", real_documents)
     encoded: list[int] = []
-    real_call = data.encode.DocumentEncoder.__call__
-    monkeypatch.setattr(data.encode.DocumentEncoder, "__call__",
+    real_call = zeroforge.data.encode.DocumentEncoder.__call__
+    monkeypatch.setattr(zeroforge.data.encode.DocumentEncoder, "__call__",
                         lambda self, texts: encoded.append(len(texts)) or real_call(self, texts))
     resumed = prepare(_docs_cfg(tmp_path, data_cache, "interrupted", "data.prepare_workers=1"))
     # Only the documents after the last recorded shard of their split were tokenized again.
@@ -254,7 +254,7 @@ def test_interrupted_prepare_resumes_after_its_last_complete_shard(
 def test_bos_and_eos_frame_each_document_where_the_tokenizer_uses_bos(data_cache: Path) -> None:
     from tokenizers.processors import TemplateProcessing
 
-    from data.encode import DocumentEncoder
+    from zeroforge.data.encode import DocumentEncoder
 
     tok = AutoTokenizer.from_pretrained(str(prepare(_data_cfg(f"data.cache_dir={data_cache}")) / "tokenizer"))
     tok.add_special_tokens({"bos_token": "<s>"})

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from data.build import open_data
-from data.corpus import is_validation
-from data.errors import DataError
-from data.packing import PackedStream
-from data.stream import StreamData, StreamLoader
-from data.tokenizer import load_tokenizer, train_bpe
-from launcher.config import compose_config
 from tests.conftest import REPO, read_metrics, run_module, train_losses
+from zeroforge.data.build import open_data
+from zeroforge.data.corpus import is_validation
+from zeroforge.data.errors import DataError
+from zeroforge.data.packing import PackedStream
+from zeroforge.data.stream import StreamData, StreamLoader
+from zeroforge.data.tokenizer import load_tokenizer, train_bpe
+from zeroforge.trainer.config import compose_config
 
 SEQ = 16
 GLOBAL = 8
@@ -217,11 +217,11 @@ def _ok(result) -> str:
 @pytest.mark.slow
 def test_training_on_a_stream_resumes_with_the_same_losses(corpus: Corpus, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _ok(run_module("trainer.train", _run_args(corpus, straight), cwd=REPO))
-    _ok(run_module("trainer.train", [*_run_args(corpus, resumed), "train.exit_interval=3"], cwd=REPO))
+    _ok(run_module("zeroforge.trainer.train", _run_args(corpus, straight), cwd=REPO))
+    _ok(run_module("zeroforge.trainer.train", [*_run_args(corpus, resumed), "train.exit_interval=3"], cwd=REPO))
     saved = json.loads((resumed / "checkpoints" / "step_0000003" / "manifest.json").read_text())["run"]["data"]
     assert saved["consumed_samples"] == 3 * 8 and saved["position"]["source"]["row"] > 0
-    output = _ok(run_module("trainer.train", _run_args(corpus, resumed), cwd=REPO))
+    output = _ok(run_module("zeroforge.trainer.train", _run_args(corpus, resumed), cwd=REPO))
     assert "resumed from" in output
     assert len(train_losses(straight)) == 6
     assert train_losses(resumed) == train_losses(straight)
@@ -234,7 +234,7 @@ def test_a_streamed_runs_checkpoint_evaluates_like_the_trainer(corpus: Corpus, t
     validation windows come from the source's held-out documents."""
     run_dir = tmp_path / "run"
     args = [*_run_args(corpus, run_dir), "eval.every=6"]
-    _ok(run_module("trainer.train", args, cwd=REPO))
+    _ok(run_module("zeroforge.trainer.train", args, cwd=REPO))
     trained = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
-    output = _ok(run_module("trainer.evaluate", [*args, f"eval.model_path={run_dir / 'checkpoints'}"], cwd=REPO))
+    output = _ok(run_module("zeroforge.trainer.evaluate", [*args, f"eval.model_path={run_dir / 'checkpoints'}"], cwd=REPO))
     assert f"held-out loss {trained[-1]:.4f}" in output

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from launcher.config import CONF_DIR, ConfigError, compose_config
-from launcher.validate import validate
-from trainer.deepspeed_config import deepspeed_config
+from zeroforge.trainer.config import CONF_DIR, ConfigError, compose_config
+from zeroforge.trainer.deepspeed_config import deepspeed_config
+from zeroforge.trainer.validate import validate
 
 GROUPS = ["model", "data", "optim", "deepspeed", "cluster", "logging", "experiment"]
 

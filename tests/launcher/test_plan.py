@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 
-from launcher.config import ConfigError, compose_config
-from launcher.plan import GIB, activation_bytes, check_fits, estimate, model_shape
 from tests.conftest import REPO, run_module
-from trainer.model import build_model
+from zeroforge.launcher.plan import GIB, activation_bytes, check_fits, estimate, model_shape
+from zeroforge.trainer.config import ConfigError, compose_config
+from zeroforge.trainer.model import build_model
 
 # A model a few times the tiny one, so that DeepSpeed's printed GB figures have digits to compare.
 SMALL = ["model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=8", "model.intermediate_size=1536"]
@@ -174,8 +174,8 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
     alive afterwards is weighed. Gradients, their fp32 copies and activations are freed by then,
     so the estimate's persistent part is compared: weights and optimizer states, and under ZeRO-3
     its gradient partition and reduction bucket. Tolerance 3% (small tensors: RoPE tables, the batch)."""
-    from launcher.validate import validate
-    from trainer.engine import build_engine, causal_lm_loss
+    from zeroforge.trainer.engine import build_engine, causal_lm_loss
+    from zeroforge.trainer.validate import validate
 
     bucket = 200_000
     cfg = compose_config([
@@ -228,7 +228,7 @@ def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool) ->
 
 
 def test_plan_cli_prints_the_table() -> None:
-    result = run_module("launcher.plan", [*H100, "model=llama-8b", "deepspeed=zero3", "model.activation_checkpointing=true"], cwd=REPO, timeout=120)
+    result = run_module("zeroforge.launcher.plan", [*H100, "model=llama-8b", "deepspeed=zero3", "model.activation_checkpointing=true"], cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "llama-8b: 8.030B parameters" in out and "verdict: fits in 80.0 GiB" in out
@@ -238,7 +238,7 @@ def test_plan_cli_prints_the_table() -> None:
 def test_launch_refuses_before_preparing_data(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     result = run_module(
-        "launcher",
+        "zeroforge.launcher",
         ["model=llama-1b", "cluster.gpu_memory_gb=8", "data.seq_len=2048", f"data.cache_dir={cache}",
          f"run.dir={tmp_path / 'run'}", "logging.wandb.mode=disabled"],
         cwd=REPO, timeout=120,

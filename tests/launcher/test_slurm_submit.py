@@ -1,12 +1,12 @@
-"""`python -m launcher` on a Slurm cluster kind: the sbatch command comes from the cluster config."""
+"""`zeroforge launch` on a Slurm cluster kind: the sbatch command comes from the cluster config."""
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
-from launcher.config import compose_config
-from launcher.slurm import SCRIPT, sbatch_command, time_limit_s
 from tests.conftest import REPO, run_module
+from zeroforge.launcher.slurm import SCRIPT, sbatch_command, time_limit_s
+from zeroforge.trainer.config import compose_config
 
 H100_1B = ["cluster=h100", "model=llama-1b", "train.global_batch_size=512"]
 
@@ -34,7 +34,7 @@ def test_sbatch_command_carries_the_placement_and_forwards_the_overrides(tmp_pat
 def test_dry_run_prints_the_command_and_the_script_and_submits_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_module(
-        "launcher", [*H100_1B, "cluster.nodes=4", "launcher.dry_run=true", f"run.dir={run_dir}"], cwd=tmp_path,
+        "zeroforge.launcher", [*H100_1B, "cluster.nodes=4", "launcher.dry_run=true", f"run.dir={run_dir}"], cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     command = shlex.split(next(line for line in result.stdout.splitlines() if line.startswith("sbatch ")))
@@ -45,7 +45,7 @@ def test_dry_run_prints_the_command_and_the_script_and_submits_nothing(tmp_path:
 
 def test_a_sweep_submits_one_job_per_point_each_in_its_own_run_directory(tmp_path: Path) -> None:
     result = run_module(
-        "launcher", ["-m", *H100_1B, "optim.lr=1e-3,2e-3", "launcher.dry_run=true", f"run.dir={tmp_path / 'sweep'}"],
+        "zeroforge.launcher", ["-m", *H100_1B, "optim.lr=1e-3,2e-3", "launcher.dry_run=true", f"run.dir={tmp_path / 'sweep'}"],
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,7 +70,7 @@ def test_slurm_time_limits_in_seconds() -> None:
 def test_a_time_limit_within_the_warning_is_refused_before_submitting(tmp_path: Path) -> None:
     # Slurm would send the stop warning as the job starts, and the job would die with an empty log.
     result = run_module(
-        "launcher", [*H100_1B, "cluster.time=00:05:00", "launcher.dry_run=true", f"run.dir={tmp_path / 'run'}"],
+        "zeroforge.launcher", [*H100_1B, "cluster.time=00:05:00", "launcher.dry_run=true", f"run.dir={tmp_path / 'run'}"],
         cwd=REPO,
     )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
@@ -79,7 +79,7 @@ def test_a_time_limit_within_the_warning_is_refused_before_submitting(tmp_path: 
 
 
 def test_local_cluster_refuses_several_nodes(tmp_path: Path) -> None:
-    result = run_module("launcher", ["cluster.nodes=2", f"run.dir={tmp_path / 'run'}"], cwd=REPO)
+    result = run_module("zeroforge.launcher", ["cluster.nodes=2", f"run.dir={tmp_path / 'run'}"], cwd=REPO)
     assert result.returncode == 2
     assert "cluster=local runs on this machine alone, but cluster.nodes=2" in result.stderr
 

@@ -1,4 +1,4 @@
-"""`sbatch slurm/pretrain.sh` and `python -m launcher cluster=slurm` on a real two-node Slurm."""
+"""`sbatch slurm/pretrain.sh` and `zeroforge launch cluster=slurm` on a real two-node Slurm."""
 from __future__ import annotations
 
 import re
@@ -43,7 +43,7 @@ def test_two_nodes_train_exactly_like_local_torchrun(slurm_cluster: SlurmCluster
     assert (on_slurm / "export" / "model.safetensors").exists()
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_module("trainer.train", exact_overrides(data_cache, local, 2), cwd=REPO, launcher=torchrun)
+    result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, local, 2), cwd=REPO, launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(train_losses(on_slurm)) == 20
     assert train_losses(on_slurm) == train_losses(local)
@@ -63,7 +63,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster: SlurmClu
     run_dir = tmp_path / "run"
     steps = 150
     submitted = run_module(
-        "launcher",
+        "zeroforge.launcher",
         [
             "experiment=smoke", "cluster=slurm", "cluster.nodes=2", *ONE_CPU_RANK_PER_NODE,
             f"data.cache_dir={data_cache}", f"run.dir={run_dir}", "logging.wandb.mode=offline",

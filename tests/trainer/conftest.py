@@ -16,10 +16,10 @@ from tests.conftest import REPO, run_module
 def save_tiny_model(data_cache: Path, out: Path, seed: int, overrides: list[str] = ()) -> Path:
     """A randomly initialised model of conf/model/tiny.yaml (with overrides), saved as an export
     with the tokenizer of the prepared embedded corpus."""
-    from data.prepare import prepare
-    from data.tokenizer import load_tokenizer
-    from launcher.config import compose_config
-    from trainer.model import build_model, resolve_vocab_size
+    from zeroforge.data.prepare import prepare
+    from zeroforge.data.tokenizer import load_tokenizer
+    from zeroforge.trainer.config import compose_config
+    from zeroforge.trainer.model import build_model, resolve_vocab_size
 
     cfg = compose_config([f"data.cache_dir={data_cache}", *overrides])
     tokenizer = load_tokenizer(prepare(cfg.data) / "tokenizer")
@@ -68,6 +68,6 @@ def zero3_smoke_run(data_cache: Path, tmp_path_factory) -> Path:
     run_dir = base / "run"
     env = {**os.environ, "WANDB_DIR": str(base / "wandb")}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_module("trainer.train", smoke_run_overrides(data_cache, run_dir), cwd=REPO, launcher=launcher, env=env)
+    result = run_module("zeroforge.trainer.train", smoke_run_overrides(data_cache, run_dir), cwd=REPO, launcher=launcher, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, exact_overrides, run_module, train_losses
-from trainer.background_save import BackgroundWriter, snapshot
+from zeroforge.trainer.background_save import BackgroundWriter, snapshot
 
 
 def test_a_snapshot_does_not_follow_later_changes() -> None:
@@ -37,7 +37,7 @@ def test_a_failed_background_write_is_reported(tmp_path: Path) -> None:
 def test_async_checkpoints_commit_and_resume_exactly(single_process_run: Path, data_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*exact_overrides(data_cache, run_dir, 2), "checkpoint.async_save=true", "checkpoint.every=5"]
-    result = run_module("trainer.train", [*args, "train.steps=12"], cwd=REPO)
+    result = run_module("zeroforge.trainer.train", [*args, "train.steps=12"], cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_0000005", "step_0000010", "step_0000012"]
@@ -47,7 +47,7 @@ def test_async_checkpoints_commit_and_resume_exactly(single_process_run: Path, d
         for name, entry in manifest["files"].items():
             assert (checkpoints / step_dir / name).stat().st_size == entry["bytes"]
 
-    result = run_module("trainer.train", args, cwd=REPO)
+    result = run_module("zeroforge.trainer.train", args, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout and "(step 12)" in result.stdout
     expected, found = train_losses(single_process_run), train_losses(run_dir)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ConfigError, compose_config
 from tests.conftest import read_metrics
 from tests.trainer.conftest import smoke_run_overrides, swap_two_tokens
-from trainer.evaluate import evaluate
-from trainer.export_io import load_model
-from trainer.generate import decode
+from zeroforge.trainer.config import ConfigError, compose_config
+from zeroforge.trainer.evaluate import evaluate
+from zeroforge.trainer.export_io import load_model
+from zeroforge.trainer.generate import decode
 
 
 def _val_loss(run_dir: Path, step: int) -> float:

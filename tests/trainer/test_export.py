@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from launcher.config import compose_config
 from tests.conftest import REPO, read_metrics, run_module
-from trainer.schedule import lr_factor
+from zeroforge.trainer.config import compose_config
+from zeroforge.trainer.schedule import lr_factor
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def test_export_loads_and_matches_the_trained_weights(smoke_overrides: list[str]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     run_dir = tmp_path / "run"
-    result = run_module("trainer.train", [*smoke_overrides, "deepspeed=zero2", "logging.wandb.mode=offline"], cwd=REPO)
+    result = run_module("zeroforge.trainer.train", [*smoke_overrides, "deepspeed=zero2", "logging.wandb.mode=offline"], cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     export = run_dir / "export"
     assert (export / "model.safetensors").exists() and not list(export.glob("*.bin"))
@@ -57,10 +57,10 @@ def test_export_entry_point_turns_a_zero3_checkpoint_into_the_same_model(zero3_s
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from trainer.consolidate import checkpoint_state_dict
+    from zeroforge.trainer.consolidate import checkpoint_state_dict
 
     step_dir = zero3_smoke_run / "checkpoints" / "step_0000020"
-    result = run_module("trainer.export", [f"checkpoint={step_dir}"], cwd=REPO)
+    result = run_module("zeroforge.trainer.export", [f"checkpoint={step_dir}"], cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = zero3_smoke_run / "export_step_0000020"
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin")) and not out.with_suffix(".tmp").exists()
@@ -81,11 +81,11 @@ def test_export_entry_point_turns_a_zero3_checkpoint_into_the_same_model(zero3_s
     # `latest` through the checkpoints directory, in bf16, to a chosen place.
     bf16 = tmp_path / "bf16"
     args = [f"checkpoint={zero3_smoke_run / 'checkpoints'}", f"export.output={bf16}", "export.precision=bf16"]
-    assert run_module("trainer.export", args, cwd=REPO).returncode == 0
+    assert run_module("zeroforge.trainer.export", args, cwd=REPO).returncode == 0
     full, half = load_file(out / "model.safetensors"), load_file(bf16 / "model.safetensors")
     assert all(torch.equal(half[k], full[k].to(torch.bfloat16)) for k in full)
 
-    missing = run_module("trainer.export", [], cwd=REPO)
+    missing = run_module("zeroforge.trainer.export", [], cwd=REPO)
     assert missing.returncode == 2 and "no checkpoint to export: expected checkpoint=" in missing.stderr
 
 
@@ -95,14 +95,14 @@ def test_export_entry_point_turns_a_zero3_checkpoint_into_the_same_model(zero3_s
 def test_checkpoints_of_every_stage_load_as_the_export(stage: int, precision: str, data_cache: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from trainer.export_io import load_checkpoint
+    from zeroforge.trainer.export_io import load_checkpoint
 
     run_dir = tmp_path / "run"
     args = [
         "experiment=smoke", f"data.cache_dir={data_cache}", f"run.dir={run_dir}", "logging.wandb.mode=disabled",
         f"deepspeed=zero{stage}", f"train.precision={precision}", "train.steps=3", "eval.every=0", "checkpoint.every=0",
     ]
-    result = run_module("trainer.train", args, cwd=REPO)
+    result = run_module("zeroforge.trainer.train", args, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     loaded = load_checkpoint(run_dir / "checkpoints", "cpu")
     export = load_file(run_dir / "export" / "model.safetensors")

@@ -8,17 +8,17 @@ from typing import Iterator
 import pytest
 import torch
 
-from data.loader import BatchLoader
-from data.prepare import prepare
-from data.shards import TokenStore
-from data.tokenizer import load_tokenizer
-from launcher.config import ConfigError, compose_config
-from launcher.validate import validate
-from trainer import distributed
-from trainer.checkpoint import consolidated_state_dict
-from trainer.engine import build_engine, train_step
-from trainer.faults import FaultGuard, TrainingDiverged
-from trainer.model import build_model, resolve_vocab_size
+from zeroforge.data.loader import BatchLoader
+from zeroforge.data.prepare import prepare
+from zeroforge.data.shards import TokenStore
+from zeroforge.data.tokenizer import load_tokenizer
+from zeroforge.trainer import distributed
+from zeroforge.trainer.checkpoint import consolidated_state_dict
+from zeroforge.trainer.config import ConfigError, compose_config
+from zeroforge.trainer.engine import build_engine, train_step
+from zeroforge.trainer.faults import FaultGuard, TrainingDiverged
+from zeroforge.trainer.model import build_model, resolve_vocab_size
+from zeroforge.trainer.validate import validate
 
 
 class Run:

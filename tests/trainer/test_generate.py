@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import ConfigError, compose_config
 from tests.conftest import REPO, run_module
 from tests.trainer.conftest import swap_two_tokens
-from trainer.export_io import load_model
-from trainer.generate import decode, generate
+from zeroforge.trainer.config import ConfigError, compose_config
+from zeroforge.trainer.export_io import load_model
+from zeroforge.trainer.generate import decode, generate
 
 # Different lengths, so the batch is left-padded.
 PROMPTS = ["import os\n", "def main(argv):\n    return", "class "]
@@ -127,7 +127,7 @@ def test_prompts_file_and_jsonl_output(kind: str, tiny_export: Path, tmp_path: P
 
 
 def test_memory_of_weights_and_kv_cache_is_reported(tiny_export: Path, caplog) -> None:
-    from trainer.generate import memory_bytes
+    from zeroforge.trainer.generate import memory_bytes
 
     model = load_model(tiny_export, "cpu").model
     c = model.config
@@ -170,6 +170,6 @@ def test_bad_input_is_refused_with_a_clear_message(tiny_export: Path, draft_expo
 
 
 def test_the_entry_point_reports_a_missing_model_without_a_traceback(tmp_path: Path) -> None:
-    result = run_module("trainer.generate", [f"generate.model_path={tmp_path / 'nowhere'}"], cwd=REPO)
+    result = run_module("zeroforge.trainer.generate", [f"generate.model_path={tmp_path / 'nowhere'}"], cwd=REPO)
     assert result.returncode == 2
     assert "configuration error: no model at" in result.stderr and "Traceback" not in result.stderr

@@ -10,7 +10,7 @@ def test_a_run_continues_from_an_exports_weights_with_a_fresh_optimizer(single_p
     export = single_process_run / "export"
     run_dir = tmp_path / "continued"
     result = run_module(
-        "trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.steps=4", f"model.init_from={export}"], cwd=REPO,
+        "zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.steps=4", f"model.init_from={export}"], cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"weights from {export}" in result.stdout
@@ -26,7 +26,7 @@ def test_a_run_continues_from_an_exports_weights_with_a_fresh_optimizer(single_p
 
 def test_an_init_from_of_another_shape_is_refused_before_training(single_process_run: Path, data_cache: Path, tmp_path: Path) -> None:
     result = run_module(
-        "trainer.train",
+        "zeroforge.trainer.train",
         [*exact_overrides(data_cache, tmp_path / "run", 2), "model.num_layers=3", f"model.init_from={single_process_run / 'export'}"],
         cwd=REPO,
     )

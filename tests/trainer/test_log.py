@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 SCRIPT = """
 import logging, os
-from trainer.log import setup_logging
+from zeroforge.trainer.log import setup_logging
 
 rank = int(os.environ["RANK"])
 setup_logging(rank)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launcher.config import compose_config
-from launcher.validate import Plan
 from tests.conftest import read_metrics
-from trainer.distributed import DistInfo
-from trainer.metrics import MetricsLogger, Stopwatch, _Sinks, mfu, peak_for_device, peak_tflops, timing
+from zeroforge.trainer.config import compose_config
+from zeroforge.trainer.distributed import DistInfo
+from zeroforge.trainer.metrics import MetricsLogger, Stopwatch, _Sinks, mfu, peak_for_device, peak_tflops, timing
+from zeroforge.trainer.validate import Plan
 
 
 def test_mfu_from_known_flops_and_time() -> None:
@@ -33,8 +33,8 @@ def test_peak_by_device_name(name: str, peak: float) -> None:
 
 def test_mfu_of_a_known_model_and_step_time() -> None:
     # llama-8b at seq_len 8192: 6N + 12 L d T FLOPs per token; 4M tokens in 10 s on 64 H100s.
-    from launcher.config import compose_config
-    from launcher.plan import model_shape
+    from zeroforge.launcher.plan import model_shape
+    from zeroforge.trainer.config import compose_config
 
     shape = model_shape(compose_config(["model=llama-8b", "model.vocab_size=128256", "data.seq_len=8192"]))
     matmul_params = shape.params - shape.vocab_size * shape.hidden  # the input embedding is a lookup
@@ -113,7 +113,7 @@ def test_smoke_run_config_records_the_system(single_process_run: Path) -> None:
     assert system["hostname"] == socket.gethostname()
     assert system["slurm_job_id"] == os.environ.get("SLURM_JOB_ID")
     assert system["versions"]["torch"] == torch.__version__
-    assert set(system["versions"]) == {"python", "torch", "deepspeed", "transformers", "datasets"}
+    assert set(system["versions"]) == {"python", "zeroforge", "torch", "deepspeed", "transformers", "datasets"}
 
 
 def test_a_restarted_run_continues_the_same_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

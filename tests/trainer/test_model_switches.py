@@ -17,7 +17,7 @@ def test_switch_keeps_losses_and_checkpoint_names(
     switch: str, rtol: float, single_process_run: Path, data_cache: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    result = run_module("trainer.train", [*exact_overrides(data_cache, run_dir, 0), switch], cwd=REPO)
+    result = run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 0), switch], cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     torch.testing.assert_close(
         torch.tensor(train_losses(run_dir)), torch.tensor(train_losses(single_process_run)), rtol=rtol, atol=1e-6

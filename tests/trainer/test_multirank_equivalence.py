@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_two_ranks_match_one_process(stage: int, single_process_run: Path, data_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_module("trainer.train", exact_overrides(data_cache, run_dir, stage), cwd=REPO, launcher=torchrun)
+    result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, stage), cwd=REPO, launcher=torchrun)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "world size 2" in result.stdout and f"ZeRO-{stage}" in result.stdout
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, exact_overrides, read_metrics, run_module, train_losses
-from trainer.preemption import REQUEUE_EXIT_CODE
+from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     for child in psutil.Process(launcher.pid).children(recursive=True):
-        if "trainer.train" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+        if "zeroforge.trainer.train" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
             return child
     raise AssertionError(f"rank {rank} not found")
 
@@ -40,10 +40,10 @@ def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 def test_sigusr1_to_one_rank_saves_everywhere_and_resumes_exactly(data_cache: Path, tmp_path: Path) -> None:
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     args = ["train.steps=60"]
-    result = run_module("trainer.train", [*exact_overrides(data_cache, straight, 2), *args], cwd=REPO, launcher=TORCHRUN)
+    result = run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, straight, 2), *args], cwd=REPO, launcher=TORCHRUN)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    cmd = [*TORCHRUN, "-m", "trainer.train", *exact_overrides(data_cache, stopped, 2), *args]
+    cmd = [*TORCHRUN, "-m", "zeroforge.trainer.train", *exact_overrides(data_cache, stopped, 2), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     _wait_for_step(stopped, 5, proc)
     _rank_process(proc, 1).send_signal(signal.SIGUSR1)
@@ -57,7 +57,7 @@ def test_sigusr1_to_one_rank_saves_everywhere_and_resumes_exactly(data_cache: Pa
     # Both ranks saved the same step.
     assert output.count(f"saved step {saved_step};") == 2
 
-    result = run_module("trainer.train", [*exact_overrides(data_cache, stopped, 2), *args], cwd=REPO, launcher=TORCHRUN)
+    result = run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, stopped, 2), *args], cwd=REPO, launcher=TORCHRUN)
     assert result.returncode == 0, result.stderr[-3000:]
     assert train_losses(stopped) == train_losses(straight)
     assert [r["step"] for r in read_metrics(stopped)] == list(range(1, 61))
@@ -65,7 +65,7 @@ def test_sigusr1_to_one_rank_saves_everywhere_and_resumes_exactly(data_cache: Pa
 
 def test_sigterm_alone_exits_with_the_requeue_code(data_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trainer.train", *exact_overrides(data_cache, run_dir, 0), "train.steps=200"]
+    cmd = [sys.executable, "-m", "zeroforge.trainer.train", *exact_overrides(data_cache, run_dir, 0), "train.steps=200"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     _wait_for_step(run_dir, 3, proc)
     proc.send_signal(signal.SIGTERM)

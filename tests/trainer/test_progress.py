@@ -8,8 +8,8 @@ from typing import Iterator
 
 import pytest
 
-from trainer.log import setup_logging
-from trainer.progress import NoProgress, ProgressBar, eta_seconds, format_duration, open_progress
+from zeroforge.trainer.log import setup_logging
+from zeroforge.trainer.progress import NoProgress, ProgressBar, eta_seconds, format_duration, open_progress
 
 
 class Terminal(io.StringIO):

@@ -1,4 +1,4 @@
-"""`python -m trainer.report`: the curves of a real run as a PNG, and a summary with the right numbers."""
+"""`zeroforge report`: the curves of a real run as a PNG, and a summary with the right numbers."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ConfigError, compose_config
 from tests.conftest import REPO, read_metrics, run_module
-from trainer.report import report
+from zeroforge.trainer.config import ConfigError, compose_config
+from zeroforge.trainer.report import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +28,7 @@ def _run_in_progress(single_process_run: Path, tmp_path: Path) -> Path:
 
 def test_report_of_a_run_in_progress(single_process_run: Path, tmp_path: Path) -> None:
     run_dir = _run_in_progress(single_process_run, tmp_path)
-    result = run_module("trainer.report", [f"run.dir={run_dir}"], cwd=REPO, timeout=120)
+    result = run_module("zeroforge.trainer.report", [f"run.dir={run_dir}"], cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     png = (run_dir / "report.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 20_000

@@ -36,13 +36,13 @@ def _ok(result) -> str:
 @pytest.mark.parametrize("stage,extra", [(1, []), (2, ["+model.extra.attention_dropout=0.2"]), (3, [])])
 def test_stop_and_resume_is_bit_identical(stage: int, extra: list[str], data_cache: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _ok(run_module("trainer.train", [*exact_overrides(data_cache, straight, stage), *extra], cwd=REPO, launcher=TORCHRUN))
+    _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, straight, stage), *extra], cwd=REPO, launcher=TORCHRUN))
 
     args = [*exact_overrides(data_cache, resumed, stage), *extra]
-    _ok(run_module("trainer.train", [*args, "train.exit_interval=10"], cwd=REPO, launcher=TORCHRUN))
+    _ok(run_module("zeroforge.trainer.train", [*args, "train.exit_interval=10"], cwd=REPO, launcher=TORCHRUN))
     assert not (resumed / "export").exists()
     assert (resumed / "checkpoints" / "latest").read_text() == "step_0000010"
-    output = _ok(run_module("trainer.train", args, cwd=REPO, launcher=TORCHRUN))
+    output = _ok(run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=TORCHRUN))
     assert "resumed from" in output and "step_0000010" in output
 
     assert train_losses(resumed) == train_losses(straight)  # bit-identical, every step once
@@ -55,7 +55,7 @@ def test_stop_and_resume_is_bit_identical(stage: int, extra: list[str], data_cac
 def test_unverifiable_checkpoints_are_never_loaded(data_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*exact_overrides(data_cache, run_dir, 2), "checkpoint.every=5"]
-    _ok(run_module("trainer.train", [*args, "train.exit_interval=15"], cwd=REPO))
+    _ok(run_module("zeroforge.trainer.train", [*args, "train.exit_interval=15"], cwd=REPO))
     first = read_metrics(run_dir)
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000005", "step_0000010", "step_0000015"]
@@ -68,7 +68,7 @@ def test_unverifiable_checkpoints_are_never_loaded(data_cache: Path, tmp_path: P
     (ckpts / "step_0000020.tmp").mkdir()
     (ckpts / "step_0000020.tmp" / "junk.pt").write_bytes(b"half")
 
-    output = _ok(run_module("trainer.train", args, cwd=REPO))
+    output = _ok(run_module("zeroforge.trainer.train", args, cwd=REPO))
     assert "step_0000015" in output and "does not match its checksum" in output
     assert "resumed from" in output and "step_0000010" in output
     records = read_metrics(run_dir)
@@ -84,9 +84,9 @@ def test_unverifiable_checkpoints_are_never_loaded(data_cache: Path, tmp_path: P
 
 def test_no_verifiable_checkpoint_is_an_error_not_a_fresh_start(data_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    _ok(run_module("trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.exit_interval=10"], cwd=REPO))
+    _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.exit_interval=10"], cwd=REPO))
     (run_dir / "checkpoints" / "step_0000010" / "manifest.json").unlink()
-    result = run_module("trainer.train", exact_overrides(data_cache, run_dir, 2), cwd=REPO)
+    result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, 2), cwd=REPO)
     assert result.returncode != 0 and "no checkpoint in" in result.stderr and "step_0000010" in result.stderr
     assert len(read_metrics(run_dir)) == 10  # nothing was set aside or overwritten
 
@@ -94,13 +94,13 @@ def test_no_verifiable_checkpoint_is_an_error_not_a_fresh_start(data_cache: Path
 def test_resume_refuses_another_model(data_cache: Path, tmp_path: Path) -> None:
     """(Another world size is allowed: tests/trainer/test_world_size_change.py.)"""
     run_dir = tmp_path / "run"
-    _ok(run_module("trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.exit_interval=10"], cwd=REPO))
+    _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.exit_interval=10"], cwd=REPO))
 
-    changed = run_module("trainer.train", [*exact_overrides(data_cache, run_dir, 2), "model.hidden_size=64"], cwd=REPO)
+    changed = run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 2), "model.hidden_size=64"], cwd=REPO)
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
     assert "model.hidden_size: checkpoint 128, now 64" in changed.stderr
     # Nothing was lost: the checkpoint is still there, and a matching run still resumes from it.
-    output = _ok(run_module("trainer.train", exact_overrides(data_cache, run_dir, 2), cwd=REPO))
+    output = _ok(run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, 2), cwd=REPO))
     assert "resumed from" in output
 
 
@@ -108,9 +108,9 @@ def test_killed_at_random_moments_always_resumes_from_a_committed_checkpoint(dat
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     # A checkpoint every step, so most kills land inside a save.
     args = ["train.steps=30", "checkpoint.every=1", "checkpoint.keep_last=2"]
-    _ok(run_module("trainer.train", [*exact_overrides(data_cache, straight, 2), *args], cwd=REPO))
+    _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, straight, 2), *args], cwd=REPO))
 
-    cmd = [sys.executable, "-m", "trainer.train", *exact_overrides(data_cache, killed, 2), *args]
+    cmd = [sys.executable, "-m", "zeroforge.trainer.train", *exact_overrides(data_cache, killed, 2), *args]
     rng = random.Random(1234)
     kills = 0
     for _ in range(10):
@@ -131,7 +131,7 @@ def test_killed_at_random_moments_always_resumes_from_a_committed_checkpoint(dat
         committed = sorted((killed / "checkpoints").glob("step_???????"))
         assert len(committed) <= 3, "retention must not let checkpoints pile up"
     assert kills >= 5
-    _ok(run_module("trainer.train", [*exact_overrides(data_cache, killed, 2), *args], cwd=REPO))
+    _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, killed, 2), *args], cwd=REPO))
     assert [r["step"] for r in read_metrics(killed)] == list(range(1, 31))
     assert train_losses(killed) == train_losses(straight)
     a = load_file(straight / "export" / "model.safetensors")

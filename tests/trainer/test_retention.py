@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.checkpoint import LATEST, apply_retention, committed_checkpoints
+from zeroforge.trainer.checkpoint import LATEST, apply_retention, committed_checkpoints
 
 
 def _make(root: Path, steps: list[int], latest: int) -> None:

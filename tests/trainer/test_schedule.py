@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from launcher.config import compose_config
-from trainer.schedule import lr_factor
+from zeroforge.trainer.config import compose_config
+from zeroforge.trainer.schedule import lr_factor
 
 
 def test_cosine_warms_up_linearly_then_decays_to_the_floor() -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launcher.config import ConfigError, compose_config
 from tests.conftest import REPO, exact_overrides, run_module, train_losses
-from trainer.checkpoint import MANIFEST, check_resumable
+from zeroforge.trainer.checkpoint import MANIFEST, check_resumable
+from zeroforge.trainer.config import ConfigError, compose_config
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -28,8 +28,8 @@ def test_resume_on_another_world_size_continues_the_run(
 ) -> None:
     run_dir = tmp_path / "run"
     args = exact_overrides(data_cache, run_dir, stage)
-    _ok(run_module("trainer.train", [*args, "train.steps=10", "checkpoint.every=10"], cwd=REPO, launcher=first))
-    output = _ok(run_module("trainer.train", args, cwd=REPO, launcher=then))
+    _ok(run_module("zeroforge.trainer.train", [*args, "train.steps=10", "checkpoint.every=10"], cwd=REPO, launcher=first))
+    output = _ok(run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=then))
     assert "resuming on" in output and "through DeepSpeed's universal checkpoint" in output
     assert (run_dir / "checkpoints" / "step_0000010" / "universal").is_dir()
     assert "resumed from" in output and "(step 10)" in output

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.config import ConfigError
+from zeroforge.trainer.config import ConfigError
 
 
 def git_commit() -> Optional[str]:
@@ -27,7 +27,7 @@ def git_commit() -> Optional[str]:
 def library_versions() -> dict[str, Optional[str]]:
     """Read from the installed distributions' metadata: no import of the (slow to load) libraries."""
     versions: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in ("torch", "deepspeed", "transformers", "datasets"):
+    for name in ("zeroforge", "torch", "deepspeed", "transformers", "datasets"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -74,7 +74,7 @@ def write_run_dir(cfg: DictConfig, probe_gpu: bool = False) -> Path:
 
 def check_run_dir(cfg: DictConfig) -> None:
     """One run per directory: a run.dir with metrics is only re-entered to resume a checkpoint."""
-    from trainer.checkpoint import committed_checkpoints
+    from zeroforge.trainer.checkpoint import committed_checkpoints
 
     metrics = Path(cfg.run.dir) / "metrics.jsonl"
     resumable = cfg.checkpoint.resume != "never" and committed_checkpoints(cfg.checkpoint.dir)

@@ -6,7 +6,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from launcher.config import ConfigError
+from zeroforge.trainer.config import ConfigError
 
 ZERO_STAGES = (0, 1, 2, 3)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -33,7 +33,7 @@ def accelerator_is_cuda() -> bool:
 
 def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     """Build the (weightless) transformers config now, so a bad model fails before any job starts."""
-    from trainer.model import hf_config
+    from zeroforge.trainer.model import hf_config
 
     m = cfg.model
     try:

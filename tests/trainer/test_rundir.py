@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launcher.config import compose_config
-from launcher.rundir import git_commit, write_run_dir
+from zeroforge.trainer.config import compose_config
+from zeroforge.trainer.rundir import git_commit, write_run_dir
 
 
 def test_config_records_the_system_and_the_slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,7 +25,7 @@ def test_config_records_the_system_and_the_slurm_job(tmp_path: Path, monkeypatch
         "slurm_job_id": "4242",
         "versions": {
             "python": platform.python_version(),
-            **{name: metadata.version(name) for name in ("torch", "deepspeed", "transformers", "datasets")},
+            **{name: metadata.version(name) for name in ("zeroforge", "torch", "deepspeed", "transformers", "datasets")},
         },
     }
     monkeypatch.delenv("SLURM_JOB_ID")
