@@ -1,4 +1,6 @@
-"""Typed config of the data pipeline."""
+"""Typed config of the data pipeline. A field's rule (range or choices) is its metadata, which
+zeroforge.trainer.validate checks before anything runs: "min"/"max" inclusive, "above"/"below"
+exclusive, "choices", and "each" for every element of a list."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,13 +12,13 @@ class MixtureSourceConfig:
     """One source of a mixture; the tokenizer, split and sizes are the data section's own."""
 
     name: str = "???"
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata={"above": 0})
     source: str = "???"
     data_files: list[str] = field(default_factory=list)
     subset: Optional[str] = None
     split: str = "train"
     text_field: str = "text"
-    max_documents: Optional[int] = None
+    max_documents: Optional[int] = field(default=None, metadata={"min": 1})
 
 
 @dataclass
@@ -24,7 +26,7 @@ class DataConfig:
     name: str = "embedded"
     # "prepared": tokenized once into shards under cache_dir, sampled in a seeded order.
     # "stream": tokenized while training, in source order (data/stream.py); needs a named tokenizer.
-    mode: str = "prepared"
+    mode: str = field(default="prepared", metadata={"choices": ["prepared", "stream"]})
     # "embedded": the Python standard library's own source, present on every machine.
     # Otherwise a `datasets` source: a hub name, or a builder ("json", "parquet", "text")
     # reading `data_files`.
@@ -34,20 +36,21 @@ class DataConfig:
     split: str = "train"
     text_field: str = "text"
     # Share of documents held out for validation, chosen by a hash of each document's key.
-    validation_fraction: float = 0.05
-    max_documents: Optional[int] = None
+    validation_fraction: float = field(default=0.05, metadata={"above": 0, "below": 1})
+    max_documents: Optional[int] = field(default=None, metadata={"min": 1})
     # "embedded": a byte-level BPE trained on the source; otherwise an AutoTokenizer name or path.
     tokenizer: str = "embedded"
-    tokenizer_vocab_size: int = 4096
-    seq_len: int = 128
+    # A byte-level BPE starts from the 256 byte tokens and needs room for merges.
+    tokenizer_vocab_size: int = field(default=4096, metadata={"min": 512})
+    seq_len: int = field(default=128, metadata={"min": 1})
     # Prepared shards live under cache_dir/<name>-<fingerprint>, shared by runs on the same data.
     cache_dir: str = "~/.cache/zeroforge/data"
-    shard_tokens: int = 67108864
+    shard_tokens: int = field(default=67108864, metadata={"min": 1})
     # Tokenizing processes for prepare; null: one per available core. The output is the same for any number.
-    prepare_workers: Optional[int] = None
+    prepare_workers: Optional[int] = field(default=None, metadata={"min": 1})
     # Dataloader worker processes per rank that build batches ahead of the step (0: in the
     # training process). The data order does not depend on it.
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata={"min": 0})
     # Several sources blended by weight (each prepared on its own, all with data.tokenizer, which
     # cannot be "embedded" here); when set, source/data_files/subset/split/text_field above are unused.
     mixture: list[MixtureSourceConfig] = field(default_factory=list)

@@ -1,36 +1,37 @@
-"""`zeroforge launch [overrides]`: compose and validate the config, then run or submit the job.
+"""`zeroforge launch [options] [overrides]`: compose and validate the config, then run or submit the job.
 
 cluster=local runs torchrun on this machine; a Slurm cluster (cluster=slurm, h100, b200) submits
-slurm/pretrain.sh with sbatch. With Hydra's `-m`, every sweep point is its own job and run directory.
+slurm/pretrain.sh with sbatch. Either way the processes it starts read the config composed here
+(frozen in run.dir/job.yaml), so --config-dir, hydra.searchpath and a config passed by path reach
+every rank. With Hydra's `-m`, every sweep point is its own job and run directory.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from zeroforge.launcher.local import launch
 from zeroforge.launcher.slurm import submit
-from zeroforge.trainer.config import CONF_DIR, Scheduler
-from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.config import Scheduler
+from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.log import setup_logging
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@entry_point
+def main(cfg: DictConfig) -> int:
     setup_logging(0, cfg.logging.level)
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(cfg.run.dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # Sweep points must not share a run directory: the second would resume the first.
-        cfg.run.dir = str(Path(cfg.run.dir) / hydra_cfg.job.override_dirname)
-    run = submit if cfg.cluster.scheduler == Scheduler.slurm else launch
-    code = run_entry_point(lambda: run(cfg, list(hydra_cfg.overrides.task)))
-    if code:
-        sys.exit(code)  # a sweep goes on to its next point only after a success
+        run_dir = run_dir / hydra_cfg.job.override_dirname
+    # Absolute, so that every process it starts (maybe on another node) finds the same directory.
+    cfg.run.dir = str(run_dir.resolve())
+    # A non-zero code ends a sweep: it goes on to its next point only after a success.
+    return submit(cfg) if cfg.cluster.scheduler == Scheduler.slurm else launch(cfg)
 
 
 if __name__ == "__main__":

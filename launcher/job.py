@@ -1,33 +1,44 @@
-"""Inside a Slurm job, before any rank starts: `python -m zeroforge.launcher.job [overrides]`.
+"""Inside a Slurm job, before any rank starts: `python -m zeroforge.launcher.job [options] [overrides]`.
 
-slurm/pretrain.sh runs this once on the batch host. It checks the config against the allocation,
-prepares the data (once, so that ranks never race to build it), and writes the per-node settings
-as shell `export` lines to the file named by $ZF_JOB_ENV, which the script then sources.
+slurm/pretrain.sh runs this once on the batch host with the script's own arguments: the frozen
+config of `zeroforge launch` (--config-path/--config-name), or a user's overrides and options
+(`sbatch slurm/pretrain.sh --config-dir ./myconf experiment=mine`), composed on the generic
+cluster=slurm unless they choose a cluster. It sets cluster.nodes to the allocation's node count,
+checks the config against the allocation, prepares the data (once, so that ranks never race to
+build it), freezes the config into run.dir/job.yaml for the ranks, and writes the per-node
+settings as shell `export` lines to the file named by $ZF_JOB_ENV, which the script then sources.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shlex
+import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
-import hydra
 from omegaconf import DictConfig
 
 from zeroforge.launcher.preflight import preflight
-from zeroforge.trainer.config import CONF_DIR, ConfigError
-from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.log import setup_logging
+from zeroforge.trainer.rundir import JOB_CONFIG, write_job_config
 
 log = logging.getLogger("zeroforge")
 
 
-def job_environment(cfg: DictConfig, env: Mapping[str, str]) -> dict[str, str]:
-    """Check the config against this allocation, prepare the data; the variables every node needs.
+def job_arguments(args: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The script's arguments, on cluster=slurm unless they choose a cluster or a whole config,
+    with the allocation's node count last (so that it wins)."""
+    chosen = any(a.startswith(("cluster=", "--config-name", "-cn")) for a in args)
+    nodes = [f"cluster.nodes={env['SLURM_JOB_NUM_NODES']}"] if "SLURM_JOB_NUM_NODES" in env else []
+    return [*([] if chosen else ["cluster=slurm"]), *args, *nodes]
 
-    cluster.nodes is the allocation's node count here: pretrain.sh appends it to the overrides.
-    """
+
+def job_environment(cfg: DictConfig, env: Mapping[str, str]) -> dict[str, str]:
+    """Check the config against this allocation, prepare the data, freeze the config for the
+    ranks; the variables every node needs."""
     c = cfg.cluster
     plan = preflight(cfg, c.nodes * c.nproc_per_node)
     gpus = env.get("SLURM_GPUS_ON_NODE", "")
@@ -38,8 +49,10 @@ def job_environment(cfg: DictConfig, env: Mapping[str, str]) -> dict[str, str]:
         )
     if plan.device == "cuda" and gpus.isdigit() and c.nproc_per_node < int(gpus):
         log.warning("Slurm gave each node %s GPUs but cluster.nproc_per_node=%d leaves some idle", gpus, c.nproc_per_node)
+    write_job_config(cfg)
     return {
         "ZF_RUN_DIR": str(Path(cfg.run.dir).resolve()),
+        "ZF_JOB_CONFIG": JOB_CONFIG,
         "ZF_NPROC_PER_NODE": str(c.nproc_per_node),
         "ZF_RDZV_TIMEOUT": str(c.rendezvous_timeout_s),
         **{str(k): str(v) for k, v in c.env.items()},
@@ -50,18 +63,15 @@ def write_exports(variables: Mapping[str, str], path: Path) -> None:
     path.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items()))
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@entry_point
 def main(cfg: DictConfig) -> None:
     setup_logging(0, cfg.logging.level)
     target = os.environ.get("ZF_JOB_ENV")
-
-    def run() -> None:
-        if not target:
-            raise ConfigError("ZF_JOB_ENV is not set; expected the file slurm/pretrain.sh sources the settings from.")
-        write_exports(job_environment(cfg, os.environ), Path(target))
-
-    run_entry_point(run)
+    if not target or "SLURM_JOB_NUM_NODES" not in os.environ:
+        raise ConfigError("ZF_JOB_ENV or SLURM_JOB_NUM_NODES is not set; expected to run inside slurm/pretrain.sh in a Slurm job.")
+    write_exports(job_environment(cfg, os.environ), Path(target))
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *job_arguments(sys.argv[1:], os.environ)]
     main()

@@ -11,24 +11,25 @@ from omegaconf import DictConfig
 from zeroforge.launcher.plan import check_fits
 from zeroforge.launcher.preflight import preflight
 from zeroforge.trainer.config import ConfigError
-from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE
-from zeroforge.trainer.rundir import run_dir_override, write_run_dir
+from zeroforge.trainer.entry import USER_ERROR_EXIT_CODE
+from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
+from zeroforge.trainer.rundir import write_job_config, write_run_dir
 from zeroforge.trainer.validate import accelerator_is_cuda
 
 log = logging.getLogger("zeroforge")
 
 
-def torchrun_command(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
-    """The training command; the trainer composes the same config from the same overrides."""
+def torchrun_command(cfg: DictConfig, job_config: Sequence[str]) -> list[str]:
+    """The training command: torchrun (with the ranks' exit codes), the trainer on the frozen config."""
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "zeroforge.launcher.torchrun",
         # --standalone picks a free rendezvous port, so two local runs never collide.
         "--standalone", "--nnodes", "1", "--nproc_per_node", str(cfg.cluster.nproc_per_node),
-        "-m", "zeroforge.trainer.train", *overrides, run_dir_override(cfg),
+        "-m", "zeroforge.trainer.train", *job_config,
     ]
 
 
-def launch(cfg: DictConfig, overrides: Sequence[str]) -> int:
+def launch(cfg: DictConfig) -> int:
     if cfg.cluster.nodes != 1:
         raise ConfigError(
             f"cluster={cfg.cluster.name} runs on this machine alone, but cluster.nodes={cfg.cluster.nodes}; "
@@ -46,17 +47,16 @@ def launch(cfg: DictConfig, overrides: Sequence[str]) -> int:
     check_fits(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
     preflight(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
     run_dir = write_run_dir(cfg)
-    cmd = torchrun_command(cfg, overrides)
+    cmd = torchrun_command(cfg, write_job_config(cfg))
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     log.info("run directory %s", run_dir.resolve())
     log.info("launching: %s", " ".join(cmd))
-    requeue = run_dir / REQUEUE_FILE
-    requeue.unlink(missing_ok=True)
     code = subprocess.call(cmd)
-    # torchrun reports every failed worker as 1, so the trainer's "stopped, resume me" comes as a file.
-    if code != 0 and requeue.exists():
-        log.warning("training stopped on request after committing a checkpoint (%s); run the same command to resume", requeue.read_text().strip())
-        return REQUEUE_EXIT_CODE
+    if code == REQUEUE_EXIT_CODE:
+        log.warning("training stopped on request after committing a checkpoint; run the same command to resume")
+        return code
+    if code == USER_ERROR_EXIT_CODE:
+        return code  # a rank printed why, in one paragraph
     if code != 0:
         log.error("training exited with code %d; its log is above and in %s", code, run_dir)
         return code

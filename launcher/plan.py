@@ -27,12 +27,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from zeroforge.trainer.config import CONF_DIR, ConfigError, Scheduler
-from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.config import ConfigError, Scheduler
+from zeroforge.trainer.entry import entry_point
 
 log = logging.getLogger("zeroforge")
 
@@ -596,9 +595,9 @@ def print_plan(cfg: DictConfig) -> MemoryPlan:
     return plan
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@entry_point
 def main(cfg: DictConfig) -> None:
-    run_entry_point(lambda: print_plan(cfg))
+    print_plan(cfg)
 
 
 if __name__ == "__main__":

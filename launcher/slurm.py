@@ -1,7 +1,7 @@
 """Slurm submission: validate, write the run directory, then `sbatch slurm/pretrain.sh`.
 
-The job composes the same config from the same overrides; only run.dir is made absolute, so the
-job finds the run directory wherever Slurm starts it.
+The job gets the config the launcher composed, frozen in run.dir/job.yaml (trainer/rundir.py), so
+it runs what was validated here even when the user's config files change while it waits.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from zeroforge.launcher.plan import check_fits
 from zeroforge.trainer.config import ConfigError
-from zeroforge.trainer.rundir import check_run_dir, run_dir_override, write_run_dir
+from zeroforge.trainer.rundir import check_run_dir, job_config_options, write_job_config, write_run_dir
 from zeroforge.trainer.validate import validate
 
 log = logging.getLogger("zeroforge")
@@ -24,8 +24,8 @@ log = logging.getLogger("zeroforge")
 SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sh"
 
 
-def sbatch_command(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
-    """The exact sbatch call: the cluster config's placement, then the Hydra overrides for the job."""
+def sbatch_command(cfg: DictConfig, job_config: Sequence[str]) -> list[str]:
+    """The exact sbatch call: the cluster config's placement, then the frozen config for the job."""
     c = cfg.cluster
     run_dir = Path(cfg.run.dir).resolve()
     cmd = [
@@ -39,9 +39,7 @@ def sbatch_command(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
     ]
     cmd += [f"--{key}={c[key]}" for key in ("account", "partition", "qos", "constraint", "exclude") if c[key]]
     cmd += list(c.sbatch_args)
-    # The launcher's own switches stay here; everything else configures the job.
-    forwarded = [o for o in overrides if not o.startswith("launcher.")]
-    return [*cmd, str(SCRIPT), *forwarded, run_dir_override(cfg)]
+    return [*cmd, str(SCRIPT), *job_config]
 
 
 def time_limit_s(value: str) -> Optional[int]:
@@ -71,20 +69,21 @@ def check_time_limit(cfg: DictConfig) -> None:
         )
 
 
-def submit(cfg: DictConfig, overrides: Sequence[str]) -> int:
+def submit(cfg: DictConfig) -> int:
     """Submit one job (or, with launcher.dry_run=true, print what would be submitted)."""
     world_size = cfg.cluster.nodes * cfg.cluster.nproc_per_node
     validate(cfg, world_size)
     check_time_limit(cfg)
     check_fits(cfg, world_size)  # before the queue, not after hours in it
     check_run_dir(cfg)
-    cmd = sbatch_command(cfg, overrides)
     if cfg.launcher.dry_run:
+        cmd = sbatch_command(cfg, job_config_options(cfg.run.dir))
         print(shlex.join(cmd))
         print(f"----- {SCRIPT} -----")
         print(SCRIPT.read_text(), end="")
         return 0
     run_dir = write_run_dir(cfg)
+    cmd = sbatch_command(cfg, write_job_config(cfg))
     (run_dir / "logs").mkdir(exist_ok=True)
     (run_dir / "sbatch.txt").write_text(shlex.join(cmd) + "\n")
     try:

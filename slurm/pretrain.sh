@@ -2,6 +2,7 @@
 # zeroforge pre-training on a Slurm cluster.
 #
 #   sbatch slurm/pretrain.sh cluster=h100 model=llama-1b                  (arguments: Hydra overrides)
+#   sbatch slurm/pretrain.sh --config-dir ./myconf experiment=mine        (and Hydra's options)
 #   sbatch --nodes=4 --time=2-00:00:00 --partition=gpu slurm/pretrain.sh cluster=h100 model=llama-8b
 #   zeroforge launch cluster=h100 cluster.nodes=4 model=llama-8b       (validates, then submits this)
 #
@@ -29,10 +30,9 @@
 set -uo pipefail
 : "${SLURM_JOB_ID:?zeroforge: submit this script with sbatch (see its first lines); it needs a Slurm job}"
 
-# The generic Slurm cluster unless the overrides name another; the node count is the allocation's.
-set -- cluster=slurm "$@" "cluster.nodes=${SLURM_JOB_NUM_NODES}"
-
-# Validate against this allocation and prepare the data once, before any node starts a rank.
+# Compose the arguments (the generic Slurm cluster unless they name another, the allocation's node
+# count), validate against this allocation, prepare the data once and freeze the config into
+# run.dir/job.yaml, before any node starts a rank.
 ZF_JOB_ENV=$(mktemp)
 export ZF_JOB_ENV
 python -m zeroforge.launcher.job "$@" || exit $?
@@ -64,12 +64,14 @@ trap request_stop USR1 TERM
 
 # --kill-on-bad-exit: a node that fails (or cannot reach the rendezvous within its timeout) ends
 # the whole job at once instead of leaving the others waiting.
+# zeroforge.launcher.torchrun is torchrun exiting with the ranks' own codes (2: a user error they
+# explained). Every rank composes the frozen job.yaml, not the script's arguments.
 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
-    exec python -m torch.distributed.run \
+    exec python -m zeroforge.launcher.torchrun \
         --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$ZF_NPROC_PER_NODE" \
         --rdzv-backend=c10d --rdzv-endpoint="$0" --rdzv-id="$SLURM_JOB_ID" \
         --rdzv-conf="join_timeout=$ZF_RDZV_TIMEOUT" --local-addr="$(node_addr "$SLURMD_NODENAME")" \
-        --max-restarts=0 -m zeroforge.trainer.train "$@"' "$endpoint" "$@" &
+        --max-restarts=0 -m zeroforge.trainer.train --config-path "$ZF_RUN_DIR" --config-name "$ZF_JOB_CONFIG"' "$endpoint" &
 srun_pid=$!
 # wait returns early when a trapped signal arrives; go on waiting for srun itself.
 while :; do

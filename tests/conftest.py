@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -98,3 +100,74 @@ def process_group():
         os.environ["MASTER_PORT"] = port
     yield info
     distributed.close()
+
+
+def smoke_run_overrides(data_cache: Path, run_dir: Path) -> list[str]:
+    """The smoke run (20 steps, validation, samples and checkpoints every 10) under 2-rank ZeRO-3,
+    in fp32 so that the numbers compared across loaders are exact, with wandb offline."""
+    return [
+        "experiment=smoke", f"data.cache_dir={data_cache}", f"run.dir={run_dir}", "deepspeed=zero3",
+        "train.precision=fp32", "logging.wandb.mode=offline",
+    ]
+
+
+@pytest.fixture(scope="session")
+def zero3_smoke_run(data_cache: Path, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("zero3-smoke")
+    run_dir = base / "run"
+    env = {**os.environ, "WANDB_DIR": str(base / "wandb")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run_module("zeroforge.trainer.train", smoke_run_overrides(data_cache, run_dir), cwd=REPO, launcher=launcher, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+@dataclass(frozen=True)
+class UserProject:
+    """zeroforge installed from its wheel into a fresh virtualenv, and a user's project directory
+    with modules named like ours (data.py, trainer.py) and an experiment config of its own."""
+
+    venv: Path
+    project: Path
+    experiment: dict
+
+    @property
+    def bin(self) -> Path:
+        return self.venv / "bin"
+
+
+USER_EXPERIMENT = {"run": {"name": "mine"}, "train": {"steps": 6, "micro_batch_size": 4, "global_batch_size": 8},
+                   "optim": {"lr": 0.0123, "warmup_steps": 2}, "data": {"seq_len": 64}, "logging": {"every": 1},
+                   "eval": {"every": 0, "batches": 2}, "checkpoint": {"every": 0}, "generate": {"max_new_tokens": 8}}
+
+
+@pytest.fixture(scope="session")
+def user_project(tmp_path_factory) -> UserProject:
+    """The wheel is built from a copy of the checkout (no build files land in it) without
+    network or build isolation; the venv sees this interpreter's packages (torch and the rest)
+    through a .pth file of plain paths, so an editable zeroforge installed here stays invisible."""
+
+    root = tmp_path_factory.mktemp("user")
+    source = root / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("launcher", "trainer", "data", "conf", "slurm"):
+        shutil.copytree(REPO / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"), str(source)],
+                   check=True, capture_output=True, timeout=600)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=600)
+    (Path(next((venv / "lib").glob("python*/site-packages"))) / "zeroforge-test-deps.pth").write_text(
+        "\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n"
+    )
+    wheel = next((root / "dist").glob("zeroforge-*.whl"))
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    project = root / "project"
+    (project / "myconf" / "experiment").mkdir(parents=True)
+    for module in ("data", "trainer", "launcher"):
+        # A user's own modules of those names; importing any of them would leave a mark.
+        (project / f"{module}.py").write_text("from pathlib import Path\nPath(__file__).with_suffix('.imported').touch()\n")
+    (project / "myconf" / "experiment" / "mine.yaml").write_text("# @package _global_\n" + json.dumps(USER_EXPERIMENT) + "\n")
+    return UserProject(venv, project, USER_EXPERIMENT)

@@ -219,6 +219,23 @@ def committed_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def newest_checkpoint(root: str | Path, resume: str) -> Optional[Path]:
+    """The checkpoint a resume would most likely continue from, found without hashing (for the
+    launcher's check before any rank starts): the one checkpoint.resume names, or the newest
+    committed one whose manifest reads. The trainer still verifies it (find_resume_checkpoint)."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return Path(resume) if (Path(resume) / MANIFEST).exists() else None
+    for candidate in committed_checkpoints(root):
+        try:
+            json.loads((candidate / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        return candidate
+    return None
+
+
 def find_resume_checkpoint(root: str | Path, resume: str, dist: DistInfo) -> Optional[Path]:
     """The checkpoint to resume from: `never`, `auto` (newest that verifies) or an explicit path."""
     if resume == "never":

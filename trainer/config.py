@@ -1,6 +1,11 @@
 """The config schema: one typed dataclass per section, the root `Config` registered with Hydra,
 and `ConfigError`. It sits below the launcher and the trainer, which both read it; the data
 section's own schema is `zeroforge.data.config`.
+
+Hydra checks every key and type; a field's rule (range or choices) is its metadata, which
+`validate()` (trainer/validate.py) checks before anything runs: "min"/"max" inclusive,
+"above"/"below" exclusive, "choices", and "each" for every element of a list. Rules between
+fields live in validate().
 """
 from __future__ import annotations
 
@@ -41,16 +46,16 @@ class ModelConfig:
     name: str = MISSING
     # Any model type transformers' AutoConfig knows; the fields below are mapped onto it.
     model_type: str = MISSING
-    hidden_size: int = MISSING
-    num_layers: int = MISSING
-    num_heads: int = MISSING
-    num_kv_heads: int = MISSING
-    intermediate_size: int = MISSING
-    max_position_embeddings: int = MISSING
+    hidden_size: int = field(default=MISSING, metadata={"min": 1})
+    num_layers: int = field(default=MISSING, metadata={"min": 1})
+    num_heads: int = field(default=MISSING, metadata={"min": 1})
+    num_kv_heads: int = field(default=MISSING, metadata={"min": 1})
+    intermediate_size: int = field(default=MISSING, metadata={"min": 1})
+    max_position_embeddings: int = field(default=MISSING, metadata={"min": 1})
     # null: the tokenizer's vocabulary, rounded up to a multiple of 64.
-    vocab_size: Optional[int] = None
+    vocab_size: Optional[int] = field(default=None, metadata={"min": 1})
     tie_word_embeddings: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = field(default="sdpa", metadata={"choices": ["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]})
     activation_checkpointing: bool = False
     compile: bool = False
     # Passed verbatim to AutoConfig.for_model, for fields the common ones above don't cover.
@@ -64,21 +69,21 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw_cosine"
-    lr: float = 4e-3
-    min_lr_ratio: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    lr: float = field(default=4e-3, metadata={"above": 0})
+    min_lr_ratio: float = field(default=0.1, metadata={"min": 0, "max": 1})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"each": {"min": 0, "below": 1}})
+    eps: float = field(default=1e-8, metadata={"above": 0})
+    weight_decay: float = field(default=0.1, metadata={"min": 0})
+    grad_clip: float = field(default=1.0, metadata={"min": 0})
     schedule: Schedule = Schedule.cosine
-    warmup_steps: int = 20
-    decay_fraction: float = 0.2
+    warmup_steps: int = field(default=20, metadata={"min": 0})
+    decay_fraction: float = field(default=0.2, metadata={"min": 0, "max": 1})
 
 
 @dataclass
 class DeepSpeedConfig:
     name: str = "zero2"
-    stage: int = 2
+    stage: int = field(default=2, metadata={"choices": [0, 1, 2, 3]})
     offload_optimizer: bool = False
     offload_params: bool = False
     # Merged verbatim into DeepSpeed's zero_optimization section (bucket sizes, overlap_comm, ...).
@@ -87,26 +92,26 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 700
-    micro_batch_size: int = 16
-    global_batch_size: int = 16
+    steps: int = field(default=700, metadata={"min": 1})
+    micro_batch_size: int = field(default=16, metadata={"min": 1})
+    global_batch_size: int = field(default=16, metadata={"min": 1})
     precision: Precision = Precision.auto
     # Save a checkpoint and stop after every this many steps (as Megatron-LM's --exit-interval):
     # a job that must end inside a time limit resumes where it stopped.
-    exit_interval: Optional[int] = None
+    exit_interval: Optional[int] = field(default=None, metadata={"min": 1})
     # A step whose loss or gradient norm is not finite is skipped (weights untouched); this many
     # skipped steps in a row stop the run (trainer/faults.py).
-    max_consecutive_skips: int = 5
+    max_consecutive_skips: int = field(default=5, metadata={"min": 1})
     # Loss-spike guard, off when null: skip a step whose loss is more than this many standard
     # deviations above the mean of the last spike_window accepted steps.
-    spike_zscore: Optional[float] = None
-    spike_window: int = 100
+    spike_zscore: Optional[float] = field(default=None, metadata={"above": 0})
+    spike_window: int = field(default=100, metadata={"min": 2})
 
 
 @dataclass
 class WandbConfig:
     # auto: online when credentials exist, offline otherwise; disabled: no wandb at all.
-    mode: str = "auto"
+    mode: str = field(default="auto", metadata={"choices": ["auto", "online", "offline", "disabled"]})
     project: str = "zeroforge"
     entity: Optional[str] = None
 
@@ -114,21 +119,21 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     name: str = "default"
-    every: int = 10
-    level: str = "INFO"
+    every: int = field(default=10, metadata={"min": 1})
+    level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class CheckpointConfig:
     # 0: only at the end of training.
-    every: int = 0
+    every: int = field(default=0, metadata={"min": 0})
     dir: str = "${run.dir}/checkpoints"
     # auto: continue from the newest committed checkpoint in dir, if any; never; or a checkpoint path.
     resume: str = "auto"
     # Retention, applied after each commit: the newest keep_last, plus every keep_every-th step.
-    keep_last: int = 3
-    keep_every: Optional[int] = None
+    keep_last: int = field(default=3, metadata={"min": 1})
+    keep_every: Optional[int] = field(default=None, metadata={"min": 1})
     # Write checkpoint files from a background thread while training goes on; the loop waits only
     # for a copy of the state in host memory, and the checkpoint commits after the next step.
     async_save: bool = False
@@ -138,9 +143,9 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     # 0: no validation (and no sample generations) inside the training loop.
-    every: int = 0
-    batch_size: int = 8
-    batches: int = 8
+    every: int = field(default=0, metadata={"min": 0})
+    batch_size: int = field(default=8, metadata={"min": 1})
+    batches: int = field(default=8, metadata={"min": 1})
     # An HF export directory, a DeepSpeed checkpoint step_<N> directory, or a checkpoints
     # directory (its `latest`); checkpoints are consolidated on the fly.
     model_path: str = "${checkpoint.export_dir}"
@@ -149,10 +154,10 @@ class EvalConfig:
     # lm-evaluation-harness tasks, run through its HF adapter when lm_eval is installed.
     tasks: list[str] = field(default_factory=list)
     # At most this many examples per task (null: all).
-    tasks_limit: Optional[int] = None
+    tasks_limit: Optional[int] = field(default=None, metadata={"min": 1})
     # Greedy sanity generations every `every` steps in training, to samples.jsonl and wandb.
     sample_prompts: list[str] = field(default_factory=lambda: ["import os\n", "def ", "class "])
-    sample_max_new_tokens: int = 32
+    sample_max_new_tokens: int = field(default=32, metadata={"min": 1})
 
 
 @dataclass
@@ -164,14 +169,14 @@ class GenerateConfig:
     prompts_file: Optional[str] = None
     # Samples written here as jsonl (prompt, text, tokens, tokens/s); null: printed only.
     output: Optional[str] = None
-    batch_size: int = 8
-    max_new_tokens: int = 64
+    batch_size: int = field(default=8, metadata={"min": 1})
+    max_new_tokens: int = field(default=64, metadata={"min": 1})
     # 0: greedy; otherwise sampled with top_k (0: off), top_p (1.0: off).
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
+    temperature: float = field(default=0.8, metadata={"min": 0})
+    top_k: int = field(default=50, metadata={"min": 0})
+    top_p: float = field(default=0.95, metadata={"above": 0, "max": 1})
     # 1.0: off; >1 discourages tokens already in the sequence (CTRL's penalty).
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = field(default=1.0, metadata={"above": 0})
     # Generation stops at EOS or at any of these strings (which are kept in the text).
     stop: list[str] = field(default_factory=list)
     seed: int = 0
@@ -206,15 +211,15 @@ class Scheduler(str, Enum):
 class ClusterConfig:
     name: str = "local"
     scheduler: Scheduler = Scheduler.local
-    nodes: int = 1
+    nodes: int = field(default=1, metadata={"min": 1})
     # Training processes per node (one per GPU); each node runs one torchrun that starts them.
-    nproc_per_node: int = 1
+    nproc_per_node: int = field(default=1, metadata={"min": 1})
     # Dense bf16 peak of one accelerator, for MFU; null: detected from the GPU, or unknown.
-    peak_tflops: Optional[float] = None
+    peak_tflops: Optional[float] = field(default=None, metadata={"above": 0})
     # Memory of one accelerator in GiB (what vendors call GB); null: unknown, the planner never refuses.
-    gpu_memory_gb: Optional[float] = None
+    gpu_memory_gb: Optional[float] = field(default=None, metadata={"above": 0})
     # GPUs Slurm allocates per node (--gpus-per-node); 0 on CPU-only nodes.
-    gpus_per_node: int = 0
+    gpus_per_node: int = field(default=0, metadata={"min": 0})
     # Slurm placement; null: the site's default. time is Slurm's --time (e.g. 2-00:00:00).
     account: Optional[str] = None
     partition: Optional[str] = None
@@ -223,9 +228,9 @@ class ClusterConfig:
     exclude: Optional[str] = None
     time: str = "24:00:00"
     # Slurm warns the job this many seconds before its time limit; the run saves and requeues.
-    warning_s: int = 300
+    warning_s: int = field(default=300, metadata={"min": 1})
     # A node that cannot join the rendezvous within this many seconds fails the job (not a hang).
-    rendezvous_timeout_s: int = 300
+    rendezvous_timeout_s: int = field(default=300, metadata={"min": 1})
     # Exported on every node before torchrun starts (NCCL and InfiniBand settings).
     env: dict[str, str] = field(default_factory=dict)
     # Passed verbatim to sbatch, for flags the fields above don't cover (e.g. --mem=0, --exclusive).
@@ -241,11 +246,11 @@ class LauncherConfig:
     # The pre-flight memory plan (launcher/plan.py): launch even when it says the job does not fit.
     force: bool = False
     # Model FLOPs utilisation assumed for the planned step time and time to the token budget.
-    assumed_mfu: float = 0.4
+    assumed_mfu: float = field(default=0.4, metadata={"above": 0, "max": 1})
     # The inference line of the plan: weights plus KV cache for this batch at this context
     # (null: model.max_position_embeddings).
-    inference_batch_size: int = 1
-    inference_context: Optional[int] = None
+    inference_batch_size: int = field(default=1, metadata={"min": 1})
+    inference_context: Optional[int] = field(default=None, metadata={"min": 1})
 
 
 @dataclass

@@ -7,16 +7,15 @@ import math
 import time
 from typing import Any, Optional
 
-import hydra
 from omegaconf import DictConfig
 
 from zeroforge.data.build import open_data
 from zeroforge.data.loader import validation_batches
 from zeroforge.data.mixture import open_split
 from zeroforge.data.tokenizer import tokenizer_hash
-from zeroforge.trainer.config import CONF_DIR, ConfigError
+from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.engine import validation_loss
-from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.export_io import LoadedModel, inference_dtype, load_model, pick_device
 from zeroforge.trainer.log import setup_logging
 
@@ -83,10 +82,10 @@ def run_lm_eval(loaded: LoadedModel, tasks: list[str], batch_size: int, limit: O
     return results
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@entry_point
 def main(cfg: DictConfig) -> None:
     setup_logging(0, cfg.logging.level)
-    run_entry_point(lambda: evaluate(cfg))
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

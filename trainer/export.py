@@ -7,13 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from zeroforge.trainer.checkpoint import MANIFEST, write_export
-from zeroforge.trainer.config import CONF_DIR, ConfigError
+from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.consolidate import run_config
-from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.export_io import inference_dtype, load_checkpoint
 from zeroforge.trainer.log import setup_logging
 
@@ -38,10 +37,10 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@entry_point
 def main(cfg: DictConfig) -> None:
     setup_logging(0, cfg.logging.level)
-    run_entry_point(lambda: export(cfg))
+    export(cfg)
 
 
 def checkpoint_argument(argv: list[str]) -> list[str]:

@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from zeroforge.data.tokenizer import tokenizer_hash
-from zeroforge.trainer.config import CONF_DIR, ConfigError
-from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.export_io import inference_dtype, load_model, pick_device
 from zeroforge.trainer.log import setup_logging
 
@@ -201,10 +200,10 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@entry_point
 def main(cfg: DictConfig) -> None:
     setup_logging(0, cfg.logging.level)
-    run_entry_point(lambda: generate(cfg))
+    generate(cfg)
 
 
 if __name__ == "__main__":

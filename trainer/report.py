@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import hydra
 from omegaconf import DictConfig
 
-from zeroforge.trainer.config import CONF_DIR, ConfigError
-from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.entry import entry_point
 
 
 @dataclass(frozen=True)
@@ -122,9 +121,9 @@ def report(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@entry_point
 def main(cfg: DictConfig) -> None:
-    run_entry_point(lambda: report(cfg))
+    report(cfg)
 
 
 if __name__ == "__main__":

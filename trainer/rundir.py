@@ -51,10 +51,39 @@ def system_facts(probe_gpu: bool) -> dict[str, Any]:
     }
 
 
-def run_dir_override(cfg: DictConfig) -> str:
-    """`run.dir=<absolute path>` for a child process, quoted so that any path survives Hydra's parser."""
-    path = str(Path(cfg.run.dir).resolve()).replace("'", "\\'")
-    return f"run.dir='{path}'"
+# run.dir/job.yaml: the composed config that every process the launcher starts reads.
+JOB_CONFIG = "job"
+
+
+def job_config_options(run_dir: str | Path) -> list[str]:
+    """The Hydra options that make an entry point compose run_dir/job.yaml instead of conf/."""
+    return ["--config-path", str(Path(run_dir).resolve()), "--config-name", JOB_CONFIG]
+
+
+def write_job_config(cfg: DictConfig) -> list[str]:
+    """Freeze the composed config into run.dir/job.yaml; returns the Hydra options that load it.
+
+    The ranks (and a Slurm job, maybe hours later) then see exactly what the launcher validated,
+    however it was composed (--config-dir, hydra.searchpath, a config passed by path), and the
+    user's config files need not exist on the nodes nor stay unchanged while the job waits.
+    Interpolations are resolved against an absolute run.dir. The schema comes first, so the
+    values are type-checked again; the hydra settings are conf/config.yaml's for a single run.
+    """
+    run_dir = Path(cfg.run.dir).resolve()
+    values = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    values["run"]["dir"] = str(run_dir)
+    document = {
+        "defaults": [
+            "zeroforge_schema", {"override hydra/job_logging": "none"}, {"override hydra/hydra_logging": "none"}, "_self_",
+        ],
+        "hydra": {"run": {"dir": "."}, "output_subdir": None, "job": {"chdir": False}},
+        **OmegaConf.to_container(OmegaConf.create(values), resolve=True),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f"{JOB_CONFIG}.yaml.tmp"
+    tmp.write_text("# Written by zeroforge launch: every rank of this run composes this config.\n" + OmegaConf.to_yaml(document))
+    tmp.replace(run_dir / f"{JOB_CONFIG}.yaml")
+    return job_config_options(run_dir)
 
 
 def write_run_dir(cfg: DictConfig, probe_gpu: bool = False) -> Path:

@@ -8,7 +8,6 @@ import logging
 import random
 import time
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -25,9 +24,8 @@ from zeroforge.trainer.checkpoint import (
     load_checkpoint,
     set_rng_state,
 )
-from zeroforge.trainer.config import CONF_DIR
 from zeroforge.trainer.engine import build_engine, train_step, validation_loss
-from zeroforge.trainer.entry import run_entry_point
+from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.faults import FaultGuard
 from zeroforge.trainer.generate import decode
 from zeroforge.trainer.log import setup_logging
@@ -163,9 +161,9 @@ def train(cfg: DictConfig) -> dict:
     return last
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@entry_point
 def main(cfg: DictConfig) -> None:
-    run_entry_point(lambda: train(cfg))
+    train(cfg)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,25 @@
-"""validate(cfg, world_size): derive what follows from the config and refuse what cannot run."""
+"""validate(cfg, world_size): derive what follows from the config and refuse what cannot run.
+
+Every problem is found before any process group, data or model exists and reported at once,
+each naming the key, what was expected and what was found: the schema's per-field rules (field
+metadata in trainer/config.py and data/config.py), the rules between fields below, the model
+shape (its transformers config is built, weightless) and DeepSpeed's own check of the
+zero_optimization section generated from the config.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from zeroforge.trainer.config import ConfigError
-
-ZERO_STAGES = (0, 1, 2, 3)
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+from zeroforge.trainer.config import Config, ConfigError
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """The numbers derived from the config and the world size; nothing here is set by hand."""
 
@@ -31,6 +37,46 @@ def accelerator_is_cuda() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
+def _rule_problems(value: Any, rule: dict[str, Any]) -> Optional[str]:
+    """What `value` breaks of `rule` ("expected ..."), or None; a null value is not checked."""
+    if value is None:
+        return None
+    if "each" in rule:
+        broken = [v for v in value if _rule_problems(v, rule["each"])]
+        return _describe(rule["each"]) if broken else None
+    if "choices" in rule:
+        return None if value in rule["choices"] else f"one of {list(rule['choices'])}"
+    ok = all((
+        "min" not in rule or value >= rule["min"], "max" not in rule or value <= rule["max"],
+        "above" not in rule or value > rule["above"], "below" not in rule or value < rule["below"],
+    ))
+    return None if ok else _describe(rule)
+
+
+def _describe(rule: dict[str, Any]) -> str:
+    if "choices" in rule:
+        return f"one of {list(rule['choices'])}"
+    words = {"min": "at least", "above": "above", "max": "at most", "below": "below"}
+    return " and ".join(f"{words[k]} {rule[k]}" for k in words if k in rule)
+
+
+def field_problems(schema: type, node: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(key, why) of each field of `node` (a config section) that breaks its schema's rule."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        value, key, hint = node.get(f.name), f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from field_problems(hint, value, key + ".")
+        elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            for i, item in enumerate(value or []):  # a list of sections (data.mixture)
+                yield from field_problems(typing.get_args(hint)[0], item, f"{key}[{i}].")
+        elif f.metadata:
+            value = list(value) if isinstance(value, ListConfig) else value
+            expected = _rule_problems(value, dict(f.metadata))
+            if expected:
+                yield key, f"{'every element of ' if 'each' in f.metadata else ''}{key} must be {expected}, found {value!r}"
+
+
 def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     """Build the (weightless) transformers config now, so a bad model fails before any job starts."""
     from zeroforge.trainer.model import hf_config
@@ -38,8 +84,18 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     m = cfg.model
     try:
         config = hf_config(m, vocab_size=64)
-    except (ValueError, KeyError, TypeError) as err:
-        problems.append(f"model.model_type={m.model_type!r} with model.extra={dict(m.extra)} is not a causal LM config transformers can build ({err})")
+    except Exception as err:  # whatever transformers' config refuses, and why, in one line
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) < 400 else reason[:400] + " ..."
+        problems.append(
+            f"model={m.name} (model.model_type={m.model_type!r}, model.hidden_size={m.hidden_size}, model.num_heads="
+            f"{m.num_heads}, model.extra={dict(m.extra)}) is not a causal LM config transformers can build: {reason}"
+        )
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        problems.append(f"model.model_type={m.model_type!r} has no causal LM model in transformers; expected a decoder such as llama, qwen2 or gpt2")
         return
     for ours, theirs in [
         ("hidden_size", "hidden_size"),
@@ -60,31 +116,55 @@ def _check(ok: bool, message: str, problems: list[str]) -> None:
         problems.append(message)
 
 
+def check_fields(cfg: DictConfig) -> dict[str, str]:
+    """What every command checks first: the config resolves (no value left ???, no interpolation
+    that fails) and every field keeps its own rule. Returns the fields that do not, with why;
+    raises when the config does not resolve."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"the config does not resolve: {' '.join(str(err).split())}.") from None
+    return dict(field_problems(Config, cfg))
+
+
+def _check_zero_section(cfg: DictConfig, problems: list[str]) -> None:
+    """DeepSpeed's own model of the zero_optimization section we generate, so that a mistyped
+    deepspeed.zero_extra key fails here rather than in every rank's deepspeed.initialize."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    zero = {"stage": cfg.deepspeed.stage, **OmegaConf.to_container(cfg.deepspeed.zero_extra, resolve=True)}
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as err:
+        for e in err.errors():
+            key = ".".join(str(part) for part in e["loc"])
+            problems.append(f"deepspeed.zero_extra.{key}: {e['msg'].lower()} (found {e['input']!r}; see DeepSpeed's zero_optimization options)")
+
+
 def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> Plan:
     """Every problem found is reported at once, each naming the keys and numbers involved."""
+    broken = check_fields(cfg)  # key -> why
     if cuda is None:
         cuda = accelerator_is_cuda()
-    problems: list[str] = []
-    t, m, ds = cfg.train, cfg.model, cfg.deepspeed
-    dp = world_size
-    micro, glob = t.micro_batch_size, t.global_batch_size
-
+    problems = list(broken.values())
     _check(world_size >= 1, f"world size must be at least 1, found {world_size}", problems)
-    _check(t.steps >= 1, f"train.steps must be at least 1, found {t.steps}", problems)
-    _check(micro >= 1, f"train.micro_batch_size must be at least 1, found {micro}", problems)
-    if micro >= 1 and dp >= 1:
+
+    def fine(*keys: str) -> bool:
+        """The rules between fields are checked only where each field keeps its own rule."""
+        return not broken.keys() & set(keys)
+
+    t, m, ds = cfg.train, cfg.model, cfg.deepspeed
+    dp = max(world_size, 1)
+    micro, glob = t.micro_batch_size, t.global_batch_size
+    if fine("train.micro_batch_size", "train.global_batch_size"):
         _check(
-            glob >= 1 and glob % (micro * dp) == 0,
+            glob % (micro * dp) == 0,
             f"train.global_batch_size={glob} must be a positive multiple of "
             f"train.micro_batch_size ({micro}) x data-parallel size ({dp}) = {micro * dp}; "
             f"for example train.global_batch_size={micro * dp * max(1, glob // (micro * dp))}",
             problems,
         )
-    _check(
-        ds.stage in ZERO_STAGES,
-        f"deepspeed.stage={ds.stage} is not a ZeRO stage; expected one of {list(ZERO_STAGES)}",
-        problems,
-    )
     _check(
         not ds.offload_optimizer or ds.stage >= 1,
         f"deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3, found stage {ds.stage}",
@@ -95,13 +175,6 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
         f"deepspeed.offload_params needs ZeRO stage 3, found stage {ds.stage}",
         problems,
     )
-    t = cfg.train
-    _check(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be at least 1, found {t.max_consecutive_skips}", problems)
-    _check(
-        t.spike_zscore is None or (t.spike_zscore > 0 and t.spike_window >= 2),
-        f"the loss-spike guard needs train.spike_zscore > 0 and train.spike_window >= 2, found {t.spike_zscore} and {t.spike_window}",
-        problems,
-    )
     _check(
         t.spike_zscore is None or not ds.offload_optimizer,
         f"train.spike_zscore={t.spike_zscore} with deepspeed={ds.name}: ZeRO-Offload's CPU Adam cannot skip a step; "
@@ -109,45 +182,37 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
         problems,
     )
     _check(
-        cfg.data.seq_len >= 1 and cfg.data.seq_len <= m.max_position_embeddings,
+        len(cfg.optim.betas) == 2,
+        f"optim.betas must be two numbers (Adam's beta1, beta2), found {list(cfg.optim.betas)}",
+        problems,
+    )
+    _check(
+        cfg.data.seq_len <= m.max_position_embeddings,
         f"data.seq_len={cfg.data.seq_len} must be between 1 and the model's maximum "
         f"model.max_position_embeddings={m.max_position_embeddings} ({m.name})",
         problems,
     )
+    if fine("model.num_heads"):
+        _check(
+            m.hidden_size % m.num_heads == 0,
+            f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}",
+            problems,
+        )
+    if fine("model.num_kv_heads"):
+        _check(
+            m.num_heads % m.num_kv_heads == 0,
+            f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}",
+            problems,
+        )
+    resume = cfg.checkpoint.resume
     _check(
-        m.num_heads >= 1 and m.hidden_size % m.num_heads == 0,
-        f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}",
+        resume in ("auto", "never") or Path(resume).is_dir(),
+        f"checkpoint.resume must be auto, never or a checkpoint directory, found {resume!r} (no such directory)",
         problems,
     )
-    _check(
-        m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads == 0,
-        f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}",
-        problems,
-    )
-    _check(cfg.logging.every >= 1, f"logging.every must be at least 1, found {cfg.logging.every}", problems)
-    _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be 0 (end only) or more, found {cfg.checkpoint.every}", problems)
-    _check(
-        cfg.checkpoint.keep_last >= 1,
-        f"checkpoint.keep_last must be at least 1 (the newest checkpoint is always kept), found {cfg.checkpoint.keep_last}",
-        problems,
-    )
-    _check(cfg.eval.every >= 0, f"eval.every must be 0 (off) or more, found {cfg.eval.every}", problems)
-    _check(
-        str(cfg.logging.level).upper() in LOG_LEVELS,
-        f"logging.level={cfg.logging.level!r} must be one of {list(LOG_LEVELS)}",
-        problems,
-    )
-    _check(
-        cfg.logging.wandb.mode in WANDB_MODES,
-        f"logging.wandb.mode={cfg.logging.wandb.mode!r} must be one of {list(WANDB_MODES)}",
-        problems,
-    )
-    _check(
-        0.0 < cfg.data.validation_fraction < 1.0,
-        f"data.validation_fraction={cfg.data.validation_fraction} must be between 0 and 1 (exclusive)",
-        problems,
-    )
-    _check_model(cfg, problems)
+    _check_zero_section(cfg, problems)
+    if fine("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.intermediate_size"):
+        _check_model(cfg, problems)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 

@@ -5,30 +5,29 @@ import shlex
 from pathlib import Path
 
 from tests.conftest import REPO, run_module
+from zeroforge.launcher.job import job_arguments
 from zeroforge.launcher.slurm import SCRIPT, sbatch_command, time_limit_s
 from zeroforge.trainer.config import compose_config
+from zeroforge.trainer.rundir import job_config_options
 
 H100_1B = ["cluster=h100", "model=llama-1b", "train.global_batch_size=512"]
 
 
-def test_sbatch_command_carries_the_placement_and_forwards_the_overrides(tmp_path: Path) -> None:
+def test_sbatch_command_carries_the_placement_and_the_frozen_config(tmp_path: Path) -> None:
     overrides = [
         *H100_1B, "cluster.nodes=2", "cluster.partition=gpu", "cluster.account=proj", "cluster.qos=high",
         "cluster.constraint=h100", "cluster.exclude='node[07-08]'", "cluster.time=2-00:00:00", "cluster.warning_s=600",
         "cluster.sbatch_args=[--exclusive]", "launcher.dry_run=true", f"run.dir={tmp_path / 'run'}",
     ]
-    cmd = sbatch_command(compose_config(overrides), overrides)
+    cmd = sbatch_command(compose_config(overrides), job_config_options(tmp_path / "run"))
     script_at = cmd.index(str(SCRIPT))
     assert cmd[:script_at] == [
         "sbatch", "--job-name=default", "--nodes=2", "--gpus-per-node=8", "--time=2-00:00:00",
         "--signal=B:USR1@600", f"--output={tmp_path / 'run'}/logs/slurm-%j.out", "--account=proj",
         "--partition=gpu", "--qos=high", "--constraint=h100", "--exclude=node[07-08]", "--exclusive",
     ]
-    forwarded = cmd[script_at + 1:]
-    assert "launcher.dry_run=true" not in forwarded  # the launcher's switches stay with the launcher
-    assert forwarded[:3] == H100_1B
-    # run.dir goes last and absolute, so it wins and the job finds it from any working directory.
-    assert forwarded[-1] == f"run.dir='{tmp_path / 'run'}'"
+    # The job composes the config the launcher froze in run.dir, absolute, from any working directory.
+    assert cmd[script_at + 1:] == ["--config-path", str(tmp_path / "run"), "--config-name", "job"]
 
 
 def test_dry_run_prints_the_command_and_the_script_and_submits_nothing(tmp_path: Path) -> None:
@@ -39,7 +38,7 @@ def test_dry_run_prints_the_command_and_the_script_and_submits_nothing(tmp_path:
     assert result.returncode == 0, result.stderr[-3000:]
     command = shlex.split(next(line for line in result.stdout.splitlines() if line.startswith("sbatch ")))
     assert command[0] == "sbatch" and "--nodes=4" in command and str(SCRIPT) in command
-    assert "#SBATCH --requeue" in result.stdout and "torch.distributed.run" in result.stdout
+    assert "#SBATCH --requeue" in result.stdout and "zeroforge.launcher.torchrun" in result.stdout
     assert not run_dir.exists()
 
 
@@ -51,10 +50,9 @@ def test_a_sweep_submits_one_job_per_point_each_in_its_own_run_directory(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     commands = [shlex.split(line) for line in result.stdout.splitlines() if line.startswith("sbatch ")]
     assert len(commands) == 2
-    run_dirs = [c[-1] for c in commands]
-    assert run_dirs[0] != run_dirs[1]
-    assert all(d.startswith(f"run.dir='{tmp_path / 'sweep'}/") for d in run_dirs)
-    assert ["optim.lr=0.001" in c for c in commands] == [True, False]
+    run_dirs = [Path(c[c.index("--config-path") + 1]) for c in commands]
+    assert [d.parent for d in run_dirs] == [tmp_path / "sweep"] * 2
+    assert ["optim.lr=0.001" in d.name for d in run_dirs] == [True, False]
 
 
 def test_slurm_time_limits_in_seconds() -> None:
@@ -95,3 +93,14 @@ def test_the_script_header_holds_the_slurm_cluster_defaults() -> None:
     assert header["gpus-per-node"] == str(c.gpus_per_node)
     assert header["time"] == c.time
     assert header["signal"] == f"B:USR1@{c.warning_s}"
+
+
+def test_the_job_composes_the_scripts_arguments_on_its_allocation() -> None:
+    env = {"SLURM_JOB_NUM_NODES": "4"}
+    # The generic Slurm cluster unless the arguments choose one; the node count is the allocation's.
+    assert job_arguments(["model=llama-1b"], env) == ["cluster=slurm", "model=llama-1b", "cluster.nodes=4"]
+    assert job_arguments(["cluster=h100", "--config-dir", "myconf", "experiment=mine"], env) == [
+        "cluster=h100", "--config-dir", "myconf", "experiment=mine", "cluster.nodes=4"]
+    # The launcher's frozen config already holds its cluster.
+    frozen = ["--config-path", "/runs/x", "--config-name", "job"]
+    assert job_arguments(frozen, env) == [*frozen, "cluster.nodes=4"]

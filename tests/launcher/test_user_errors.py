@@ -64,7 +64,7 @@ def test_empty_corpus(base: list[str], tmp_path: Path) -> None:
 
 def test_zero_stage_that_does_not_exist(base: list[str]) -> None:
     _fails_clearly("zeroforge.launcher", [*base, "deepspeed=zero5"], "deepspeed/zero5", "zero3")
-    _fails_clearly("zeroforge.launcher", [*base, "deepspeed.stage=5"], "deepspeed.stage=5 is not a ZeRO stage")
+    _fails_clearly("zeroforge.launcher", [*base, "deepspeed.stage=5"], "deepspeed.stage must be one of [0, 1, 2, 3], found 5")
 
 
 def test_run_directory_of_another_run_is_refused(base: list[str], tmp_path: Path) -> None:

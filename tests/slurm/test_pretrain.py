@@ -1,6 +1,7 @@
 """`sbatch slurm/pretrain.sh` and `zeroforge launch cluster=slurm` on a real two-node Slurm."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from omegaconf import OmegaConf
 
-from tests.conftest import REPO, exact_overrides, read_metrics, run_module, train_losses
+from tests.conftest import REPO, UserProject, exact_overrides, read_metrics, run_module, train_losses
 from tests.slurm.cluster import SlurmCluster
 
 pytestmark = pytest.mark.slow
@@ -117,7 +119,7 @@ def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(slurm_c
     shim.parent.mkdir()
     shim.write_text(
         "#!/bin/bash\n"
-        f'if [[ "${{SLURM_NODEID:-}}" == 1 && "$*" == "-m torch.distributed.run"* ]]; then exec -a {stuck} sleep 600; fi\n'
+        f'if [[ "${{SLURM_NODEID:-}}" == 1 && "$*" == "-m zeroforge.launcher.torchrun"* ]]; then exec -a {stuck} sleep 600; fi\n'
         f'exec {shlex.quote(sys.executable)} "$@"\n'
     )
     shim.chmod(0o755)
@@ -140,3 +142,28 @@ def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(slurm_c
     while subprocess.run(["pgrep", "-f", stuck], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "the stuck node's process outlived the job"
         time.sleep(1)
+
+
+def test_the_wheel_submits_a_users_experiment_through_config_dir(slurm_cluster: SlurmCluster, user_project: UserProject, data_cache: Path) -> None:
+    # The launcher of the wheel installed in the user's venv; the job finds that venv's python
+    # (sbatch passes PATH on) and composes the config the launcher froze in run.dir.
+    run_dir = user_project.project / "runs" / "mine-on-slurm"
+    submitted = subprocess.run(
+        [str(user_project.bin / "zeroforge"), "launch", "--config-dir", "myconf", "experiment=mine", "cluster=slurm",
+         "cluster.nodes=2", *ONE_CPU_RANK_PER_NODE, f"data.cache_dir={data_cache}", f"run.dir={run_dir}",
+         "logging.wandb.mode=disabled", "launcher.harness=false"],
+        cwd=user_project.project, capture_output=True, text=True, timeout=300,
+        env={**slurm_cluster.env, "PATH": f"{user_project.bin}{os.pathsep}{slurm_cluster.env['PATH']}"},
+    )
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    assert str(user_project.venv) in (run_dir / "sbatch.txt").read_text()  # the wheel's own pretrain.sh
+    job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
+    log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    assert job["JobState"] == "COMPLETED", f"{job}\n{log[-4000:]}"
+    assert "world size 2" in log
+    written = OmegaConf.load(run_dir / "config.yaml")  # rewritten by the trainer on the first node
+    assert written.run.name == "mine" and written.optim.lr == user_project.experiment["optim"]["lr"]
+    assert written.system.slurm_job_id == job_id
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 7))
+    assert not list(user_project.project.glob("*.imported"))

@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from tests.conftest import REPO, run_module
 
 
 def save_tiny_model(data_cache: Path, out: Path, seed: int, overrides: list[str] = ()) -> Path:
@@ -51,23 +47,3 @@ def draft_export(data_cache: Path, tmp_path_factory) -> Path:
     """Smaller than tiny (one layer, half the width), same tokenizer."""
     small = ["model.num_layers=1", "model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=2", "model.intermediate_size=128"]
     return save_tiny_model(data_cache, tmp_path_factory.mktemp("draft") / "export", seed=1, overrides=small)
-
-
-def smoke_run_overrides(data_cache: Path, run_dir: Path) -> list[str]:
-    """The smoke run (20 steps, validation, samples and checkpoints every 10) under 2-rank ZeRO-3,
-    in fp32 so that the numbers compared across loaders are exact, with wandb offline."""
-    return [
-        "experiment=smoke", f"data.cache_dir={data_cache}", f"run.dir={run_dir}", "deepspeed=zero3",
-        "train.precision=fp32", "logging.wandb.mode=offline",
-    ]
-
-
-@pytest.fixture(scope="session")
-def zero3_smoke_run(data_cache: Path, tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("zero3-smoke")
-    run_dir = base / "run"
-    env = {**os.environ, "WANDB_DIR": str(base / "wandb")}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_module("zeroforge.trainer.train", smoke_run_overrides(data_cache, run_dir), cwd=REPO, launcher=launcher, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics
-from tests.trainer.conftest import smoke_run_overrides, swap_two_tokens
+from tests.conftest import read_metrics, smoke_run_overrides
+from tests.trainer.conftest import swap_two_tokens
 from zeroforge.trainer.config import ConfigError, compose_config
 from zeroforge.trainer.evaluate import evaluate
 from zeroforge.trainer.export_io import load_model

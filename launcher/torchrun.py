@@ -1,0 +1,36 @@
+"""`python -m zeroforge.launcher.torchrun [torchrun arguments]`: torchrun, with the ranks' exit codes.
+
+torchrun reports any failed rank as a `ChildFailedError` traceback and exit code 1, which would
+bury the one paragraph a rank printed for a user's mistake (exit code 2) and hide a rank's
+"stopped, requeue me" (75). This runs torchrun's own launcher and exits with the code that says
+what happened: 2 when a rank refused the job, 75 when the ranks stopped to be requeued, 1 else.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from zeroforge.trainer.entry import USER_ERROR_EXIT_CODE
+from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
+
+
+def exit_code(rank_codes: Sequence[int]) -> int:
+    """One code for the node from its ranks' codes (the others are killed once one fails)."""
+    for code in (USER_ERROR_EXIT_CODE, REQUEUE_EXIT_CODE):
+        if code in rank_codes:
+            return code
+    return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(list(sys.argv[1:] if argv is None else argv)))
+    except ChildFailedError as failed:
+        sys.exit(exit_code([f.exitcode for f in failed.failures.values()]))
+
+
+if __name__ == "__main__":
+    main()
