@@ -6,6 +6,8 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from zeroforge.data.errors import DataError
+from zeroforge.data.partitions import check_partition_split
 from zeroforge.trainer.config import ConfigError
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -147,6 +149,11 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
         f"data.validation_fraction={cfg.data.validation_fraction} must be between 0 and 1 (exclusive)",
         problems,
     )
+    if cfg.data.mode == "stream" and dp >= 1:
+        try:
+            check_partition_split(cfg.data.stream_partitions, dp, cfg.data.num_workers)
+        except DataError as err:
+            problems.append(str(err).rstrip("."))
     _check_model(cfg, problems)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
