@@ -29,9 +29,10 @@ from zeroforge.data.encode import DocumentEncoder
 from zeroforge.data.errors import DataError
 from zeroforge.data.partitions import PartitionDocuments, SourceLayout, validation_documents
 
-# Documents tokenized per batch: the fast tokenizer's batch encoder amortises its overhead over
-# them, while the read-ahead stays small.
+# Documents tokenized per batch, up to a size: the fast tokenizer's batch encoder amortises its
+# overhead over them, while the read-ahead stays small (a rank may hold 64 partitions' buffers).
 _BATCH_DOCUMENTS = 64
+_BATCH_CHARACTERS = 1 << 16
 
 
 def start_position() -> dict:
@@ -133,9 +134,12 @@ class PartitionWindows:
 
     def _fill(self) -> None:
         """Tokenizes the next documents into the buffer."""
-        while len(self.pending) < _BATCH_DOCUMENTS:
-            self._add_block()
-        batch = [self.pending.popleft() for _ in range(_BATCH_DOCUMENTS)]
+        batch, size = [], 0
+        while len(batch) < _BATCH_DOCUMENTS and size < _BATCH_CHARACTERS:
+            if not self.pending:
+                self._add_block()
+            batch.append(self.pending.popleft())
+            size += len(batch[-1][2])
         tokens, lengths = self.encoder([text for _, _, text in batch])
         for (block, index, _), piece in zip(batch, np.split(tokens, np.cumsum(lengths)[:-1])):
             self.buffer.append(_Tokens(block, index, piece, offset=self.skip_first))
