@@ -20,8 +20,10 @@ validation windows taken first (as the trainer does), each rank in its own spawn
 tokenizing thread per process (TOKENIZERS_PARALLELISM=false: what is measured is how the pipeline
 spreads tokenizing over processes, not the tokenizer's thread pool): 1 rank with 0 workers (the
 baseline), 2 ranks (each tokenizing only its partitions; aggregate tokens/s: all ranks' tokens
-over the slowest rank's time), and 1 rank with 2 workers. Goal: both >= 1.7 x the baseline. Prints
-a table and writes bench/results/data.json.
+over the slowest rank's time), and 1 rank with 2 workers. Goal: both >= 1.7 x the baseline. Their
+CPU seconds per million tokens (all ranks' and workers' processes) show, whatever else the machine
+runs, that no process tokenizes another's share: the old design (every rank tokenizing everything)
+doubled it at 2 ranks. Prints a table and writes bench/results/data.json.
 """
 from __future__ import annotations
 
@@ -171,10 +173,23 @@ def _stream_rank(corpus: list[Path], tokenizer: Path, seq_len: int, steps: int, 
     loader = data.loader(seed=0, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, dp_rank=rank, dp_size=ranks)
     loader.next_batch()
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _rank_cpu()
     for _ in range(steps):
         loader.next_batch()
-    results.put((steps * GLOBAL_BATCH // ranks * seq_len, time.perf_counter() - start))
+    results.put((steps * GLOBAL_BATCH // ranks * seq_len, time.perf_counter() - start, _rank_cpu() - cpu))
+
+
+def _rank_cpu() -> float:
+    """CPU seconds of this process and of its live dataloader workers (getrusage counts only
+    children that were reaped)."""
+    import multiprocessing
+
+    tick = os.sysconf("SC_CLK_TCK")
+    workers = 0.0
+    for child in multiprocessing.active_children():
+        fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        workers += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return _cpu(resource.RUSAGE_SELF) + workers
 
 
 def _stream_rate(corpus: list[Path], tokenizer: Path, seq_len: int, steps: int, ranks: int, workers: int) -> dict:
@@ -194,9 +209,9 @@ def _stream_rate(corpus: list[Path], tokenizer: Path, seq_len: int, steps: int, 
         process.join()
         if process.exitcode:
             raise RuntimeError(f"a stream rank failed with exit code {process.exitcode}")
-    tokens, wall = sum(t for t, _ in measured), max(w for _, w in measured)
-    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "ranks": ranks, "workers": workers,
-            "seq_len": seq_len, "partitions": len(corpus)}
+    tokens, wall, cpu = sum(t for t, _, _ in measured), max(w for _, w, _ in measured), sum(c for _, _, c in measured)
+    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "cpu_s_per_mtoken": cpu / tokens * 1e6,
+            "ranks": ranks, "workers": workers, "seq_len": seq_len, "partitions": len(corpus)}
 
 
 def write_jsonl_files(texts: list[str], files: int, directory: Path) -> list[Path]:
@@ -260,6 +275,8 @@ def main() -> None:
     print(f"\n{'CPU s per M tokens (workers busy)':<40} {'prepare':>14} {'Dataset.map':>14}   on {results['machine']}")
     for workers, ours, theirs in cpu_rows:
         print(f"{f'{workers} worker(s)':<40} {_cpu_cell(ours):>14} {_cpu_cell(theirs):>14}")
+    for what, figures in results["stream"].items():
+        print(f"{f'stream, {what}':<40} {figures['cpu_s_per_mtoken']:>14.2f}   (all its processes' CPU, timed steps)")
     out = REPO / "bench" / "results" / "data.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import REPO, read_metrics, run_module, train_losses
 from zeroforge.data.build import open_data
@@ -20,6 +21,7 @@ from zeroforge.data.errors import DataError
 from zeroforge.data.partitions import document_partition
 from zeroforge.data.stream import StreamData, StreamLoader
 from zeroforge.data.tokenizer import load_tokenizer, train_bpe
+from zeroforge.trainer.checkpoint import check_resumable
 from zeroforge.trainer.config import ConfigError, compose_config
 from zeroforge.trainer.validate import validate
 
@@ -257,10 +259,19 @@ def test_a_partition_count_the_world_size_does_not_divide_is_refused_naming_both
     validate(cfg, world_size=2, cuda=False)
 
 
-def test_a_state_from_another_partition_count_or_one_rank_alone_is_refused(corpus: Corpus) -> None:
+def test_a_state_from_another_partition_count_or_one_rank_alone_is_refused(corpus: Corpus, tmp_path: Path) -> None:
     four = _loaders(corpus, 2)
     _steps(four, 1)
     state = _state(four)
+    # The trainer refuses such a checkpoint before it builds the model, naming both numbers.
+    data = StreamData(_cfg(corpus))
+    (tmp_path / "manifest.json").write_text(json.dumps({"run": {
+        "data": state, "tokenizer_hash": data.manifest["tokenizer_hash"], "world_size": 2,
+        "model": OmegaConf.to_container(compose_config([]).model, resolve=True),
+    }}))
+    cfg = compose_config(_overrides(corpus, "data.stream_partitions=8", "data.stream_shuffle_window=2"))
+    with pytest.raises(ConfigError, match=r"data.stream_partitions: checkpoint 4, now 8; data.stream_shuffle_window: checkpoint 0, now 2"):
+        check_resumable(tmp_path, cfg, data.manifest, world_size=2)
     other = StreamData(_cfg(corpus, "data.stream_partitions=8")).loader(seed=0, global_batch=GLOBAL, micro_batch=2, dp_rank=0, dp_size=1)
     with pytest.raises(DataError, match=r"data.stream_partitions: saved 4, now 8"):
         other.load_state_dict(state)
