@@ -1,7 +1,7 @@
 """Data pipeline throughput: prepare (tokens/s) against `datasets.Dataset.map`, and the loader.
 
     python bench/data.py [--documents N] [--seq-len 2048] [--loader-steps 200] [--stream-steps 50]
-                         [--workers 1 8 16]
+                         [--stream-files 8] [--workers 1 8 16] [--only prepare loader stream]
 
 Prepare: the embedded corpus (the Python standard library) is written to a jsonl file, then
 tokenized by `data.prepare` (reading that file, writing shards) with 1 and with all workers, and by
@@ -14,11 +14,16 @@ time of the calling process and of its (reaped) worker processes, from getrusage
 million tokens show whether a side spends more per token as workers are added, and the workers'
 busy share (their CPU / (wall x workers)) whether they waited.
 Loader: this rank's batches from the prepared shards at seq_len 2048, with 0 and 2 workers.
-Goal: >= 20M tokens/s per rank. Stream: data.mode=stream over the jsonl, one rank, with the
-validation windows taken first (as the trainer does), 0 and 1 workers, the tokenizer's thread pool
-as the library sets it by default (on) against one thread (TOKENIZERS_PARALLELISM=false) as the
-baseline. Every rank tokenizes the whole stream, so a rank's rate is the most a streamed job of
-any size gets. Prints a table and writes bench/results/data.json.
+Goal: >= 20M tokens/s per rank. Stream: data.mode=stream over the corpus written as --stream-files
+jsonl files (data.stream_partitions of the same number, so partitioned by file), with the
+validation windows taken first (as the trainer does), each rank in its own spawned process, one
+tokenizing thread per process (TOKENIZERS_PARALLELISM=false: what is measured is how the pipeline
+spreads tokenizing over processes, not the tokenizer's thread pool): 1 rank with 0 workers (the
+baseline), 2 ranks (each tokenizing only its partitions; aggregate tokens/s: all ranks' tokens
+over the slowest rank's time), and 1 rank with 2 workers. Goal: both >= 1.7 x the baseline. Their
+CPU seconds per million tokens (all ranks' and workers' processes) show, whatever else the machine
+runs, that no process tokenizes another's share: the old design (every rank tokenizing everything)
+doubled it at 2 ranks. Prints a table and writes bench/results/data.json.
 """
 from __future__ import annotations
 
@@ -129,6 +134,7 @@ def _map_rate(corpus: Path, tokenizer: Path, workers: int) -> dict:
     return run.figures(sum(len(ids) for ids in mapped["input_ids"]) + len(mapped), workers)  # + prepare's EOS
 
 
+PARTS = ("prepare", "loader", "stream")
 GLOBAL_BATCH, MICRO_BATCH = 32, 8  # one rank's loader: samples per step, per micro-batch
 
 
@@ -151,22 +157,70 @@ def _loader_rate(prepared: Path, seq_len: int, steps: int, workers: int) -> floa
     return _tokens_per_s(loader, seq_len, steps)
 
 
-def _stream_rate(corpus: Path, tokenizer: Path, seq_len: int, steps: int, workers: int, threads: bool) -> float:
+def _stream_rank(corpus: list[Path], tokenizer: Path, seq_len: int, steps: int, rank: int, ranks: int, workers: int,
+                 barrier, results) -> None:
+    """One rank of a streamed job, in its own process: its tokens and seconds over `steps` steps
+    after the first (which starts the workers and opens the partitions)."""
     from zeroforge.data.stream import StreamData
     from zeroforge.trainer.config import compose_config
 
-    if threads:
-        del os.environ["TOKENIZERS_PARALLELISM"]  # unset, as users run: the library's default
-    try:
-        data = StreamData(compose_config([
-            "data.mode=stream", "data.source=json", f"data.data_files=[{corpus}]", f"data.tokenizer={tokenizer}",
-            f"data.seq_len={seq_len}", f"data.num_workers={workers}",
-        ]).data)
-        data.validation_batches(batch_size=1, num_batches=1)
-        loader = data.loader(seed=0, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, dp_rank=0, dp_size=1)
-        return _tokens_per_s(loader, seq_len, steps)
-    finally:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    files = ",".join(str(f) for f in corpus)
+    data = StreamData(compose_config([
+        "data.mode=stream", "data.source=json", f"data.data_files=[{files}]", f"data.tokenizer={tokenizer}",
+        f"data.seq_len={seq_len}", f"data.num_workers={workers}", f"data.stream_partitions={len(corpus)}",
+    ]).data)
+    data.validation_batches(batch_size=1, num_batches=1)
+    loader = data.loader(seed=0, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, dp_rank=rank, dp_size=ranks)
+    loader.next_batch()
+    barrier.wait()
+    start, cpu = time.perf_counter(), _rank_cpu()
+    for _ in range(steps):
+        loader.next_batch()
+    results.put((steps * GLOBAL_BATCH // ranks * seq_len, time.perf_counter() - start, _rank_cpu() - cpu))
+
+
+def _rank_cpu() -> float:
+    """CPU seconds of this process and of its live dataloader workers (getrusage counts only
+    children that were reaped)."""
+    import multiprocessing
+
+    tick = os.sysconf("SC_CLK_TCK")
+    workers = 0.0
+    for child in multiprocessing.active_children():
+        fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        workers += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return _cpu(resource.RUSAGE_SELF) + workers
+
+
+def _stream_rate(corpus: list[Path], tokenizer: Path, seq_len: int, steps: int, ranks: int, workers: int) -> dict:
+    """Aggregate tokens/s of `ranks` processes, each one rank of the same streamed job."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(ranks), context.Queue()
+    processes = [
+        context.Process(target=_stream_rank, args=(corpus, tokenizer, seq_len, steps, rank, ranks, workers, barrier, results))
+        for rank in range(ranks)
+    ]
+    for process in processes:
+        process.start()
+    measured = [results.get() for _ in processes]
+    for process in processes:
+        process.join()
+        if process.exitcode:
+            raise RuntimeError(f"a stream rank failed with exit code {process.exitcode}")
+    tokens, wall, cpu = sum(t for t, _, _ in measured), max(w for _, w, _ in measured), sum(c for _, _, c in measured)
+    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "cpu_s_per_mtoken": cpu / tokens * 1e6,
+            "ranks": ranks, "workers": workers, "seq_len": seq_len, "partitions": len(corpus)}
+
+
+def write_jsonl_files(texts: list[str], files: int, directory: Path) -> list[Path]:
+    """The texts dealt round robin into `files` jsonl files."""
+    directory.mkdir()
+    paths = [directory / f"part-{i:03d}.jsonl" for i in range(files)]
+    for i, path in enumerate(paths):
+        write_jsonl(texts[i::files], 1, path)
+    return paths
 
 
 def main() -> None:
@@ -175,7 +229,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--loader-steps", type=int, default=200)
     parser.add_argument("--stream-steps", type=int, default=50)
+    parser.add_argument("--stream-files", type=int, default=8, help="jsonl files, and partitions, of the streamed corpus")
     parser.add_argument("--workers", type=int, nargs="*", help="prepare worker counts (default: 1 and all cores)")
+    parser.add_argument("--only", nargs="*", choices=PARTS, default=list(PARTS), help="which measurements (default: all)")
     args = parser.parse_args()
 
     import datasets  # here, so that no timing below pays for the import
@@ -191,7 +247,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         texts, tokenizer = corpus_and_tokenizer(work, args.documents)
-        for workers in sorted(set(args.workers or {1, cores})):
+        for workers in sorted(set(args.workers or {1, cores})) if "prepare" in args.only else ():
             corpus = write_jsonl(texts, workers, work / f"corpus-{workers}.jsonl")
             ours, theirs = prepare_rate(corpus, tokenizer, work, workers), _map_rate(corpus, tokenizer, workers)
             ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
@@ -199,18 +255,18 @@ def main() -> None:
             rows.append((f"prepare, {workers} worker(s) (vs Dataset.map)", ours["tokens_per_s"], theirs["tokens_per_s"], ratio))
             cpu_rows.append((workers, ours, theirs))
         prepared = prepare(compose_config([f"data.cache_dir={work / 'embedded'}"]).data)
-        for workers in (0, 2):
+        for workers in (0, 2) if "loader" in args.only else ():
             rate = _loader_rate(prepared, args.seq_len, args.loader_steps, workers)
             results["loader"][workers] = {"tokens_per_s": rate, "seq_len": args.seq_len}
             rows.append((f"loader, seq_len {args.seq_len}, {workers} workers", rate, None, None))
-        # Last: before this, no tokenizer in this process used its thread pool, so no forked child
-        # (Dataset.map's, the loader's) found it turned off.
-        corpus = write_jsonl(texts, 1, work / "stream.jsonl")
-        for workers in (0, 1):
-            one = _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, workers, threads=False)
-            pool = _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, workers, threads=True)
-            results["stream"][workers] = {"tokens_per_s": pool, "one_thread_tokens_per_s": one, "seq_len": args.seq_len}
-            rows.append((f"stream, {workers} workers (vs 1 thread)", pool, one, pool / one))
+        corpus = write_jsonl_files(texts, args.stream_files, work / "stream")
+        cases = {"1 rank, 0 workers": (1, 0), "2 ranks": (2, 0), "1 rank, 2 workers": (1, 2)}
+        for what, (ranks, workers) in cases.items() if "stream" in args.only else ():
+            results["stream"][what] = _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, ranks, workers)
+        base = results["stream"].get("1 rank, 0 workers", {}).get("tokens_per_s")
+        for what, figures in results["stream"].items():
+            figures["vs_1_rank_0_workers"] = figures["tokens_per_s"] / base
+            rows.append((f"stream, {what} (vs 1 rank, 0 workers)", figures["tokens_per_s"], base, figures["vs_1_rank_0_workers"]))
 
     print(f"\n{'what':<40} {'tokens/s':>14} {'baseline':>14} {'ratio':>7}")
     for what, ours, theirs, ratio in rows:
@@ -219,6 +275,8 @@ def main() -> None:
     print(f"\n{'CPU s per M tokens (workers busy)':<40} {'prepare':>14} {'Dataset.map':>14}   on {results['machine']}")
     for workers, ours, theirs in cpu_rows:
         print(f"{f'{workers} worker(s)':<40} {_cpu_cell(ours):>14} {_cpu_cell(theirs):>14}")
+    for what, figures in results["stream"].items():
+        print(f"{f'stream, {what}':<40} {figures['cpu_s_per_mtoken']:>14.2f}   (all its processes' CPU, timed steps)")
     out = REPO / "bench" / "results" / "data.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -25,7 +25,7 @@ class MixtureSourceConfig:
 class DataConfig:
     name: str = "embedded"
     # "prepared": tokenized once into shards under cache_dir, sampled in a seeded order.
-    # "stream": tokenized while training, in source order (data/stream.py); needs a named tokenizer.
+    # "stream": tokenized while training, partition by partition (data/stream.py); needs a named tokenizer.
     mode: str = field(default="prepared", metadata={"choices": ["prepared", "stream"]})
     # "embedded": the Python standard library's own source, present on every machine.
     # Otherwise a `datasets` source: a hub name, or a builder ("json", "parquet", "text")
@@ -49,8 +49,19 @@ class DataConfig:
     # Tokenizing processes for prepare; null: one per available core. The output is the same for any number.
     prepare_workers: Optional[int] = field(default=None, metadata={"min": 1})
     # Dataloader worker processes per rank that build batches ahead of the step (0: in the
-    # training process). The data order does not depend on it.
+    # training process). The data order does not depend on it. Streaming: each worker tokenizes
+    # its share of the rank's partitions, so at most stream_partitions / data-parallel size.
     num_workers: int = field(default=0, metadata={"min": 0})
+    # Streaming: the source splits into this many partitions (by shard where it has at least this
+    # many, by document where it is one shard), each packed on its own; global sample g is the
+    # (g div P)-th window of partition g mod P, and partition p is read by data-parallel rank
+    # p mod dp, so the data-parallel size must divide it. Fixed for the life of a run: a resume
+    # with another count is refused.
+    stream_partitions: int = field(default=64, metadata={"min": 1})
+    # Streaming: shuffle each partition's documents within consecutive windows of this many (a
+    # permutation seeded by seed, partition, epoch and window number; exactly restored on resume;
+    # costs the window's texts in memory per partition). 0: source order.
+    stream_shuffle_window: int = field(default=0, metadata={"min": 0})
     # Several sources blended by weight (each prepared on its own, all with data.tokenizer, which
     # cannot be "embedded" here); when set, source/data_files/subset/split/text_field above are unused.
     mixture: list[MixtureSourceConfig] = field(default_factory=list)

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import itertools
 import json
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 from zeroforge.data.config import DataConfig
 from zeroforge.data.errors import DataError
@@ -44,111 +43,93 @@ def _local_files(cfg: DataConfig) -> list[str]:
     return files
 
 
-# Rows a reader that needs no position takes from a `datasets` source at once: one row at a time
-# costs more than tokenizing it once prepare runs a dozen workers.
+# Rows taken from a `datasets` source at once: one row at a time costs more than tokenizing it
+# once prepare runs a dozen workers.
 _ROWS_PER_READ = 1024
 
 
 def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    """Yield (key, text) for every document of the source, in a fixed order."""
-    return iter(SourceReader(cfg, rows_per_read=_ROWS_PER_READ))
+    """Yield (key, text) for every document of the source, in a fixed order, up to max_documents.
 
-
-class SourceReader:
-    """The documents of a source, in a fixed order, read from a position that can be saved.
-
-    position() is where a reader built with it continues: after the last document yielded. It
-    holds the next row, the documents yielded so far (for max_documents) and, for `datasets`
-    sources, the dataset's own state_dict, which reopens at that file and row instead of reading
-    every row before it; it is exact only for a reader that reads one row at a time. Keys (the
-    validation split's hash input) are row numbers for `datasets` sources and file names for the
-    embedded corpus, however the reader started.
+    Keys (the validation split's hash input) are row numbers for `datasets` sources and file
+    names for the embedded corpus.
     """
+    documents = 0
+    for key, text in _documents(cfg):
+        if cfg.max_documents is not None and documents >= cfg.max_documents:
+            break
+        documents += 1
+        yield key, text
+    if documents == 0:
+        raise DataError(
+            f"data source {describe_source(cfg)} yielded no documents; expected at least one "
+            f"non-empty text in field {cfg.text_field!r}."
+        )
 
-    def __init__(self, cfg: DataConfig, position: Optional[dict] = None, rows_per_read: int = 1):
-        self.cfg, self.rows_per_read = cfg, rows_per_read
-        # Plain values: an OmegaConf attribute read per document costs as much as a small document.
-        self._max_documents: Optional[int] = cfg.max_documents
-        self._text_field: str = cfg.text_field
-        start = position or {"row": 0, "documents": 0, "dataset": None}
-        self._row, self._documents, self._dataset_state = start["row"], start["documents"], start["dataset"]
-        self._dataset = None  # the open streaming dataset, once rows have been read from it
 
-    def position(self) -> dict:
-        if self.rows_per_read != 1:
-            raise RuntimeError(f"SourceReader(rows_per_read={self.rows_per_read}) has no exact position.")
-        dataset = self._dataset.state_dict() if self._dataset is not None else self._dataset_state
-        return {"row": self._row, "documents": self._documents, "dataset": dataset}
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        from_start = self._row == 0
-        for key, text in self._rows():
-            if self._max_documents is not None and self._documents >= self._max_documents:
-                break
-            self._documents += 1
-            yield key, text
-        if from_start and self._documents == 0:
-            raise DataError(
-                f"data source {describe_source(self.cfg)} yielded no documents; expected at least one "
-                f"non-empty text in field {self.cfg.text_field!r}."
-            )
-
-    def _rows(self) -> Iterator[tuple[str, str]]:
-        """(key, text) of the non-empty rows from the position on; self._row follows each row read."""
-        cfg = self.cfg
-        if cfg.source == "embedded":
-            root = Path(sysconfig.get_paths()["stdlib"])
-            files = embedded_files()
-            for row in range(self._row, len(files)):
-                self._row = row + 1
-                text = files[row].read_text(encoding="utf-8", errors="replace")
-                if text.strip():
-                    yield str(files[row].relative_to(root)), text
-            return
-        import datasets
-
-        files = _local_files(cfg)
-        if cfg.source in _FILE_BUILDERS and not files:
-            raise DataError(f"data.source={cfg.source!r} reads local files; expected data.data_files, found none.")
-        try:
-            dataset = datasets.load_dataset(
-                cfg.source, name=cfg.subset, data_files=files or None, split=cfg.split, streaming=True
-            )
-            if self._dataset_state is not None:
-                dataset.load_state_dict(self._dataset_state)
-            rows = _rows_of(dataset, self.rows_per_read)
-            first = next(rows, None)
-        except (OSError, ValueError) as err:
-            raise DataError(f"data source {describe_source(cfg)} could not be opened: {err}") from None
-        if first is None:
-            return
-        self._dataset = dataset
-        field = self._text_field
-        for index, row in enumerate(itertools.chain([first], rows), start=self._row):
-            self._row = index + 1
-            if field not in row:
-                raise DataError(
-                    f"data source {describe_source(cfg)}: document {index} has no field "
-                    f"{field!r} (data.text_field); its fields are {sorted(row)}."
-                )
-            text = row[field]
-            if not isinstance(text, str):
-                raise DataError(
-                    f"data source {describe_source(cfg)}: field {field!r} of document "
-                    f"{index} is {type(text).__name__}, expected text."
-                )
+def _documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    if cfg.source == "embedded":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        for path in embedded_files():
+            text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():
-                yield str(index), text
+                yield str(path.relative_to(root)), text
+        return
+    field = cfg.text_field  # read once: an OmegaConf attribute read per document costs as much as a small document
+    for index, row in enumerate(dataset_rows(cfg, open_dataset(cfg), _ROWS_PER_READ)):
+        text = row_text(cfg, row, field, str(index))
+        if text.strip():
+            yield str(index), text
 
 
-def _rows_of(dataset, rows_per_read: int) -> Iterator[dict]:
-    """The rows of a streaming dataset one by one, read rows_per_read at a time. Not iter(dataset):
-    inside a DataLoader worker that reads only the worker's share of the files, and every reader
-    here needs all of them."""
-    for batch in dataset.iter(batch_size=rows_per_read):
+def open_dataset(cfg: DataConfig):
+    """The `datasets` source as a streaming IterableDataset (nothing read yet)."""
+    import datasets
+
+    files = _local_files(cfg)
+    if cfg.source in _FILE_BUILDERS and not files:
+        raise DataError(f"data.source={cfg.source!r} reads local files; expected data.data_files, found none.")
+    try:
+        return datasets.load_dataset(cfg.source, name=cfg.subset, data_files=files or None, split=cfg.split, streaming=True)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data source {describe_source(cfg)} could not be opened: {err}") from None
+
+
+def dataset_rows(cfg: DataConfig, dataset, rows_per_read: int) -> Iterator[dict]:
+    """The rows of a streaming dataset one by one, read rows_per_read at a time."""
+    for batch in dataset_batches(cfg, dataset, rows_per_read):
         columns = list(batch.items())
         for i in range(len(columns[0][1])):
             yield {name: values[i] for name, values in columns}
+
+
+def dataset_batches(cfg: DataConfig, dataset, rows_per_read: int) -> Iterator[dict]:
+    """Column batches of a streaming dataset. Not iter(dataset): inside a DataLoader worker that
+    reads only the worker's share of the files, and every reader here chooses its own."""
+    batches = dataset.iter(batch_size=rows_per_read)
+    try:
+        first = next(batches, None)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data source {describe_source(cfg)} could not be opened: {err}") from None
+    if first is not None:
+        yield first
+        yield from batches
+
+
+def row_text(cfg: DataConfig, row: dict, field: str, key: str) -> str:
+    """The document text of a row, or a DataError naming the document (by key) and the field."""
+    if field not in row:
+        raise DataError(
+            f"data source {describe_source(cfg)}: document {key} has no field "
+            f"{field!r} (data.text_field); its fields are {sorted(row)}."
+        )
+    text = row[field]
+    if not isinstance(text, str):
+        raise DataError(
+            f"data source {describe_source(cfg)}: field {field!r} of document "
+            f"{key} is {type(text).__name__}, expected text."
+        )
+    return text
 
 
 def describe_source(cfg: DataConfig) -> str:

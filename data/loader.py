@@ -180,6 +180,11 @@ class BatchLoader:
             "seq_len": self.seq_len,
         }
 
+    @staticmethod
+    def global_state(states: list[dict]) -> dict:
+        """The state of the whole job from every rank's state_dict(): they are all the same."""
+        return states[0]
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state; refuses one saved for other data, seq_len or seed."""
         now = self.state_dict()

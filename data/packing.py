@@ -1,16 +1,22 @@
-"""Packing a streamed source into windows, with a position that resumes exactly.
+"""Packing one partition of a streamed source into windows, with a position that resumes exactly.
 
-One split's token stream is its documents (each [BOS] + tokens + EOS, as prepare writes them)
-back to back, in source order, epoch after epoch; window g is tokens [g*seq_len, g*seq_len +
-seq_len + 1), the same concat-and-chunk as prepared shards. The position in that stream is where
-the next window starts: the epoch, the source position in front of the document holding that
-token, and how many of the document's tokens lie before it. Re-tokenizing that one document on
-resume rebuilds the packing buffer, so the position stays small whatever the documents' length.
+A partition's token stream is its train documents (each [BOS] + tokens + EOS, as prepare writes
+them) back to back, epoch after epoch; its window m is tokens [m*seq_len, m*seq_len + seq_len + 1),
+the same concat-and-chunk as prepared shards. With data.stream_shuffle_window=S > 0 the documents
+go in blocks of S (the partition's documents in read order, counted from each epoch's start; an
+epoch's last block may be shorter), each block in the order of a permutation seeded by (seed,
+partition, epoch, block number); S = 0 keeps read order (blocks of one).
+
+The position in that stream is where the next window starts: the place in front of the first
+document of the block holding that token (data/partitions.py), its epoch and block number, the
+document's index in the permuted block, and how many of its tokens lie before the position. On
+resume the block's documents are read again from its first (at most S texts), permuted again,
+and only the document holding the position is tokenized again, so the position stays small
+whatever the documents' length.
 """
 from __future__ import annotations
 
 import collections
-import copy
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -18,66 +24,79 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from zeroforge.data.config import DataConfig
-from zeroforge.data.corpus import SourceReader, describe_source, is_validation
+from zeroforge.data.corpus import describe_source
 from zeroforge.data.encode import DocumentEncoder
 from zeroforge.data.errors import DataError
+from zeroforge.data.partitions import PartitionDocuments, SourceLayout, validation_documents
 
-# Documents tokenized per batch: the fast tokenizer's batch encoder amortises its overhead over
-# them, while the read-ahead stays small.
+# Documents tokenized per batch, up to a size: the fast tokenizer's batch encoder amortises its
+# overhead over them, while the read-ahead stays small (a rank may hold 64 partitions' buffers).
 _BATCH_DOCUMENTS = 64
+_BATCH_CHARACTERS = 1 << 16
+
+
+def start_position() -> dict:
+    """A partition's position before its first window."""
+    return {"epoch": 0, "place": None, "block": 0, "index": 0, "offset": 0}
+
+
+def document_start(position: dict) -> tuple[int, Optional[dict]]:
+    """Where a partition's documents must be read from to continue at `position`: its block's first."""
+    return position["epoch"], position["place"]
 
 
 @dataclass
-class _Document:
-    source: dict  # the reader's position in front of this document
+class _Block:
     epoch: int
+    place: Optional[dict]  # in front of its first document
+    number: int  # within its epoch
+
+
+@dataclass
+class _Tokens:
+    block: _Block
+    index: int  # in the permuted block
     tokens: np.ndarray
     offset: int = 0  # tokens already behind the stream position
 
 
-class PackedStream:
-    """Windows of seq_len + 1 tokens of one split ("train" or "validation") of a streamed source."""
+class PartitionWindows:
+    """Windows of seq_len + 1 tokens of one partition's train documents, from `position` on."""
 
-    def __init__(
-        self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, split: str, seq_len: int,
-        position: Optional[dict] = None,
-    ):
-        self.cfg, self.split, self.seq_len = cfg, split, seq_len
-        # Plain values for the per-document split test: an OmegaConf read costs as much as a small document.
-        self.fraction, self.held_out = cfg.validation_fraction, split == "validation"
-        self.encoder = DocumentEncoder(tokenizer, np.dtype(np.int64))
-        start = position or {"epoch": 0, "source": None, "offset": 0}
-        self.epoch = start["epoch"]
-        self.reader = SourceReader(cfg, start["source"])
-        self.documents: Iterator[tuple[str, str]] = iter(self.reader)
-        self.skip_first = start["offset"]  # the resumed document's tokens before the position
-        self.buffer: collections.deque[_Document] = collections.deque()
+    def __init__(self, documents: PartitionDocuments, partition: int, encoder: DocumentEncoder, seq_len: int,
+                 shuffle_window: int, seed: int, position: dict):
+        self.documents, self.partition, self.encoder = documents, partition, encoder
+        self.seq_len, self.block_size, self.seed = seq_len, max(shuffle_window, 1), seed
+        self.next_block = _Block(position["epoch"], position["place"], position["block"])
+        self.pending: collections.deque[tuple[_Block, int, str]] = collections.deque()  # to tokenize, in order
+        self._add_block()
+        for _ in range(position["index"]):  # the block's documents before the position's: used up
+            self.pending.popleft()
+        self.skip_first = position["offset"]  # the resumed document's tokens before the position
+        self.buffer: collections.deque[_Tokens] = collections.deque()
         self.buffered = 0
-        # Whether this epoch's reader began at the source's start, and has found a document of
-        # the split: an epoch from the start without one would loop for ever.
-        self.from_start, self.read_in_epoch = start["source"] is None, False
 
     def position(self) -> dict:
-        """Where the next window starts; a PackedStream built with it continues there."""
-        if self.buffer:
-            head = self.buffer[0]
-            return {"epoch": head.epoch, "source": copy.deepcopy(head.source), "offset": head.offset}
-        return {"epoch": self.epoch, "source": self.reader.position(), "offset": 0}
+        """Where the next window starts; a PartitionWindows built with it continues there."""
+        if not self.buffer:
+            self._fill()
+        head = self.buffer[0]
+        return {"epoch": head.block.epoch, "place": head.block.place, "block": head.block.number,
+                "index": head.index, "offset": head.offset}
 
     def windows(self, count: int) -> np.ndarray:
         """The next `count` windows, [count, seq_len + 1], and moves past them."""
+        if count == 0:
+            return np.empty((0, self.seq_len + 1), dtype=np.int64)
         flat = self._peek(count * self.seq_len + 1)
         rows = np.lib.stride_tricks.sliding_window_view(flat, self.seq_len + 1)[:: self.seq_len]
-        self.skip(count)
+        self._skip(count * self.seq_len)
         return rows.copy()  # a writable array of its own: the view is read-only (and torch warns)
 
-    def skip(self, count: int) -> None:
-        """Moves past `count` windows without building them (their documents are still read)."""
-        left = count * self.seq_len
+    def _skip(self, left: int) -> None:
         while left:
             if not self.buffer:
-                self.fill()
+                self._fill()
             head = self.buffer[0]
             step = min(left, len(head.tokens) - head.offset)
             head.offset += step
@@ -88,7 +107,7 @@ class PackedStream:
 
     def _peek(self, length: int) -> np.ndarray:
         while self.buffered < length:
-            self.fill()
+            self._fill()
         pieces, need = [], length
         for doc in self.buffer:
             piece = doc.tokens[doc.offset : doc.offset + need]
@@ -98,62 +117,72 @@ class PackedStream:
                 break
         return np.concatenate(pieces)
 
-    def fill(self, next_epoch: bool = True) -> bool:
-        """Tokenizes the next batch of this split's documents into the buffer; at the end of the
-        source, from the start of the next epoch, or (next_epoch False) returns False."""
-        sources, texts = self._read_batch()
-        while not texts:
-            if not next_epoch:
-                return False
-            if self.from_start and not self.read_in_epoch:
-                raise DataError(
-                    f"data source {describe_source(self.cfg)} has no {self.split} documents (data."
-                    f"validation_fraction={self.cfg.validation_fraction}); expected at least one."
-                )
-            self.epoch += 1
-            self.reader = SourceReader(self.cfg)
-            self.documents, self.from_start, self.read_in_epoch = iter(self.reader), True, False
-            sources, texts = self._read_batch()
-        tokens, lengths = self.encoder(texts)
-        for source, piece in zip(sources, np.split(tokens, np.cumsum(lengths)[:-1])):
-            self.buffer.append(_Document(source, self.epoch, piece, offset=self.skip_first))
+    def _add_block(self) -> None:
+        """Reads the next block's documents into `pending`, in the block's order."""
+        block = self.next_block
+        texts = [self.documents.pop(self.partition).text]
+        while len(texts) < self.block_size and self.documents.peek(self.partition).epoch == block.epoch:
+            texts.append(self.documents.pop(self.partition).text)
+        order = range(len(texts))
+        if self.block_size > 1:
+            rng = np.random.Generator(np.random.PCG64([self.seed, self.partition, block.epoch, block.number]))
+            order = rng.permutation(len(texts)).tolist()
+        self.pending.extend((block, index, texts[i]) for index, i in enumerate(order))
+        following = self.documents.peek(self.partition)
+        number = block.number + 1 if following.epoch == block.epoch else 0
+        self.next_block = _Block(following.epoch, following.place, number)
+
+    def _fill(self) -> None:
+        """Tokenizes the next documents into the buffer."""
+        batch, size = [], 0
+        while len(batch) < _BATCH_DOCUMENTS and size < _BATCH_CHARACTERS:
+            if not self.pending:
+                self._add_block()
+            batch.append(self.pending.popleft())
+            size += len(batch[-1][2])
+        tokens, lengths = self.encoder([text for _, _, text in batch])
+        for (block, index, _), piece in zip(batch, np.split(tokens, np.cumsum(lengths)[:-1])):
+            self.buffer.append(_Tokens(block, index, piece, offset=self.skip_first))
             self.buffered += len(piece) - self.skip_first
             self.skip_first = 0
-        return True
-
-    def _read_batch(self) -> tuple[list[dict], list[str]]:
-        sources: list[dict] = []
-        texts: list[str] = []
-        while len(texts) < _BATCH_DOCUMENTS:
-            source = self.reader.position()
-            item = next(self.documents, None)
-            if item is None:
-                break
-            key, text = item
-            if is_validation(key, self.fraction) == self.held_out:
-                sources.append(source)
-                texts.append(text)
-                self.read_in_epoch = True
-        return sources, texts
 
 
 def stream_validation_batches(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seq_len: int, batch_size: int, num_batches: int
+    layout: SourceLayout, tokenizer: PreTrainedTokenizerBase, seq_len: int, batch_size: int, num_batches: int
 ) -> list[torch.Tensor]:
-    """The first windows of the held-out documents, in order: the same numbers on every run.
+    """The first windows of the held-out documents, in source order: the same numbers on every run
+    and world size.
 
     The source is read from its start until there are enough (or it ends): held-out documents
-    are chosen by the same hash of their key as prepare's validation split.
+    are chosen by the same hash of the same keys as the training documents are read with.
     """
-    stream = PackedStream(cfg, tokenizer, "validation", seq_len)
-    wanted = batch_size * num_batches
-    while stream.buffered < wanted * seq_len + 1 and stream.fill(next_epoch=False):
-        pass
-    count = min(wanted, (stream.buffered - 1) // seq_len)
+    encoder = DocumentEncoder(tokenizer, np.dtype(np.int64))
+    wanted = batch_size * num_batches * seq_len + 1
+    pieces, have = [np.empty(0, dtype=np.int64)], 0
+    for texts in _batches(validation_documents(layout), _BATCH_DOCUMENTS):
+        tokens, _ = encoder(texts)
+        pieces.append(tokens)
+        have += len(tokens)
+        if have >= wanted:
+            break
+    count = min(batch_size * num_batches, (have - 1) // seq_len)
     if count < 1:
         raise DataError(
-            f"data source {describe_source(cfg)}: its validation documents have {stream.buffered} tokens, "
+            f"data source {describe_source(layout.cfg)}: its validation documents have {have} tokens, "
             f"fewer than one sample of data.seq_len + 1 = {seq_len + 1}; use more data or a larger "
             "data.validation_fraction."
         )
-    return list(torch.from_numpy(stream.windows(count)).split(batch_size))
+    flat = np.concatenate(pieces)[: count * seq_len + 1]
+    rows = np.lib.stride_tricks.sliding_window_view(flat, seq_len + 1)[::seq_len].copy()
+    return list(torch.from_numpy(rows).split(batch_size))
+
+
+def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,46 +1,63 @@
-"""Streaming mode (data.mode=stream): tokenize on the fly, pack, and resume exactly.
+"""Streaming mode (data.mode=stream): tokenize while training, each rank only its share, resume exactly.
 
-Sharding: one deterministic global stream of packed windows, as data/packing.py builds it from the
-source in its own order (no shuffle: a shuffle buffer's contents cannot be restored). Global batch
-b is windows [b*G, (b+1)*G) and data-parallel rank r keeps the r-th contiguous slice of it, so
-batch b holds the same windows for every world size that divides G, and a resume on another world
-size continues the same sequence. The price: every rank reads and tokenizes the whole source and
-keeps 1/dp of it. We chose this over `datasets.distributed.split_dataset_by_node`, which gives
-each rank its own documents and so packs them differently for every world size: exactness over
-read efficiency. Dataloader worker w of W builds the steps w, w+W, ... (so none twice), each
-reading and tokenizing the whole source too (packing needs every document's length): one worker
-takes tokenizing off the training process, more only cost CPU. The workers are spawned, not
-forked: in a process forked after the training process used the tokenizer's thread pool (its
-validation windows do), the tokenizers library silently turns that pool off, and the worker
-would tokenize on one core. Where tokenizing the source on every rank is too slow, prepare it
-(data.mode=prepared).
+Order. The source splits into P = data.stream_partitions partitions (data/partitions.py: by shard,
+or by document for a one-file source), each packed into windows on its own (data/packing.py).
+Global sample g is window g div P of partition g mod P, and global batch b is samples
+[b*G, (b+1)*G). Partition p is read and tokenized by data-parallel rank p mod dp only, which
+needs dp | P; then sample g lies on rank g mod dp, so each rank holds every dp-th row of each
+global batch, G/dp rows (dp | G, as the micro-batch split already requires; G need not be a
+multiple of P: a batch then takes one window more from some partitions than from others, and
+the next batches even it out). The windows of batch b, and so the step's mean loss, are the same
+on every world size that divides P; a rank's rows are not a contiguous slice of the batch, which
+does not matter, since the loss is a mean over the whole batch. This is mosaic streaming's idea
+of canonical nodes: the partition count is fixed for the run, the world size is any divisor of it.
+We chose it over one global stream that every rank packs and slices (each rank tokenized
+everything: one rank's tokenizer rate was the job's) and over `split_dataset_by_node` (each rank
+packs its own documents, so the order changes with the world size and a resume on another one
+cannot continue it).
 
-State: {consumed_samples, position}, where position is the stream's (epoch, source position in
-front of the document holding the next window's first token, offset in that document). Every
-rank packs the whole global batch, so the position after a step is the same on every rank and
-world size. It comes with the fingerprint (source, text field, split rule, tokenizer hash) and
-seq_len, and a state for other data is refused naming both.
+Workers. Dataloader worker w of W takes the rank's partitions w, w + W, ... (so W <= P/dp: no
+worker reads or tokenizes what another does) and yields, step after step, its partitions' rows of
+the step with their row numbers in the rank's batch. torch's DataLoader hands an IterableDataset's
+items back round robin (worker 0, 1, ..., W-1, 0, ...), so W items make one step, which the
+training process assembles (checking that each item is the one expected). The workers are
+spawned, not forked: in a process forked after the training process used the tokenizer's thread
+pool (its validation windows do), the tokenizers library silently turns that pool off, and the
+worker would tokenize on one core.
+
+State. Each partition's position (data/packing.py) after the last step handed out, with
+consumed_samples (which fixes how many windows partition p has given: the g < consumed_samples
+with g mod P = p), the partition count and shuffle window, the fingerprint (source, text field,
+split and key rules, tokenizer hash), seq_len and seed. A rank knows only its own partitions'
+positions: state_dict() gives those (None for the others), and global_state() combines every
+rank's into the checkpoint's (the trainer gathers them; data/ never holds a process group).
+load_state_dict() takes that whole state on every rank, and each rank picks its partitions: a
+resume on any world size that divides P continues exactly, and a state for another partition
+count, shuffle window or data is refused naming both.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from zeroforge.data.config import DataConfig
 from zeroforge.data.corpus import describe_source, source_fingerprint
-from zeroforge.data.encode import main_module_hidden, uses_bos
+from zeroforge.data.encode import DocumentEncoder, main_module_hidden, uses_bos
 from zeroforge.data.errors import DataError
 from zeroforge.data.loader import check_batch_split
-from zeroforge.data.packing import PackedStream, stream_validation_batches
+from zeroforge.data.packing import PartitionWindows, document_start, start_position, stream_validation_batches
+from zeroforge.data.partitions import PartitionDocuments, SourceLayout, check_partition_split
 from zeroforge.data.tokenizer import load_tokenizer, tokenizer_hash
 
-STREAM_FORMAT = 1
+STREAM_FORMAT = 2
 
 
 def check_streamable(cfg: DataConfig) -> None:
@@ -57,11 +74,14 @@ def check_streamable(cfg: DataConfig) -> None:
         )
 
 
-def stream_manifest(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """What a prepared manifest says about the data, for the checks that compare it with checkpoints."""
+def stream_manifest(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout: SourceLayout) -> dict:
+    """What a prepared manifest says about the data, for the checks that compare it with checkpoints.
+
+    The partition count and shuffle window are not in the fingerprint: a state is checked against
+    them by name, so that a mismatch names both numbers."""
     tok_hash = tokenizer_hash(tokenizer)
     parts = [
-        "stream", STREAM_FORMAT, source_fingerprint(cfg), cfg.text_field, cfg.validation_fraction,
+        "stream", STREAM_FORMAT, source_fingerprint(cfg), layout.shards, cfg.text_field, cfg.validation_fraction,
         cfg.max_documents, tok_hash,
     ]
     return {
@@ -76,28 +96,37 @@ def stream_manifest(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict
 
 
 class _StreamSteps(IterableDataset):
-    """This rank's rows of every step from `position` on, each with the position after that step;
-    worker w of W yields steps w::W."""
+    """This rank's rows of every step from first_sample on, one item per step and worker: (worker,
+    step, its partitions' rows, their row numbers in the rank's batch, their positions after the
+    step, as JSON text, which the DataLoader hands back from a worker as it is)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, position: Optional[dict],
-                 global_batch: int, dp_rank: int, dp_size: int):
+    def __init__(self, layout: SourceLayout, tokenizer: PreTrainedTokenizerBase, seq_len: int, shuffle_window: int,
+                 seed: int, positions: dict[int, dict], first_sample: int, global_batch: int, dp_size: int):
         super().__init__()
-        self.cfg, self.tokenizer, self.position = cfg, tokenizer, position
-        self.global_batch, self.per_rank = global_batch, global_batch // dp_size
-        self.offset = dp_rank * self.per_rank
+        self.layout, self.tokenizer, self.seq_len = layout, tokenizer, seq_len
+        self.shuffle_window, self.seed, self.positions = shuffle_window, seed, positions
+        self.first_sample, self.global_batch, self.dp_size = first_sample, global_batch, dp_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
+    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        stream = PackedStream(self.cfg, self.tokenizer, "train", self.cfg.seq_len, self.position)
-        stream.skip(worker * self.global_batch)
-        while True:
-            stream.skip(self.offset)
-            rows = torch.from_numpy(stream.windows(self.per_rank))
-            stream.skip(self.global_batch - self.offset - self.per_rank)
-            # As text: the DataLoader hands it back from a worker as it is.
-            yield rows, json.dumps(stream.position())
-            stream.skip((workers - 1) * self.global_batch)
+        mine = sorted(self.positions)[worker::workers]
+        documents = PartitionDocuments(self.layout, {p: document_start(self.positions[p]) for p in mine})
+        encoder = DocumentEncoder(self.tokenizer, np.dtype(np.int64))
+        packers = {
+            p: PartitionWindows(documents, p, encoder, self.seq_len, self.shuffle_window, self.seed, self.positions[p])
+            for p in mine
+        }
+        partitions = self.layout.partitions
+        for step in itertools.count():
+            start = self.first_sample + step * self.global_batch
+            rows, index = [], []
+            for p in mine:
+                samples = range(start + (p - start) % partitions, start + self.global_batch, partitions)
+                rows.append(packers[p].windows(len(samples)))
+                index += [(g - start) // self.dp_size for g in samples]
+            positions = json.dumps({p: packers[p].position() for p in mine})
+            yield worker, step, torch.from_numpy(np.concatenate(rows)), torch.tensor(index, dtype=torch.int64), positions
 
 
 class StreamLoader:
@@ -109,6 +138,7 @@ class StreamLoader:
         cfg: DataConfig,
         tokenizer: PreTrainedTokenizerBase,
         manifest: dict,
+        layout: SourceLayout,
         seed: int,
         global_batch: int,
         micro_batch: int,
@@ -118,20 +148,25 @@ class StreamLoader:
         pin_memory: bool = False,
     ):
         check_batch_split(global_batch, micro_batch, dp_size)
-        self.cfg, self.tokenizer, self.manifest, self.seed = cfg, tokenizer, manifest, seed
+        check_partition_split(layout.partitions, dp_size, num_workers)
+        self.cfg, self.tokenizer, self.manifest, self.layout, self.seed = cfg, tokenizer, manifest, layout, seed
+        self.seq_len, self.shuffle_window = cfg.seq_len, cfg.stream_shuffle_window
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.consumed_samples = 0
-        self.position: Optional[dict] = None  # None: the start of the source
-        self._steps: Optional[Iterator[tuple[torch.Tensor, str]]] = None
+        self.partitions = list(range(dp_rank, layout.partitions, dp_size))  # this rank's
+        self.positions: dict[int, dict] = {p: start_position() for p in self.partitions}
+        self._steps: Optional[Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str]]] = None
+        self._step = 0  # steps handed out by the running iterator
 
-    def _start(self) -> Iterator[tuple[torch.Tensor, str]]:
-        steps = _StreamSteps(self.cfg, self.tokenizer, self.position, self.global_batch, self.dp_rank, self.dp_size)
+    def _start(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str]]:
+        self._step = 0
+        steps = _StreamSteps(self.layout, self.tokenizer, self.seq_len, self.shuffle_window, self.seed,
+                             copy.deepcopy(self.positions), self.consumed_samples, self.global_batch, self.dp_size)
         if self.num_workers == 0:
             return iter(steps)
-        loader = DataLoader(steps, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            multiprocessing_context="spawn")
+        loader = DataLoader(steps, batch_size=None, num_workers=self.num_workers, multiprocessing_context="spawn")
         with main_module_hidden():  # the iterator starts the workers
             return iter(loader)
 
@@ -139,33 +174,64 @@ class StreamLoader:
         """The micro-batches ([micro_batch, seq_len + 1] token ids) of this rank's next step."""
         if self._steps is None:
             self._steps = self._start()
-        rows, position = next(self._steps)
-        self.position = json.loads(position)
+        rows = torch.empty((self.global_batch // self.dp_size, self.seq_len + 1), dtype=torch.int64)
+        for expected in range(max(self.num_workers, 1)):
+            worker, step, part, index, positions = next(self._steps)
+            if (worker, step) != (expected, self._step):
+                raise RuntimeError(
+                    f"stream loader: expected step {self._step} of worker {expected}, got step {step} of worker "
+                    f"{worker} (the DataLoader no longer returns its workers' items round robin)."
+                )
+            rows[index] = part
+            self.positions.update({int(p): position for p, position in json.loads(positions).items()})
+        self._step += 1
         self.consumed_samples += self.global_batch
+        if self.pin_memory:
+            rows = rows.pin_memory()
         return list(rows.split(self.micro_batch))
 
     def state_dict(self) -> dict:
+        """This rank's state: the positions of its own partitions (None for the others')."""
         return {
             "consumed_samples": self.consumed_samples,
-            "position": copy.deepcopy(self.position),
+            "partitions": self.layout.partitions,
+            "shuffle_window": self.shuffle_window,
+            "positions": [copy.deepcopy(self.positions.get(p)) for p in range(self.layout.partitions)],
             "fingerprint": self.manifest["fingerprint"],
             "source": self.manifest["source"],
             "tokenizer_hash": self.manifest["tokenizer_hash"],
-            "seq_len": self.cfg.seq_len,
-            # Streamed order does not depend on the seed; it is here because a checkpoint's
-            # resume check (trainer/checkpoint.py) compares it for every data mode.
-            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "seed": self.seed,  # the shuffle's (and a checkpoint's resume check compares it for every data mode)
         }
 
+    @staticmethod
+    def global_state(states: list[dict]) -> dict:
+        """The state of the whole job from every rank's state_dict(): every partition's position."""
+        merged = copy.deepcopy(states[0])
+        for state in states[1:]:
+            for p, position in enumerate(state["positions"]):
+                if position is not None:
+                    merged["positions"][p] = position
+        return merged
+
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved state; refuses one saved for another source, tokenizer or seq_len."""
+        """Continue from the job's state (global_state()), on any world size that divides the
+        partition count; refuses one saved for another partition count, shuffle or data."""
         now = self.state_dict()
-        keys = ("source", "tokenizer_hash", "seq_len", "fingerprint")
-        differs = [f"{key}: saved {state.get(key)!r}, now {now[key]!r}" for key in keys if state.get(key) != now[key]]
+        keys = ("partitions", "shuffle_window", "source", "tokenizer_hash", "seq_len", "seed", "fingerprint")
+        names = {"partitions": "data.stream_partitions", "shuffle_window": "data.stream_shuffle_window"}
+        differs = [f"{names.get(key, key)}: saved {state.get(key)!r}, now {now[key]!r}" for key in keys
+                   if state.get(key) != now[key]]
         if differs:
-            raise DataError("the saved data state belongs to other data; " + "; ".join(differs) + ".")
+            raise DataError("the saved data state belongs to other data or another order; " + "; ".join(differs) + ".")
+        missing = [p for p in self.partitions if state["positions"][p] is None]
+        if missing:
+            raise DataError(
+                f"the saved data state has no position for partition(s) {missing} of rank {self.dp_rank}: it is "
+                "one rank's state_dict(), expected the job's (StreamLoader.global_state of every rank's)."
+            )
         self.consumed_samples = int(state["consumed_samples"])
-        self.position = copy.deepcopy(state["position"])
+        self.positions = {p: copy.deepcopy(state["positions"][p]) for p in self.partitions}
         self._steps = None  # a running iterator (and its workers) is at the old position
 
 
@@ -178,12 +244,13 @@ class StreamData:
         check_streamable(cfg)
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.manifest = stream_manifest(cfg, self.tokenizer)
+        self.layout = SourceLayout(cfg)
+        self.manifest = stream_manifest(cfg, self.tokenizer, self.layout)
 
     def loader(self, seed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                pin_memory: bool = False) -> StreamLoader:
-        return StreamLoader(self.cfg, self.tokenizer, self.manifest, seed, global_batch, micro_batch, dp_rank,
-                            dp_size, self.cfg.num_workers, pin_memory)
+        return StreamLoader(self.cfg, self.tokenizer, self.manifest, self.layout, seed, global_batch, micro_batch,
+                            dp_rank, dp_size, self.cfg.num_workers, pin_memory)
 
     def validation_batches(self, batch_size: int, num_batches: int) -> list[torch.Tensor]:
-        return stream_validation_batches(self.cfg, self.tokenizer, self.cfg.seq_len, batch_size, num_batches)
+        return stream_validation_batches(self.layout, self.tokenizer, self.cfg.seq_len, batch_size, num_batches)

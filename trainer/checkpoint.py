@@ -326,6 +326,10 @@ def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size
         problems.append(f"data.seq_len: checkpoint {data['seq_len']}, now {cfg.data.seq_len}")
     if data["seed"] != cfg.seed:
         problems.append(f"seed (the data order): checkpoint {data['seed']}, now {cfg.seed}")
+    if "partitions" in data:  # a streamed run's order: its partitions and shuffle
+        for key, name in (("partitions", "stream_partitions"), ("shuffle_window", "stream_shuffle_window")):
+            if data[key] != cfg.data[name]:
+                problems.append(f"data.{name}: checkpoint {data[key]}, now {cfg.data[name]}")
     if problems:
         raise ConfigError(f"cannot resume from {path}: the run differs in " + "; ".join(problems) + ". Use another run.dir for a new run, or checkpoint.resume=never.")
     if run["world_size"] == world_size or cfg.deepspeed.stage == 0:

@@ -102,7 +102,7 @@ def train(cfg: DictConfig) -> dict:
         client_state = {
             "step": step,
             "tokens": metrics.tokens,
-            "data": loader.state_dict(),
+            "data": loader.global_state(distributed.gather(loader.state_dict(), dist)),  # a streaming rank knows only its partitions
             "rng": gathered_rng_states(dist),
             "tokenizer_hash": train_data.manifest["tokenizer_hash"],
             "world_size": dist.world_size,

@@ -16,6 +16,8 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from zeroforge.data.errors import DataError
+from zeroforge.data.partitions import check_partition_split
 from zeroforge.trainer.config import Config, ConfigError
 
 
@@ -210,6 +212,11 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
         f"checkpoint.resume must be auto, never or a checkpoint directory, found {resume!r} (no such directory)",
         problems,
     )
+    if cfg.data.mode == "stream" and fine("data.stream_partitions", "data.num_workers"):
+        try:
+            check_partition_split(cfg.data.stream_partitions, dp, cfg.data.num_workers)
+        except DataError as err:
+            problems.append(str(err).rstrip("."))
     _check_zero_section(cfg, problems)
     if fine("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.intermediate_size"):
         _check_model(cfg, problems)
