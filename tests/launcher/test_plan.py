@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 
 from tests.conftest import REPO, run_module
 from zeroforge.launcher.plan import GIB, activation_bytes, check_fits, estimate, model_shape
 from zeroforge.trainer.config import ConfigError, compose_config
+from zeroforge.trainer.engine import causal_lm_loss
+from zeroforge.trainer.loss import install_loss
 from zeroforge.trainer.model import build_model
 
 # A model a few times the tiny one, so that DeepSpeed's printed GB figures have digits to compare.
@@ -174,7 +175,7 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
     alive afterwards is weighed. Gradients, their fp32 copies and activations are freed by then,
     so the estimate's persistent part is compared: weights and optimizer states, and under ZeRO-3
     its gradient partition and reduction bucket. Tolerance 3% (small tensors: RoPE tables, the batch)."""
-    from zeroforge.trainer.engine import build_engine, causal_lm_loss
+    from zeroforge.trainer.engine import build_engine
     from zeroforge.trainer.validate import validate
 
     bucket = 200_000
@@ -199,14 +200,19 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
     assert measured == pytest.approx(expected, rel=0.03)
 
 
-@pytest.mark.parametrize("attn,checkpointing", [("sdpa", False), ("sdpa", True), ("eager", False)])
-def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool) -> None:
+@pytest.mark.parametrize("attn,checkpointing,loss", [
+    ("sdpa", False, "plain"), ("sdpa", True, "plain"), ("eager", False, "plain"),
+    ("sdpa", False, "chunked"), ("sdpa", True, "chunked"),
+])
+def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool, loss: str) -> None:
     """Every tensor autograd saves for the backward of the real model (fp32, CPU), weighed by a
-    saved-tensors hook, against the estimate; within 5%."""
-    cfg = compose_config(["model.vocab_size=4096", f"model.attn_implementation={attn}"])
+    saved-tensors hook, against the estimate; within 5%. The chunked loss runs as the trainer
+    wires it (trainer/loss.py), at 4 chunks of 128 tokens."""
+    cfg = compose_config(["model.vocab_size=4096", f"model.attn_implementation={attn}", f"train.loss={loss}", "train.loss_chunk_tokens=128"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 4096)
     model.config.use_cache = False
+    install_loss(model, loss, cfg.train.loss_chunk_tokens)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -221,9 +227,10 @@ def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool) ->
     micro, seq = 2, 256
     tokens = torch.randint(0, 4096, (micro, seq + 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=tokens[:, :-1]).logits
-        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-    expected = activation_bytes(model_shape(cfg), micro, seq, 4, checkpointing, eager=attn == "eager").saved
+        causal_lm_loss(model, tokens)
+    expected = activation_bytes(
+        model_shape(cfg), micro, seq, 4, checkpointing, eager=attn == "eager", loss=loss, chunk_tokens=cfg.train.loss_chunk_tokens,
+    ).saved
     assert sum(saved.values()) == pytest.approx(expected, rel=0.05)
 
 
