@@ -412,6 +412,17 @@ def estimate(cfg: DictConfig, world_size: int) -> MemoryPlan:
     return _plan(cfg, model_shape(cfg), _setup(cfg))
 
 
+def best_micro_batch(cfg: DictConfig, world_size: int, limit: int = 64) -> Optional[tuple[int, MemoryPlan]]:
+    """The largest power-of-two micro batch up to `limit` that fits this configuration (its
+    loss, kernels and stage as set) on cluster.gpu_memory_gb, with its plan; None if not even 1."""
+    shape, now = model_shape(cfg), _setup(cfg)
+    for micro in (1 << k for k in range(int(math.log2(limit)), -1, -1)):
+        plan = _plan(cfg, shape, replace(now, micro_batch=micro))
+        if plan.fits is not False:
+            return micro, plan
+    return None
+
+
 # What each change costs, roughly, to rank the fixes: the chunked loss costs nothing (the same
 # loss, no slower), a ZeRO stage adds communication (per stage), checkpointing recomputes the
 # forward (a third more compute), a halved micro batch runs smaller kernels, a doubling of the
