@@ -254,3 +254,43 @@ def test_launch_refuses_before_preparing_data(tmp_path: Path) -> None:
     assert result.returncode == 2, output[-2000:]
     assert "zeroforge: configuration error: llama-1b needs" in output and "Traceback" not in output
     assert not cache.exists(), "the data was prepared before the plan refused the job"
+
+
+EIGHT_B_8192 = ["cluster=h100", "model=llama-8b", "deepspeed=zero3", "model.vocab_size=128256", "data.seq_len=8192",
+                "train.global_batch_size=512"]
+
+
+def test_the_chunked_loss_fits_llama_8b_at_8192_tokens_where_the_plain_loss_does_not() -> None:
+    """8 x 80 GiB, ZeRO-3: with activation checkpointing, micro batch 2 fits with either loss, micro
+    batch 4 only with the chunked one (the plain loss's fp32 logits of 32,768 tokens are 16 GiB,
+    and their gradient as much again); without checkpointing neither fits micro batch 2."""
+    def plan(loss: str, micro: int, ckpt: bool):
+        return _plan([*EIGHT_B_8192, f"train.loss={loss}", f"train.micro_batch_size={micro}", f"model.activation_checkpointing={str(ckpt).lower()}"])[1]
+
+    assert plan("plain", 2, True).fits and plan("chunked", 2, True).fits
+    assert not plan("plain", 4, True).fits and plan("chunked", 4, True).fits
+    assert not plan("plain", 2, False).fits and not plan("chunked", 2, False).fits
+    # Most of the fp32 logits and their gradient (31.3 GiB) are saved: the chunked loss holds one
+    # chunk's logits, and the output layer's gradient with its fp32 sum, instead.
+    logits_and_gradient = 2 * 32768 * 128256 * 4
+    saved = plan("plain", 4, True).activations - plan("chunked", 4, True).activations
+    assert 0.8 * logits_and_gradient < saved < logits_and_gradient
+
+
+def test_a_plain_loss_that_does_not_fit_is_told_the_chunked_one_first() -> None:
+    cfg = compose_config([*EIGHT_B_8192, "train.loss=plain", "train.micro_batch_size=4", "model.activation_checkpointing=true"])
+    with pytest.raises(ConfigError) as refused:
+        check_fits(cfg, 8)
+    first = re.findall(r"^  (\S.*?)  ->  ", str(refused.value), flags=re.M)[0]
+    assert first == "train.loss=chunked"
+    assert "loss plain" in str(refused.value)
+
+
+def test_best_micro_batch_is_the_largest_that_fits() -> None:
+    from zeroforge.launcher.plan import best_micro_batch
+
+    cfg = compose_config([*EIGHT_B_8192, "model.activation_checkpointing=true"])
+    micro, plan = best_micro_batch(cfg, 8, limit=64)
+    assert plan.fits and plan.setup.micro_batch == micro
+    bigger = compose_config([*EIGHT_B_8192, "model.activation_checkpointing=true", f"train.micro_batch_size={2 * micro}"])
+    assert not estimate(bigger, 8).fits

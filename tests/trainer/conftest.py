@@ -71,3 +71,16 @@ def zero3_smoke_run(data_cache: Path, tmp_path_factory) -> Path:
     result = run_module("zeroforge.trainer.train", smoke_run_overrides(data_cache, run_dir), cwd=REPO, launcher=launcher, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def plain_loss_run(data_cache: Path, tmp_path_factory) -> Path:
+    """The single-process reference run with every throughput feature off, as the trainer ran
+    before them: the plain `logits.float()` loss, torch's unfused AdamW, no compile."""
+    from tests.conftest import exact_overrides
+
+    run_dir = tmp_path_factory.mktemp("plain") / "run"
+    overrides = [*exact_overrides(data_cache, run_dir, 0), "train.loss=plain", "optim.fused=false", "model.compile=off"]
+    result = run_module("zeroforge.trainer.train", overrides, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
