@@ -39,14 +39,18 @@ def _batches(cfg, count: int):
 
 
 def _model(cfg):
+    """The trainer's model with the trainer's loss (train.loss), so the loops differ, not the losses."""
     from zeroforge.data.prepare import prepare
     from zeroforge.data.shards import load_manifest
+    from zeroforge.trainer.loss import install_loss, resolve_loss
     from zeroforge.trainer.model import build_model, resolve_vocab_size
     from zeroforge.trainer.train import seed_everything
 
     seed_everything(cfg.seed)
     vocab = resolve_vocab_size(cfg.model, load_manifest(prepare(cfg.data))["vocab_size"])
-    return build_model(cfg.model, vocab)
+    model = build_model(cfg.model, vocab)
+    install_loss(model, resolve_loss(cfg.train.loss, cfg.model.model_type), cfg.train.loss_chunk_tokens)
+    return model
 
 
 def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:

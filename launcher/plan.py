@@ -278,8 +278,8 @@ def activation_bytes(
     The loss (trainer/loss.py): plain keeps all tokens' fp32 log-probabilities and starts the
     backward with their fp32 gradient; chunked keeps the gradients of the hidden states (in
     place of the output layer's saved input) and of the output weight, and at its peak holds
-    one chunk's fp32 logits (with their 16-bit copy and gradient in bf16) and, in bf16, the fp32
-    sum of the weight's gradient; Liger's loss holds its chunk in the model's dtype.
+    one chunk's fp32 logits (with their 16-bit copy and gradient in bf16); Liger's loss holds
+    its chunk in the model's dtype.
     """
     h, i, vocab = shape.hidden, shape.intermediate, shape.vocab_size
     norm = 2 * e * h if liger_kernels else 4 * h + 2 * e * h
@@ -295,9 +295,7 @@ def activation_bytes(
     elif loss == "liger":
         loss_peak = liger_chunk_tokens(tokens, vocab, h) * e * vocab
     else:
-        sixteen_bit = e < 4
-        loss_peak = min(chunk_tokens, tokens) * vocab * (4 + (2 * e if sixteen_bit else 0))
-        loss_peak += (4 + e) * vocab * h if sixteen_bit else 0
+        loss_peak = min(chunk_tokens, tokens) * vocab * (4 + (2 * e if e < 4 else 0))
     if checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in full.
         saved = tokens * (shape.layers * e * h + head) + fixed

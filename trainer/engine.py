@@ -110,6 +110,11 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_unive
         engine.compile()
     elif compile_mode == "regional":
         compile_blocks(engine.module)
+        if cfg.deepspeed.stage == 3:
+            log.warning(
+                "model.compile=regional under ZeRO-3: DeepSpeed's parameter-gathering hooks break the compiled "
+                "graphs (it trains as eager does, with little of the compiled speed); ZeRO 0-2 compile without breaks"
+            )
     log.info(
         "loss %s%s | AdamW %s | compile %s | attention %s%s", loss,
         f" ({cfg.train.loss_chunk_tokens} tokens a chunk)" if loss == "chunked" else "",

@@ -82,7 +82,10 @@ def _chunked_loss(
     Numerically the plain loss's steps: the chunk's logits in the model's dtype, cast to fp32,
     their log-sum-exp; the fp32 gradient (softmax minus one-hot, over the counted tokens) cast
     back to the model's dtype before the two matmuls, as autograd does through `.float()`. The
-    weight's gradient sums the chunks' products in fp32 and is cast once at the end.
+    weight's gradient is summed over the chunks in place, in the weight's dtype (as Liger does):
+    exact in fp32; in bf16 each chunk's product is rounded into the sum (one rounding per chunk,
+    where the plain loss rounds one product once), which keeps the output layer's gradient at
+    its own size instead of an fp32 copy plus a product (3x the weight: 6 GiB at 70B).
     """
     valid = targets != IGNORE_INDEX
     count = valid.sum()
@@ -92,7 +95,7 @@ def _chunked_loss(
     scale = torch.where(valid, 1.0 / count.clamp(min=1).to(torch.float32), 0.0)
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_weight_sum = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    grad_weight = torch.zeros_like(weight) if need_weight else None
     rows = torch.arange(min(chunk_tokens, hidden.shape[0]), device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = min(start + chunk_tokens, hidden.shape[0])
@@ -111,15 +114,9 @@ def _chunked_loss(
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
             if need_weight:
-                if grad_weight_sum.dtype == grad_logits.dtype:
-                    grad_weight_sum.addmm_(grad_logits.t(), h)
-                else:
-                    grad_weight_sum += grad_logits.t() @ h
+                grad_weight.addmm_(grad_logits.t(), h)
             del grad_logits
         del logits, probs  # before the next chunk's logits exist, or two chunks would be alive
-    grad_weight = None
-    if need_weight:
-        grad_weight = grad_weight_sum if grad_weight_sum.dtype == weight.dtype else grad_weight_sum.to(weight.dtype)
     return loss_sum / count, grad_hidden, grad_weight
 
 
