@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MICRO_BATCH = {"llama-125m": 16, "llama-1b": 8}
 GIB = 2**30
+DEVICE = "cuda"  # what the sweep measures on (a module constant so that a CPU smoke run can change it)
 
 # The sweep's fixed setup; every variant adds its own overrides.
 SWEEP_BASE = [
@@ -113,8 +114,12 @@ def plan_runs(models: list[str], gpu_memory_gb: float, max_micro: int, flash: bo
 
 
 def _free_cuda() -> None:
+    """Between runs: dynamo's caches forgotten too (they would hold the last model, and its guards
+    would count towards torch's recompile limit); inductor's on-disk cache keeps recompiling cheap."""
     import torch
+    import torch._dynamo
 
+    torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -124,7 +129,7 @@ def _sdpa_flash_check(module, micro: int, vocab: int) -> str:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    tokens = torch.randint(0, vocab, (micro, 2048), device="cuda")
+    tokens = torch.randint(0, vocab, (micro, 2048), device=DEVICE)
     try:
         with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             module(input_ids=tokens)
@@ -149,7 +154,7 @@ def measure(run: dict, gpu_memory_gb: float, seconds: float, warmup: int, extra:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     try:
-        with torch.device("cuda"):  # initialised on the GPU: seconds, not a minute of CPU init per 1B run
+        with torch.device(DEVICE):  # initialised on the GPU: seconds, not a minute of CPU init per 1B run
             model = build_model(cfg.model, cfg.model.vocab_size)
     except (RuntimeError, NotImplementedError) as err:
         print(f"   building on the GPU failed ({err}); building on the CPU as the trainer does", flush=True)
@@ -161,22 +166,22 @@ def measure(run: dict, gpu_memory_gb: float, seconds: float, warmup: int, extra:
     result = dict(run)
     if check_flash:
         result["sdpa_flash"] = _sdpa_flash_check(engine.module, 1, cfg.model.vocab_size)
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
 
     def batch() -> list[torch.Tensor]:
-        return [torch.randint(0, cfg.model.vocab_size, (micro, cfg.data.seq_len + 1), device="cuda", generator=generator)]
+        return [torch.randint(0, cfg.model.vocab_size, (micro, cfg.data.seq_len + 1), device=DEVICE, generator=generator)]
 
     torch.cuda.reset_peak_memory_stats()
     first_loss = None
     for step in range(1, warmup + 1):
-        loss, _, _, _ = train_step(engine, batch(), "cuda", False, guard, step)
+        loss, _, _, _ = train_step(engine, batch(), DEVICE, False, guard, step)
         first_loss = first_loss if first_loss is not None else loss
     torch.cuda.synchronize()
     warm = time.perf_counter()
     steps = 0
     while steps < 3 or time.perf_counter() - warm < seconds:
         steps += 1
-        train_step(engine, batch(), "cuda", False, guard, warmup + steps)
+        train_step(engine, batch(), DEVICE, False, guard, warmup + steps)
         if steps % 4 == 0:
             torch.cuda.synchronize()  # the clock sees finished work, not queued kernels
     torch.cuda.synchronize()
@@ -188,7 +193,7 @@ def measure(run: dict, gpu_memory_gb: float, seconds: float, warmup: int, extra:
         "timed_steps": steps,
         "step_time_s": elapsed / steps,
         "tokens_per_s": tokens_per_s,
-        "mfu": mfu(fpt, tokens_per_s, 1, peak_tflops(None, "cuda")),
+        "mfu": mfu(fpt, tokens_per_s, 1, peak_tflops(None, DEVICE)),
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
         "first_loss": float(first_loss),
@@ -229,7 +234,7 @@ def run_sweep(args: argparse.Namespace) -> None:
     init_distributed("cuda")
     deadline = time.perf_counter() + args.budget_s
     results, checked = [], set()
-    for i, r in enumerate(runs):
+    for r in runs:
         if r["micro_batch"] is None:
             results.append({**r, "error": "the planner says not even micro batch 1 fits"})
             continue
@@ -254,10 +259,6 @@ def run_sweep(args: argparse.Namespace) -> None:
             print(f"   {result['error']}", flush=True)
         results.append(result)
         _write(args.out, {"device": device, "gpu_memory_gb": gpu_memory_gb, "notes": extras, "runs": results}, results)
-        if i + 1 < len(runs) and runs[i + 1]["model"] != r["model"]:
-            import torch._dynamo
-
-            torch._dynamo.reset()  # the next model's blocks compile afresh, without the last one's graphs
     print(Path(args.out).with_suffix(".md").read_text())
 
 
