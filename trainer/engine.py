@@ -61,9 +61,9 @@ def apply_liger_kernels(model: torch.nn.Module) -> None:
     )
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
+def compile_blocks(model: torch.nn.Module) -> None:
     """model.compile=regional: each decoder block compiled in place (module.compile() keeps the
-    module and its parameter names); the blocks share one compiled graph. Returns how many."""
+    module and its parameter names); the blocks share one compiled graph."""
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ConfigError(
@@ -72,7 +72,6 @@ def compile_blocks(model: torch.nn.Module) -> int:
         )
     for block in layers:
         block.compile()
-    return len(layers)
 
 
 def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_universal: bool = False) -> DeepSpeedEngine:

@@ -66,11 +66,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         # In place: these buffers exist only to be handed on, once (no double backward).
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-        if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                _scale_(grad, grad_loss)
         return grad_hidden, grad_weight, None, None
+
+
+def _scale_(grad: torch.Tensor, factor: torch.Tensor, rows: int = 8192) -> None:
+    """grad *= factor, in fp32 and rounded once, as autograd scales the plain loss's fp32
+    gradient before its cast (a 16-bit factor such as 1/3 for 3 accumulation steps would skew
+    the whole gradient by its rounding); a few rows at a time, so no fp32 copy of it exists."""
+    if grad.dtype == torch.float32:
+        grad.mul_(factor)
+        return
+    for start in range(0, grad.shape[0], rows):
+        part = grad[start:start + rows]
+        part.copy_(part.float().mul_(factor))
 
 
 def _chunked_loss(

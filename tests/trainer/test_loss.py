@@ -174,3 +174,18 @@ def test_two_ranks_under_zero3_train_like_one_process_with_the_plain_loss(
     expected, found = train_losses(plain_loss_run), train_losses(run_dir)
     assert len(found) == len(expected) == 20
     torch.testing.assert_close(torch.tensor(found), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_in_bf16_the_incoming_gradient_scales_in_fp32() -> None:
+    """A factor of 1/3 (3 accumulation steps) is applied before the one rounding to bf16, as the
+    plain loss's autograd does, not rounded to bf16 itself first."""
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(200, 16, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 200, (40,))
+    (chunked_cross_entropy(hidden, weight, targets, 16) / 3).backward()
+    scaled = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    chunked_cross_entropy(hidden, weight, targets, 16).backward()
+    for got, full in zip(scaled, (hidden.grad, weight.grad)):
+        assert torch.equal(got, (full.float() * torch.tensor(1 / 3)).to(torch.bfloat16))
