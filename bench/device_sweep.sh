@@ -29,7 +29,7 @@ export PYTHONPATH=/tmp/zf:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 echo "setup: $(( $(date +%s) - started )) s"; cat "$OUT/env.txt"
 
 # 1. The sweep: no run starts after --budget-s; the slowest run (llama-1b, compiling) takes < 60 s.
-timeout 390 python3 bench/gpu.py --sweep --budget-s 300 --out "$OUT/gpu_sweep.json" 2>&1 | tee "$OUT/sweep.log" \
+timeout 360 python3 bench/gpu.py --sweep --budget-s 290 --out "$OUT/gpu_sweep.json" 2>&1 | tee "$OUT/sweep.log" \
     | grep -v -E "Warning|warn\(|^\s*$"
 echo "sweep done at $(( $(date +%s) - started )) s"
 

@@ -8,8 +8,8 @@ Default mode: `zeroforge train` per model at seq_len 2048 on the embedded corpus
 vocabulary 32,000, so the output layer has a realistic share of the FLOPs), read back from its
 metrics.jsonl; prints a table and writes bench/results/gpu.json.
 
---sweep: every throughput feature on and off, per model, in one process and within --budget-s
-(made for one call of at most 8 minutes on a lent GPU): the trainer's own build_engine and
+--sweep: every throughput feature on and off, per model, in one process; no run starts after
+--budget-s (made to end within 6 minutes, for one call of at most 8 on a lent GPU): the trainer's own build_engine and
 train_step (ZeRO-2, bf16, seq_len 2048, vocabulary 32,000, global batch = micro batch) on random
 tokens, at the largest power-of-two micro batch (up to --max-micro-batch) that launcher/plan.py
 says fits that variant on this GPU. Variants: all features off (the setup measured before: plain
@@ -101,8 +101,10 @@ def plan_runs(models: list[str], gpu_memory_gb: float, max_micro: int, flash: bo
     from zeroforge.launcher.plan import best_micro_batch
 
     runs = []
-    for model in models:
-        for name, overrides in sweep_variants(flash, liger):
+    # Variant by variant across the models (off and on for every model first), so that a budget
+    # that runs out loses ablations, not a model.
+    for name, overrides in sweep_variants(flash, liger):
+        for model in models:
             cfg = _sweep_config(model, overrides, gpu_memory_gb, max_micro, extra)
             best = best_micro_batch(cfg, 1, limit=max_micro)
             runs.append({
@@ -303,8 +305,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: bench/results/gpu.json, or gpu_sweep.json with --sweep")
     parser.add_argument("--sweep", action="store_true", help="every feature on and off, per model (see above)")
     parser.add_argument("--dry-run", action="store_true", help="with --sweep: print the runs and their planned memory")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="--sweep starts no run after this many seconds")
-    parser.add_argument("--seconds", type=float, default=8.0, help="--sweep: timed seconds per run, after the warm-up")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="--sweep starts no run after this many seconds")
+    parser.add_argument("--seconds", type=float, default=6.0, help="--sweep: timed seconds per run, after the warm-up")
     parser.add_argument("--warmup", type=int, default=3, help="--sweep: untimed steps per run (compilation happens here)")
     parser.add_argument("--max-micro-batch", type=int, default=64)
     parser.add_argument("--gpu-memory-gb", type=float, default=None, help="--sweep: default the GPU's own (80 in a dry run)")
