@@ -39,14 +39,18 @@ def _batches(cfg, count: int):
 
 
 def _model(cfg):
+    """The trainer's model with the trainer's loss (train.loss), so the loops differ, not the losses."""
     from zeroforge.data.prepare import prepare
     from zeroforge.data.shards import load_manifest
+    from zeroforge.trainer.loss import install_loss, resolve_loss
     from zeroforge.trainer.model import build_model, resolve_vocab_size
     from zeroforge.trainer.train import seed_everything
 
     seed_everything(cfg.seed)
     vocab = resolve_vocab_size(cfg.model, load_manifest(prepare(cfg.data))["vocab_size"])
-    return build_model(cfg.model, vocab)
+    model = build_model(cfg.model, vocab)
+    install_loss(model, resolve_loss(cfg.train.loss, cfg.model.model_type), cfg.train.loss_chunk_tokens)
+    return model
 
 
 def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
@@ -54,13 +58,18 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
     import torch
 
     from zeroforge.trainer.config import compose_config
-    from zeroforge.trainer.engine import causal_lm_loss
+    from zeroforge.trainer.engine import causal_lm_loss, fused_adamw, param_groups
     from zeroforge.trainer.validate import validate
 
     cfg = compose_config(overrides)
     plan = validate(cfg, 1, cuda=False)
     batches = _batches(cfg, steps)
     model = _model(cfg)
+    o = cfg.optim
+    # torch's AdamW as the trainer builds it (its SkippableAdamW only adds a flag), fused or not alike.
+    opt = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused_adamw(cfg, plan),
+    )
     if kind == "deepspeed":
         import deepspeed
 
@@ -68,15 +77,13 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
         from zeroforge.trainer.distributed import init_distributed
 
         init_distributed("cpu")
-        model, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=deepspeed_config(cfg, plan))
+        model, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, plan))
 
         def step(micro_batches):
             for b in micro_batches:
                 model.backward(causal_lm_loss(model, b))
                 model.step()
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-
         def step(micro_batches):
             for b in micro_batches:
                 (causal_lm_loss(model, b) / len(micro_batches)).backward()

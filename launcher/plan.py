@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from zeroforge.trainer.config import ConfigError, Scheduler
 from zeroforge.trainer.entry import entry_point
+from zeroforge.trainer.loss import LINEAR_HEAD_MODEL_TYPES, resolve_loss
 
 log = logging.getLogger("zeroforge")
 
@@ -73,6 +74,8 @@ class Setup:
     activation_checkpointing: bool
     micro_batch: int
     nodes: int
+    # The next-token loss as trained: plain, chunked or liger (train.loss with auto decided).
+    loss: str = "plain"
 
 
 @dataclass(frozen=True)
@@ -251,32 +254,55 @@ def model_states(params: int, largest_layer: int, setup: Setup, dp: int, e: int,
     return ModelStates(weights, gradients, master, moments, fp32_grads, host)
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int, e: int, checkpointing: bool, eager: bool) -> Activations:
+def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
+    """The chunk Liger's fused linear cross-entropy takes: about tokens x hidden logits a chunk."""
+    per_chunk = -(-tokens // -(-vocab // hidden))
+    return min(tokens, 1 << (per_chunk - 1).bit_length())
+
+
+def activation_bytes(
+    shape: ModelShape, micro_batch: int, seq_len: int, e: int, checkpointing: bool, eager: bool,
+    loss: str = "plain", chunk_tokens: int = 1024, liger_kernels: bool = False,
+) -> Activations:
     """What a Llama-shaped decoder (RMSNorm, gated MLP, fused attention) keeps for its backward.
 
     Per token and layer, counted from what autograd saves in transformers' Llama: each RMSNorm
     keeps its fp32 input and its normalised output, and the projections after it share that
     output (4 + 2e bytes per hidden unit, twice); attention keeps q, k, v and its output; the MLP
     keeps gate, activation, up and their product. Eager attention adds the probabilities.
+    Liger's kernels (liger_kernels) keep each norm's input in the model's dtype instead of fp32,
+    and SwiGLU keeps gate and up only (from Liger's saved tensors; not measurable on the CPU).
     Other model types get the same figure as an approximation.
+
+    The loss (trainer/loss.py): plain keeps all tokens' fp32 log-probabilities and starts the
+    backward with their fp32 gradient; chunked keeps the gradients of the hidden states (in
+    place of the output layer's saved input) and of the output weight, and at its peak holds
+    one chunk's fp32 logits (with their 16-bit copy and gradient in bf16); Liger's loss holds
+    its chunk in the model's dtype.
     """
-    h, i = shape.hidden, shape.intermediate
-    per_layer = 8 * h + 6 * e * h + 2 * e * shape.kv_hidden + 4 * e * i
+    h, i, vocab = shape.hidden, shape.intermediate, shape.vocab_size
+    norm = 2 * e * h if liger_kernels else 4 * h + 2 * e * h
+    per_layer = 2 * norm + 2 * e * h + 2 * e * shape.kv_hidden + (3 if liger_kernels else 4) * e * i
     if eager:
         # fp32 probabilities for the softmax backward, and in bf16 their cast copy for the matmul.
         per_layer += (4 + (e if e < 4 else 0)) * shape.heads * seq_len
-    # The loss keeps fp32 log-probabilities; the final norm as in every layer.
-    head = 4 * shape.vocab_size + 4 * h + 2 * e * h
     tokens = micro_batch * seq_len
+    # The final norm as in every layer; the loss's share per token and once per model.
+    head, fixed = norm + (4 * vocab if loss == "plain" else 0), (0 if loss == "plain" else e * vocab * h)
+    if loss == "plain":
+        loss_peak = tokens * 4 * vocab
+    elif loss == "liger":
+        loss_peak = liger_chunk_tokens(tokens, vocab, h) * e * vocab
+    else:
+        loss_peak = min(chunk_tokens, tokens) * vocab * (4 + (2 * e if e < 4 else 0))
     if checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in full.
-        saved = tokens * (shape.layers * e * h + head)
+        saved = tokens * (shape.layers * e * h + head) + fixed
         recomputed = tokens * per_layer
     else:
-        saved = tokens * (shape.layers * per_layer + head)
+        saved = tokens * (shape.layers * per_layer + head) + fixed
         recomputed = 0
-    # The backward starts with the gradient of the fp32 logits beside everything saved.
-    return Activations(saved=saved, peak=saved + recomputed + tokens * 4 * shape.vocab_size)
+    return Activations(saved=saved, peak=saved + recomputed + loss_peak)
 
 
 def buffer_bytes(zero_extra: dict, setup: Setup, params: int, dp: int, e: int) -> float:
@@ -328,6 +354,7 @@ def _setup(cfg: DictConfig) -> Setup:
         activation_checkpointing=cfg.model.activation_checkpointing,
         micro_batch=cfg.train.micro_batch_size,
         nodes=cfg.cluster.nodes,
+        loss=resolve_loss(cfg.train.loss, cfg.model.model_type),
     )
 
 
@@ -341,8 +368,9 @@ def _plan(cfg: DictConfig, shape: ModelShape, setup: Setup) -> MemoryPlan:
     sub_group = float(zero_extra.get("sub_group_size", DS_SUB_GROUP_SIZE))
     states = model_states(shape.params, shape.largest_layer, setup, world_size, e, sub_group)
     eager = cfg.model.attn_implementation == "eager"
-    act = activation_bytes(shape, setup.micro_batch, seq, e, setup.activation_checkpointing, eager)
-    other = activation_bytes(shape, setup.micro_batch, seq, e, not setup.activation_checkpointing, eager)
+    kernels = {"loss": setup.loss, "chunk_tokens": cfg.train.loss_chunk_tokens, "liger_kernels": cfg.model.liger_kernels}
+    act = activation_bytes(shape, setup.micro_batch, seq, e, setup.activation_checkpointing, eager, **kernels)
+    other = activation_bytes(shape, setup.micro_batch, seq, e, not setup.activation_checkpointing, eager, **kernels)
     buffers = buffer_bytes(zero_extra, setup, shape.params, world_size, e)
     tensors = states.total + buffers + act.peak
     context = cfg.launcher.inference_context or cfg.model.max_position_embeddings
@@ -381,11 +409,22 @@ def estimate(cfg: DictConfig, world_size: int) -> MemoryPlan:
     return _plan(cfg, model_shape(cfg), _setup(cfg))
 
 
-# What each change costs, roughly, to rank the fixes: a ZeRO stage adds communication (per
-# stage), checkpointing recomputes the forward (a third more compute), a halved micro batch runs
-# smaller kernels, a doubling of the nodes doubles the GPUs held, and offloading the optimizer
-# puts its step on the CPU.
-_COST = {"stage": 1, "checkpointing": 2, "halving": 1, "doubling": 4, "offload": 6}
+def best_micro_batch(cfg: DictConfig, world_size: int, limit: int = 64) -> Optional[tuple[int, MemoryPlan]]:
+    """The largest power-of-two micro batch up to `limit` that fits this configuration (its
+    loss, kernels and stage as set) on cluster.gpu_memory_gb, with its plan; None if not even 1."""
+    shape, now = model_shape(cfg), _setup(cfg)
+    for micro in (1 << k for k in range(int(math.log2(limit)), -1, -1)):
+        plan = _plan(cfg, shape, replace(now, micro_batch=micro))
+        if plan.fits is not False:
+            return micro, plan
+    return None
+
+
+# What each change costs, roughly, to rank the fixes: the chunked loss costs nothing (the same
+# loss, no slower), a ZeRO stage adds communication (per stage), checkpointing recomputes the
+# forward (a third more compute), a halved micro batch runs smaller kernels, a doubling of the
+# nodes doubles the GPUs held, and offloading the optimizer puts its step on the CPU.
+_COST = {"loss": 0, "stage": 1, "checkpointing": 2, "halving": 1, "doubling": 4, "offload": 6}
 _MAX_NODE_DOUBLINGS = 6
 
 
@@ -394,12 +433,15 @@ def _candidates(cfg: DictConfig, now: Setup) -> Iterator[tuple[tuple[int, int], 
     glob = cfg.train.global_batch_size
     # The local launcher runs one node; more nodes are a fix only on a cluster.
     doublings_allowed = _MAX_NODE_DOUBLINGS if cfg.cluster.scheduler == Scheduler.slurm else 0
-    for stage, ckpt, halvings, doublings, offload in itertools.product(
+    # The plain loss can become the chunked one where that is exact for the model type.
+    losses = sorted({now.loss, "chunked"} if now.loss == "plain" and cfg.model.model_type in LINEAR_HEAD_MODEL_TYPES else {now.loss})
+    for stage, ckpt, halvings, doublings, offload, loss in itertools.product(
         range(now.stage, 4),
         sorted({now.activation_checkpointing, True}),
         range(0, int(math.log2(now.micro_batch)) + 1),
         range(0, doublings_allowed + 1),
         sorted({now.offload_optimizer, True}),
+        losses,
     ):
         setup = replace(
             now,
@@ -408,6 +450,7 @@ def _candidates(cfg: DictConfig, now: Setup) -> Iterator[tuple[tuple[int, int], 
             micro_batch=max(1, now.micro_batch >> halvings),
             nodes=now.nodes << doublings,
             offload_optimizer=offload and stage >= 1,
+            loss=loss,
         )
         if offload and stage == 0 or glob % (setup.micro_batch * setup.nodes * dp_per_node):
             continue  # offload needs ZeRO; the global batch must still divide
@@ -417,6 +460,7 @@ def _candidates(cfg: DictConfig, now: Setup) -> Iterator[tuple[tuple[int, int], 
             + _COST["halving"] * halvings
             + _COST["doubling"] * doublings
             + _COST["offload"] * (offload != now.offload_optimizer)
+            + _COST["loss"] * (loss != now.loss)
         )
         yield (cost, len(_changed(now, setup))), setup
 
@@ -433,6 +477,8 @@ def _overrides(now: Setup, fix: Setup) -> str:
         parts.append(f"cluster.nodes={fix.nodes}")
     if fix.offload_optimizer != now.offload_optimizer:
         parts.append("deepspeed.offload_optimizer=true")
+    if fix.loss != now.loss:
+        parts.append(f"train.loss={fix.loss}")
     return " ".join(parts)
 
 
@@ -480,7 +526,7 @@ def _where(plan: MemoryPlan) -> str:
     ckpt = "on" if s.activation_checkpointing else "off"
     return (
         f"ZeRO-{s.stage}{offload}, {plan.precision}, {s.nodes} node(s) x {plan.world_size // s.nodes} GPUs, "
-        f"micro batch {s.micro_batch} x seq_len {plan.seq_len}, activation checkpointing {ckpt}"
+        f"micro batch {s.micro_batch} x seq_len {plan.seq_len}, activation checkpointing {ckpt}, loss {s.loss}"
     )
 
 
@@ -497,7 +543,7 @@ def refusal(cfg: DictConfig, plan: MemoryPlan) -> str:
         lines.append("Changes that fit, cheapest first:")
         lines += [f"  {overrides}  ->  {_gib(p.total)} per GPU" for overrides, p in found]
     else:
-        lines.append(f"No change of ZeRO stage, checkpointing, micro batch, offload or (on Slurm) up to {2**_MAX_NODE_DOUBLINGS}x the nodes fits.")
+        lines.append(f"No change of ZeRO stage, checkpointing, micro batch, offload, loss or (on Slurm) up to {2**_MAX_NODE_DOUBLINGS}x the nodes fits.")
     lines.append("Or launcher.force=true to launch anyway (zeroforge plan prints the whole plan)")
     return "\n".join(lines)
 

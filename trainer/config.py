@@ -34,6 +34,19 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class Compile(str, Enum):
+    off = "off"  # eager
+    regional = "regional"  # each decoder block compiled in place (module.compile()): names stay plain
+    full = "full"  # the whole model, through DeepSpeed's engine.compile()
+
+
+class Loss(str, Enum):
+    auto = "auto"  # chunked where it is exact for the model type (trainer/loss.py), else plain
+    chunked = "chunked"  # one chunk of tokens' fp32 logits at a time, gradients computed in the forward
+    plain = "plain"  # F.cross_entropy over the whole [tokens, vocab] fp32 logits
+    liger = "liger"  # Liger's fused linear cross-entropy (Triton; needs liger-kernel and a CUDA GPU)
+
+
 class Schedule(str, Enum):
     cosine = "cosine"  # linear warmup, then cosine down to min_lr_ratio * lr
     wsd = "wsd"  # warmup, stable, then linear decay over decay_fraction of the steps
@@ -55,9 +68,16 @@ class ModelConfig:
     # null: the tokenizer's vocabulary, rounded up to a multiple of 64.
     vocab_size: Optional[int] = field(default=None, metadata={"min": 1})
     tie_word_embeddings: bool = False
+    # sdpa picks its flash backend on a GPU in bf16 without a padding mask; flash_attention_2
+    # needs the flash-attn package (and reads packed position ids, see data.reset_position_ids).
     attn_implementation: str = field(default="sdpa", metadata={"choices": ["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]})
     activation_checkpointing: bool = False
-    compile: bool = False
+    # off (default: exact), regional (recommended on GPUs: every decoder block compiled in place,
+    # one compilation shared by all blocks) or full (the whole model through DeepSpeed).
+    compile: Compile = Compile.off
+    # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (pip install liger-kernel; CUDA only),
+    # patched into this model instance; off by default, since they are not bit-exact.
+    liger_kernels: bool = False
     # Passed verbatim to AutoConfig.for_model, for fields the common ones above don't cover.
     extra: dict[str, Any] = field(default_factory=dict)
     # Continued pre-training: an HF causal LM (export directory or hub name) whose weights start
@@ -75,6 +95,9 @@ class OptimConfig:
     eps: float = field(default=1e-8, metadata={"above": 0})
     weight_decay: float = field(default=0.1, metadata={"min": 0})
     grad_clip: float = field(default=1.0, metadata={"min": 0})
+    # torch's fused AdamW kernel (one launch for all parameters); null: fused on CUDA, torch's
+    # default (foreach) elsewhere. Skipping a bad step works the same either way (trainer/faults.py).
+    fused: Optional[bool] = None
     schedule: Schedule = Schedule.cosine
     warmup_steps: int = field(default=20, metadata={"min": 0})
     decay_fraction: float = field(default=0.2, metadata={"min": 0, "max": 1})
@@ -106,6 +129,13 @@ class TrainConfig:
     # deviations above the mean of the last spike_window accepted steps.
     spike_zscore: Optional[float] = field(default=None, metadata={"above": 0})
     spike_window: int = field(default=100, metadata={"min": 2})
+    # The next-token loss (trainer/loss.py). chunked equals plain (to fp32 rounding) without the
+    # whole vocabulary's fp32 logits; auto takes it where the model type's logits are a plain
+    # output layer of the hidden states.
+    loss: Loss = Loss.auto
+    # Tokens per chunk of the chunked loss: its fp32 logits are chunk x vocabulary x 4 bytes
+    # (0.5 GiB at 1,024 x 128,256), and each chunk's matmuls stay large enough for a GPU.
+    loss_chunk_tokens: int = field(default=1024, metadata={"min": 1})
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Wrapping the plain model for training: activation checkpointing, compile, the DeepSpeed engine."""
+"""Wrapping the plain model for training: the loss forward, Liger kernels, activation
+checkpointing, the (fused) optimizer, the DeepSpeed engine and compile."""
 from __future__ import annotations
 
 import logging
@@ -10,13 +11,17 @@ from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
 from zeroforge.data.boundaries import IGNORE_INDEX, DocumentBoundaries
+from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.deepspeed_config import deepspeed_config
 from zeroforge.trainer.faults import FaultGuard, SkippableAdamW
+from zeroforge.trainer.loss import install_loss, installed_loss, resolve_loss
 from zeroforge.trainer.schedule import lr_factor
 from zeroforge.trainer.validate import Plan
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
+
+log = logging.getLogger("zeroforge")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -39,12 +44,46 @@ class _KnownOptimizer(logging.Filter):
 _KNOWN_OPTIMIZER = _KnownOptimizer()
 
 
+def fused_adamw(cfg: DictConfig, plan: Plan) -> bool:
+    """optim.fused, or where it is null: the fused kernel on CUDA only (on the CPU torch's
+    default, foreach, is what the tests and the CPU figures have always run)."""
+    return plan.device == "cuda" if cfg.optim.fused is None else bool(cfg.optim.fused)
+
+
+def apply_liger_kernels(model: torch.nn.Module) -> None:
+    """Liger's RMSNorm, SwiGLU and RoPE in this model instance (validate() checked that
+    liger_kernel is installed, CUDA present and the model type supported). Its own loss patch
+    stays off: train.loss=liger goes through the output layer like the chunked loss."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+    )
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """model.compile=regional: each decoder block compiled in place (module.compile() keeps the
+    module and its parameter names); the blocks share one compiled graph."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(
+            f"model.compile=regional compiles the decoder's blocks (`get_decoder().layers`), which "
+            f"{type(model).__name__} does not have; use model.compile=full or off"
+        )
+    for block in layers:
+        block.compile()
+
+
 def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_universal: bool = False) -> DeepSpeedEngine:
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.addFilter(_KNOWN_OPTIMIZER)  # added once: the same filter object is not added twice
 
+    if cfg.model.liger_kernels:
+        apply_liger_kernels(model)
+    loss = resolve_loss(cfg.train.loss, cfg.model.model_type)
+    install_loss(model, loss, cfg.train.loss_chunk_tokens)
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
@@ -53,7 +92,10 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_unive
     groups = param_groups(model, cfg.optim.weight_decay)
     optim = cfg.optim
     # With ZeRO-Offload DeepSpeed builds its CPU Adam from the generated config instead.
-    optimizer = None if cfg.deepspeed.offload_optimizer else SkippableAdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    fused = fused_adamw(cfg, plan)
+    optimizer = None if cfg.deepspeed.offload_optimizer else SkippableAdamW(
+        groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused,
+    )
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -61,9 +103,23 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_unive
         config=deepspeed_config(cfg, plan, load_universal),
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
     )
-    if cfg.model.compile:
-        # Compiles in place, so parameter names (and checkpoints) carry no `_orig_mod.` prefix.
+    compile_mode = getattr(cfg.model.compile, "value", cfg.model.compile)
+    # Both compile in place, so parameter names (and checkpoints) carry no `_orig_mod.` prefix.
+    if compile_mode == "full":
         engine.compile()
+    elif compile_mode == "regional":
+        compile_blocks(engine.module)
+        if cfg.deepspeed.stage == 3:
+            log.warning(
+                "model.compile=regional under ZeRO-3: DeepSpeed's parameter-gathering hooks break the compiled "
+                "graphs (it trains as eager does, with little of the compiled speed); ZeRO 0-2 compile without breaks"
+            )
+    log.info(
+        "loss %s%s | AdamW %s | compile %s | attention %s%s", loss,
+        f" ({cfg.train.loss_chunk_tokens} tokens a chunk)" if loss == "chunked" else "",
+        "DeepSpeed's CPU Adam (offload)" if optimizer is None else "fused" if fused else "foreach/for-loop",
+        compile_mode, cfg.model.attn_implementation, " | Liger kernels" if cfg.model.liger_kernels else "",
+    )
     return engine
 
 
@@ -73,13 +129,16 @@ def causal_lm_loss(
     """Mean next-token loss of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:].
 
     With boundaries, positions restart per document and/or the pair after each EOS is left out.
+    A model (or engine) that build_engine gave the chunked or Liger loss computes it in its own
+    forward (trainer/loss.py); any other model returns logits and takes the plain loss here.
     """
-    if boundaries is None:
-        logits = model(input_ids=tokens[:, :-1]).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
     inputs = tokens[:, :-1]
-    logits = model(input_ids=inputs, position_ids=boundaries.position_ids(inputs)).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), boundaries.targets(tokens).flatten(), ignore_index=IGNORE_INDEX)
+    targets = tokens[:, 1:] if boundaries is None else boundaries.targets(tokens)
+    position_ids = None if boundaries is None else boundaries.position_ids(inputs)
+    if installed_loss(model) != "plain":
+        return model(input_ids=inputs, position_ids=position_ids, loss_targets=targets)
+    logits = model(input_ids=inputs, position_ids=position_ids).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:

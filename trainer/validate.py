@@ -9,6 +9,7 @@ zero_optimization section generated from the config.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -111,6 +112,50 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
                 f"model.{ours}={m[ours]} did not reach the {m.model_type} config (its {theirs} is {found}); "
                 "set that model type's own field through model.extra"
             )
+
+
+def _check_kernels(cfg: DictConfig, cuda: bool, problems: list[str]) -> None:
+    """The loss, Liger and attention kernels asked for exist here, before any process starts.
+
+    An explicit request that cannot be honoured is an error, not a silent fallback: a run (or a
+    benchmark) that asked for a kernel must not measure another one. The defaults never ask.
+    """
+    from zeroforge.trainer.loss import LINEAR_HEAD_MODEL_TYPES
+
+    m, loss = cfg.model, getattr(cfg.train.loss, "value", cfg.train.loss)
+    if loss in ("chunked", "liger") and m.model_type not in LINEAR_HEAD_MODEL_TYPES:
+        problems.append(
+            f"train.loss={loss} computes the logits as the output layer of the hidden states, which "
+            f"model.model_type={m.model_type!r} is not known to do exactly (known: {sorted(LINEAR_HEAD_MODEL_TYPES)}); "
+            "use train.loss=plain (or auto)"
+        )
+    wants_liger = [key for key, on in (("train.loss=liger", loss == "liger"), ("model.liger_kernels=true", m.liger_kernels)) if on]
+    if wants_liger:
+        if importlib.util.find_spec("liger_kernel") is None:
+            problems.append(
+                f"{' and '.join(wants_liger)} need Liger's kernels, which are not installed: pip install liger-kernel "
+                "(Triton kernels, CUDA GPUs only); or train.loss=chunked and model.liger_kernels=false"
+            )
+        elif not cuda:
+            problems.append(f"{' and '.join(wants_liger)}: Liger's kernels are Triton, for CUDA GPUs only, and this run is on the CPU")
+        elif m.liger_kernels:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+            _check(
+                m.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN,
+                f"model.liger_kernels=true: Liger has no kernels for model.model_type={m.model_type!r} "
+                f"(it has: {sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)})",
+                problems,
+            )
+    if m.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not installed: "
+                "pip install flash-attn --no-build-isolation (CUDA GPUs only); or model.attn_implementation=sdpa, "
+                "whose flash backend runs without it"
+            )
+        elif not cuda:
+            problems.append("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only, and this run is on the CPU; use sdpa")
 
 
 def _check(ok: bool, message: str, problems: list[str]) -> None:
@@ -220,6 +265,7 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
     _check_zero_section(cfg, problems)
     if fine("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.intermediate_size"):
         _check_model(cfg, problems)
+    _check_kernels(cfg, cuda, problems)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 
 from tests.conftest import REPO, run_module
 from zeroforge.launcher.plan import GIB, activation_bytes, check_fits, estimate, model_shape
 from zeroforge.trainer.config import ConfigError, compose_config
+from zeroforge.trainer.engine import causal_lm_loss
+from zeroforge.trainer.loss import install_loss
 from zeroforge.trainer.model import build_model
 
 # A model a few times the tiny one, so that DeepSpeed's printed GB figures have digits to compare.
@@ -174,7 +175,7 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
     alive afterwards is weighed. Gradients, their fp32 copies and activations are freed by then,
     so the estimate's persistent part is compared: weights and optimizer states, and under ZeRO-3
     its gradient partition and reduction bucket. Tolerance 3% (small tensors: RoPE tables, the batch)."""
-    from zeroforge.trainer.engine import build_engine, causal_lm_loss
+    from zeroforge.trainer.engine import build_engine
     from zeroforge.trainer.validate import validate
 
     bucket = 200_000
@@ -199,14 +200,19 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
     assert measured == pytest.approx(expected, rel=0.03)
 
 
-@pytest.mark.parametrize("attn,checkpointing", [("sdpa", False), ("sdpa", True), ("eager", False)])
-def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool) -> None:
+@pytest.mark.parametrize("attn,checkpointing,loss", [
+    ("sdpa", False, "plain"), ("sdpa", True, "plain"), ("eager", False, "plain"),
+    ("sdpa", False, "chunked"), ("sdpa", True, "chunked"),
+])
+def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool, loss: str) -> None:
     """Every tensor autograd saves for the backward of the real model (fp32, CPU), weighed by a
-    saved-tensors hook, against the estimate; within 5%."""
-    cfg = compose_config(["model.vocab_size=4096", f"model.attn_implementation={attn}"])
+    saved-tensors hook, against the estimate; within 5%. The chunked loss runs as the trainer
+    wires it (trainer/loss.py), at 4 chunks of 128 tokens."""
+    cfg = compose_config(["model.vocab_size=4096", f"model.attn_implementation={attn}", f"train.loss={loss}", "train.loss_chunk_tokens=128"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 4096)
     model.config.use_cache = False
+    install_loss(model, loss, cfg.train.loss_chunk_tokens)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -221,9 +227,10 @@ def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool) ->
     micro, seq = 2, 256
     tokens = torch.randint(0, 4096, (micro, seq + 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=tokens[:, :-1]).logits
-        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-    expected = activation_bytes(model_shape(cfg), micro, seq, 4, checkpointing, eager=attn == "eager").saved
+        causal_lm_loss(model, tokens)
+    expected = activation_bytes(
+        model_shape(cfg), micro, seq, 4, checkpointing, eager=attn == "eager", loss=loss, chunk_tokens=cfg.train.loss_chunk_tokens,
+    ).saved
     assert sum(saved.values()) == pytest.approx(expected, rel=0.05)
 
 
@@ -247,3 +254,43 @@ def test_launch_refuses_before_preparing_data(tmp_path: Path) -> None:
     assert result.returncode == 2, output[-2000:]
     assert "zeroforge: configuration error: llama-1b needs" in output and "Traceback" not in output
     assert not cache.exists(), "the data was prepared before the plan refused the job"
+
+
+EIGHT_B_8192 = ["cluster=h100", "model=llama-8b", "deepspeed=zero3", "model.vocab_size=128256", "data.seq_len=8192",
+                "train.global_batch_size=512"]
+
+
+def test_the_chunked_loss_fits_llama_8b_at_8192_tokens_where_the_plain_loss_does_not() -> None:
+    """8 x 80 GiB, ZeRO-3: with activation checkpointing, micro batch 2 fits with either loss, micro
+    batch 4 only with the chunked one (the plain loss's fp32 logits of 32,768 tokens are 16 GiB,
+    and their gradient as much again); without checkpointing neither fits micro batch 2."""
+    def plan(loss: str, micro: int, ckpt: bool):
+        return _plan([*EIGHT_B_8192, f"train.loss={loss}", f"train.micro_batch_size={micro}", f"model.activation_checkpointing={str(ckpt).lower()}"])[1]
+
+    assert plan("plain", 2, True).fits and plan("chunked", 2, True).fits
+    assert not plan("plain", 4, True).fits and plan("chunked", 4, True).fits
+    assert not plan("plain", 2, False).fits and not plan("chunked", 2, False).fits
+    # Most of the fp32 logits and their gradient (31.3 GiB) are saved: the chunked loss holds one
+    # chunk's logits, and the output layer's gradient with its fp32 sum, instead.
+    logits_and_gradient = 2 * 32768 * 128256 * 4
+    saved = plan("plain", 4, True).activations - plan("chunked", 4, True).activations
+    assert 0.8 * logits_and_gradient < saved < logits_and_gradient
+
+
+def test_a_plain_loss_that_does_not_fit_is_told_the_chunked_one_first() -> None:
+    cfg = compose_config([*EIGHT_B_8192, "train.loss=plain", "train.micro_batch_size=4", "model.activation_checkpointing=true"])
+    with pytest.raises(ConfigError) as refused:
+        check_fits(cfg, 8)
+    first = re.findall(r"^  (\S.*?)  ->  ", str(refused.value), flags=re.M)[0]
+    assert first == "train.loss=chunked"
+    assert "loss plain" in str(refused.value)
+
+
+def test_best_micro_batch_is_the_largest_that_fits() -> None:
+    from zeroforge.launcher.plan import best_micro_batch
+
+    cfg = compose_config([*EIGHT_B_8192, "model.activation_checkpointing=true"])
+    micro, plan = best_micro_batch(cfg, 8, limit=64)
+    assert plan.fits and plan.setup.micro_batch == micro
+    bigger = compose_config([*EIGHT_B_8192, "model.activation_checkpointing=true", f"train.micro_batch_size={2 * micro}"])
+    assert not estimate(bigger, 8).fits

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import REPO, exact_overrides, run_module
+
 
 def save_tiny_model(data_cache: Path, out: Path, seed: int, overrides: list[str] = ()) -> Path:
     """A randomly initialised model of conf/model/tiny.yaml (with overrides), saved as an export
@@ -47,3 +49,14 @@ def draft_export(data_cache: Path, tmp_path_factory) -> Path:
     """Smaller than tiny (one layer, half the width), same tokenizer."""
     small = ["model.num_layers=1", "model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=2", "model.intermediate_size=128"]
     return save_tiny_model(data_cache, tmp_path_factory.mktemp("draft") / "export", seed=1, overrides=small)
+
+
+@pytest.fixture(scope="session")
+def plain_loss_run(data_cache: Path, tmp_path_factory) -> Path:
+    """The single-process reference run with every throughput feature off, as the trainer ran
+    before them: the plain `logits.float()` loss, torch's unfused AdamW, no compile."""
+    run_dir = tmp_path_factory.mktemp("plain") / "run"
+    overrides = [*exact_overrides(data_cache, run_dir, 0), "train.loss=plain", "optim.fused=false", "model.compile=off"]
+    result = run_module("zeroforge.trainer.train", overrides, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir

@@ -1,5 +1,6 @@
 """Bad steps on the real DeepSpeed engine: skipped with weights untouched, counted, and a run that
-keeps failing stops. The faults are injected by a forward hook that poisons the model's logits."""
+keeps failing stops. The faults are injected by a forward hook that scales the final norm's output,
+which scales the logits (the output layer is linear) whichever loss computes them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +36,7 @@ class Run:
         tokenizer = load_tokenizer(prepared / "tokenizer")
         model = build_model(cfg.model, resolve_vocab_size(cfg.model, len(tokenizer)), tokenizer.eos_token_id)
         self.poison: float | None = None
-        model.register_forward_hook(self._hook)
+        model.get_decoder().norm.register_forward_hook(self._hook)
         self.engine = build_engine(model, cfg, plan)
         self.guard = FaultGuard(cfg.train, self.engine.basic_optimizer, stage)
         self.loader = BatchLoader(
@@ -45,9 +46,7 @@ class Run:
         self.step_count = 0
 
     def _hook(self, module, inputs, output):
-        if self.poison is not None:
-            output.logits = output.logits * self.poison
-        return output
+        return output if self.poison is None else output * self.poison
 
     def step(self, poison: float | None = None) -> tuple[float, bool]:
         self.poison = poison
@@ -65,9 +64,11 @@ def make_run(data_cache: Path, process_group: distributed.DistInfo) -> Iterator:
     yield lambda stage, *overrides: Run(stage, data_cache, process_group, overrides)
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_a_non_finite_step_is_skipped_and_the_run_goes_on(make_run, stage: int) -> None:
-    run = make_run(stage)
+@pytest.mark.parametrize("stage,fused", [(0, False), (2, False), (3, False), (0, True), (2, True)])
+def test_a_non_finite_step_is_skipped_and_the_run_goes_on(make_run, stage: int, fused: bool) -> None:
+    """Also with torch's fused AdamW kernel (the CUDA default; torch has it on the CPU too)."""
+    run = make_run(stage, f"optim.fused={str(fused).lower()}")
+    assert run.engine.basic_optimizer.defaults["fused"] is fused
     assert run.step()[1] is False
     before = run.weights()
     loss, skipped = run.step(poison=float("nan"))
