@@ -254,8 +254,8 @@ def main() -> None:
             results["prepare"][workers] = {"zeroforge": ours, "datasets_map": theirs, "ratio": ratio}
             rows.append((f"prepare, {workers} worker(s) (vs Dataset.map)", ours["tokens_per_s"], theirs["tokens_per_s"], ratio))
             cpu_rows.append((workers, ours, theirs))
-        prepared = prepare(compose_config([f"data.cache_dir={work / 'embedded'}"]).data)
-        for workers in (0, 2) if "loader" in args.only else ():
+        prepared = prepare(compose_config([f"data.cache_dir={work / 'embedded'}"]).data) if "loader" in args.only else None
+        for workers in (0, 2) if prepared is not None else ():
             rate = _loader_rate(prepared, args.seq_len, args.loader_steps, workers)
             results["loader"][workers] = {"tokens_per_s": rate, "seq_len": args.seq_len}
             rows.append((f"loader, seq_len {args.seq_len}, {workers} workers", rate, None, None))

@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from zeroforge.data.config import DataConfig
-from zeroforge.data.corpus import dataset_batches, describe_source, embedded_files, is_validation, open_dataset, row_text
+from zeroforge.data.corpus import (
+    dataset_batches,
+    describe_source,
+    embedded_files,
+    is_validation,
+    open_dataset,
+    row_text,
+)
 from zeroforge.data.errors import DataError
 
 # Rows per read from a `datasets` shard: about the documents of one tokenizer batch.

@@ -107,7 +107,16 @@ class _StreamSteps(IterableDataset):
         self.shuffle_window, self.seed, self.positions = shuffle_window, seed, positions
         self.first_sample, self.global_batch, self.dp_size = first_sample, global_batch, dp_size
 
-    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str]]:
+    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str] | str]:
+        try:
+            yield from self._steps()
+        except DataError as err:
+            if get_worker_info() is None:
+                raise
+            # Handed back as its message: torch re-raises a worker's exception wrapped in its traceback.
+            yield str(err)
+
+    def _steps(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         mine = sorted(self.positions)[worker::workers]
@@ -157,10 +166,10 @@ class StreamLoader:
         self.consumed_samples = 0
         self.partitions = list(range(dp_rank, layout.partitions, dp_size))  # this rank's
         self.positions: dict[int, dict] = {p: start_position() for p in self.partitions}
-        self._steps: Optional[Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str]]] = None
+        self._steps: Optional[Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str] | str]] = None
         self._step = 0  # steps handed out by the running iterator
 
-    def _start(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str]]:
+    def _start(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str] | str]:
         self._step = 0
         steps = _StreamSteps(self.layout, self.tokenizer, self.seq_len, self.shuffle_window, self.seed,
                              copy.deepcopy(self.positions), self.consumed_samples, self.global_batch, self.dp_size)
@@ -176,7 +185,10 @@ class StreamLoader:
             self._steps = self._start()
         rows = torch.empty((self.global_batch // self.dp_size, self.seq_len + 1), dtype=torch.int64)
         for expected in range(max(self.num_workers, 1)):
-            worker, step, part, index, positions = next(self._steps)
+            item = next(self._steps)
+            if isinstance(item, str):
+                raise DataError(item)
+            worker, step, part, index, positions = item
             if (worker, step) != (expected, self._step):
                 raise RuntimeError(
                     f"stream loader: expected step {self._step} of worker {expected}, got step {step} of worker "

@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from zeroforge.launcher.preflight import preflight
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.log import setup_logging
-from zeroforge.trainer.rundir import JOB_CONFIG, write_job_config
+from zeroforge.trainer.rundir import JOB_CONFIG, read_job_config, write_job_config
 
 log = logging.getLogger("zeroforge")
 
@@ -63,13 +63,45 @@ def write_exports(variables: Mapping[str, str], path: Path) -> None:
     path.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items()))
 
 
+def first_config(cfg: DictConfig, env: Mapping[str, str]) -> DictConfig:
+    """The config a requeued job runs: the one its first start froze in run.dir/job.yaml, on this
+    allocation's node count. Composed again from the script's arguments, it would pick up edits
+    made to the config files since, and change the run half-way (the resume check compares only
+    what makes a checkpoint unusable: model, tokenizer, data, seq_len, seed)."""
+    cfg.run.dir = str(Path(cfg.run.dir).resolve())  # as job.yaml holds it
+    job_config = Path(cfg.run.dir) / f"{JOB_CONFIG}.yaml"
+    if int(env.get("SLURM_RESTART_COUNT") or 0) == 0 or not job_config.exists():
+        return cfg
+    frozen = read_job_config(cfg.run.dir)
+    frozen.cluster.nodes = cfg.cluster.nodes
+    now, then = (flat(OmegaConf.to_container(c, resolve=True, enum_to_str=True)) for c in (cfg, frozen))
+    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+    if changed:
+        log.warning(
+            "requeued job: the config files changed since the job first started (%s); it goes on with the "
+            "config it started with, frozen in %s", ", ".join(changed), job_config,
+        )
+    return frozen
+
+
+def flat(values: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} as {"a.b": 1}."""
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 @entry_point
 def main(cfg: DictConfig) -> None:
     setup_logging(0, cfg.logging.level)
     target = os.environ.get("ZF_JOB_ENV")
     if not target or "SLURM_JOB_NUM_NODES" not in os.environ:
         raise ConfigError("ZF_JOB_ENV or SLURM_JOB_NUM_NODES is not set; expected to run inside slurm/pretrain.sh in a Slurm job.")
-    write_exports(job_environment(cfg, os.environ), Path(target))
+    write_exports(job_environment(first_config(cfg, os.environ), os.environ), Path(target))
 
 
 if __name__ == "__main__":

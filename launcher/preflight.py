@@ -1,9 +1,13 @@
 """What every launch does before any rank starts, so that mistakes surface before GPUs are held."""
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 from omegaconf import DictConfig
 
 from zeroforge.data.build import open_data
+from zeroforge.data.prepare import prepared_dir
 from zeroforge.trainer.checkpoint import check_resumable, newest_checkpoint
 from zeroforge.trainer.model import check_init_from, resolve_vocab_size
 from zeroforge.trainer.rundir import check_run_dir
@@ -12,16 +16,29 @@ from zeroforge.trainer.validate import Plan, validate
 
 def preflight(cfg: DictConfig, world_size: int) -> Plan:
     """Validate, check the run directory, prepare the data once (ranks never race to build it),
-    or, when streaming, check that its tokenizer loads; check model.init_from's shape and
-    tokenizer, and that the checkpoint a resume would continue from belongs to this run (model,
-    tokenizer, data, seq_len, seed), so that a mismatch is refused here rather than in every rank."""
+    or, when streaming, check that its tokenizer loads; then check_continuation."""
     plan = validate(cfg, world_size)
     check_run_dir(cfg)
-    manifest = open_data(cfg.data).manifest
+    check_continuation(cfg, open_data(cfg.data).manifest, world_size)
+    return plan
+
+
+def check_continuation(cfg: DictConfig, manifest: dict, world_size: int) -> None:
+    """What the run continues from fits it: the vocabulary, model.init_from's shape and tokenizer,
+    and the checkpoint a resume would continue (model, tokenizer, data, seq_len, seed), so that a
+    mismatch is refused here rather than in every rank."""
     vocab_size = resolve_vocab_size(cfg.model, manifest["vocab_size"])
     if cfg.model.init_from:
         check_init_from(cfg.model, vocab_size, manifest["tokenizer_hash"])
     resume = newest_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume)
     if resume is not None:
         check_resumable(resume, cfg, manifest, world_size)
-    return plan
+
+
+def prepared_manifest(cfg: DictConfig) -> Optional[dict]:
+    """The manifest of data already prepared (as a resumed run's is), read without preparing;
+    None for data not prepared yet, or streamed."""
+    if cfg.data.mode != "prepared":
+        return None
+    path = prepared_dir(cfg.data) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None

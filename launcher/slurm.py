@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig
 
 from zeroforge.launcher.plan import check_fits
+from zeroforge.launcher.preflight import check_continuation, prepared_manifest
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.rundir import check_run_dir, job_config_options, write_job_config, write_run_dir
 from zeroforge.trainer.validate import validate
@@ -76,6 +77,11 @@ def submit(cfg: DictConfig) -> int:
     check_time_limit(cfg)
     check_fits(cfg, world_size)  # before the queue, not after hours in it
     check_run_dir(cfg)
+    # Data is prepared in the job; where it already is (a resume's data always is), the run's
+    # continuation is checked now too, rather than after the wait in the queue.
+    manifest = prepared_manifest(cfg)
+    if manifest is not None:
+        check_continuation(cfg, manifest, world_size)
     if cfg.launcher.dry_run:
         cmd = sbatch_command(cfg, job_config_options(cfg.run.dir))
         print(shlex.join(cmd))

@@ -3,7 +3,8 @@
 torchrun reports any failed rank as a `ChildFailedError` traceback and exit code 1, which would
 bury the one paragraph a rank printed for a user's mistake (exit code 2) and hide a rank's
 "stopped, requeue me" (75). This runs torchrun's own launcher and exits with the code that says
-what happened: 2 when a rank refused the job, 75 when the ranks stopped to be requeued, 1 else.
+what happened: 2 when a rank refused the job, 75 when the ranks stopped to be requeued, else the
+failed rank's own code.
 """
 from __future__ import annotations
 
@@ -15,11 +16,17 @@ from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
 
 
 def exit_code(rank_codes: Sequence[int]) -> int:
-    """One code for the node from its ranks' codes (the others are killed once one fails)."""
+    """One code for the node from its ranks' codes (torchrun kills the others once one fails):
+    zeroforge's own codes first, then a rank's other code, or 128 + the signal that killed it,
+    as a shell reports it (137: killed, often for memory)."""
     for code in (USER_ERROR_EXIT_CODE, REQUEUE_EXIT_CODE):
         if code in rank_codes:
             return code
-    return 1
+    exited = [c for c in rank_codes if c > 0]
+    if exited:
+        return exited[0]
+    killed = [-c for c in rank_codes if c < 0]
+    return 128 + killed[0] if killed else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -18,12 +18,17 @@ LAYERS = ["data", "trainer", "launcher"]  # each may import only those before it
 
 
 def _imported(path: Path) -> set[str]:
+    """Every module an import statement names, relative ones resolved (as zeroforge.<package>...)."""
+    package = ["zeroforge", *path.relative_to(REPO).parent.parts]
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - (node.level - 1)]
+            names.add(".".join([*base, *([node.module] if node.module else [])]))
     return names
 
 

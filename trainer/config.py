@@ -4,7 +4,7 @@ section's own schema is `zeroforge.data.config`.
 
 Hydra checks every key and type; a field's rule (range or choices) is its metadata, which
 `validate()` (trainer/validate.py) checks before anything runs: "min"/"max" inclusive,
-"above"/"below" exclusive, "choices", and "each" for every element of a list. Rules between
+"above"/"below" exclusive, "choices" (with "ignore_case"), and "each" for every element of a list. Rules between
 fields live in validate().
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ class WandbConfig:
 class LoggingConfig:
     name: str = "default"
     every: int = field(default=10, metadata={"min": 1})
-    level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"]})
+    level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"], "ignore_case": True})
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -8,15 +8,22 @@ from omegaconf import DictConfig, OmegaConf
 from zeroforge.trainer.validate import Plan
 
 
+def zero_optimization(cfg: DictConfig, device: str) -> dict[str, Any]:
+    """DeepSpeed's zero_optimization section: the stage, offload, then deepspeed.zero_extra verbatim."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    zero.update(OmegaConf.to_container(ds.zero_extra, resolve=True))
+    return zero
+
+
 def deepspeed_config(cfg: DictConfig, plan: Plan, load_universal: bool = False) -> dict[str, Any]:
     """load_universal: the engine will load a universal checkpoint (a resume on another world size)."""
     optim, ds = cfg.optim, cfg.deepspeed
-    zero: dict[str, Any] = {"stage": ds.stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": plan.device == "cuda"}
-    if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": plan.device == "cuda"}
-    zero.update(OmegaConf.to_container(ds.zero_extra, resolve=True))
+    zero = zero_optimization(cfg, plan.device)
     config = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
 import hydra
+import yaml
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -47,6 +49,12 @@ def run_entry_point(fn: Callable[[], T]) -> T:
         sys.exit(REQUEUE_EXIT_CODE)
 
 
+def _from_here(path: str) -> str:
+    """A relative --config-path as the user means it: from the working directory (Hydra would
+    take it from zeroforge's own package directory)."""
+    return path if "://" in path else str(Path(path).absolute())
+
+
 def hydra_arguments(args: Sequence[str]) -> list[str]:
     """Hydra's options first, then the overrides: its parser refuses an option after an override
     (`experiment=mine --config-dir ./myconf`), which scripts that prepend overrides produce."""
@@ -58,10 +66,14 @@ def hydra_arguments(args: Sequence[str]) -> list[str]:
         if not arg.startswith("-") or arg == "-":
             overrides.append(arg)
             continue
+        name, _, value = arg.partition("=")
+        if name in ("--config-path", "-cp") and value:
+            arg = f"{name}={_from_here(value)}"
         options.append(arg)
         takes_value = arg in _VALUE_OPTIONS or (arg in ("--info", "-i") and args and args[0] in _INFO_TOPICS)
         if takes_value and args:
-            options.append(args.pop(0))
+            value = args.pop(0)
+            options.append(_from_here(value) if arg in ("--config-path", "-cp") else value)
     return options + overrides
 
 
@@ -94,7 +106,7 @@ def entry_point(task: Callable[[DictConfig], Optional[int]]) -> Callable[[], Non
         os.environ["HYDRA_FULL_ERROR"] = "1"
         try:
             hydra_main()
-        except (HydraException, OmegaConfBaseException) as err:
+        except (HydraException, OmegaConfBaseException, yaml.YAMLError) as err:
             if started:
                 raise  # not the user's config: a bug, which keeps its traceback
             cause = f" ({err.__cause__})" if err.__cause__ is not None else ""

@@ -18,8 +18,9 @@ class _RankFilter(logging.Filter):
 def setup_logging(rank: int = 0, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(rank_tag)s%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    # An unknown level logs at INFO until validate() refuses it with the choices.
-    threshold = logging.getLevelNamesMapping().get(str(level).upper(), logging.INFO)
+    # An unknown level logs at INFO until the config check refuses it with the choices.
+    threshold = logging.getLevelName(str(level).upper())
+    threshold = threshold if isinstance(threshold, int) else logging.INFO
     handler.addFilter(_RankFilter(rank, threshold))
     root = logging.getLogger()
     root.handlers = [handler]

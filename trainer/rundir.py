@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.config import Config, ConfigError
 
 
 def git_commit() -> Optional[str]:
@@ -60,6 +60,16 @@ def job_config_options(run_dir: str | Path) -> list[str]:
     return ["--config-path", str(Path(run_dir).resolve()), "--config-name", JOB_CONFIG]
 
 
+def _escaped(value: Any) -> Any:
+    """Resolved values with every `${` escaped again, so that a string the user escaped (a prompt
+    `echo \\${HOME}`) stays a string when job.yaml is composed, not an interpolation."""
+    if isinstance(value, dict):
+        return {k: _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value.replace("${", "\\${") if isinstance(value, str) else value
+
+
 def write_job_config(cfg: DictConfig) -> list[str]:
     """Freeze the composed config into run.dir/job.yaml; returns the Hydra options that load it.
 
@@ -77,13 +87,22 @@ def write_job_config(cfg: DictConfig) -> list[str]:
             "zeroforge_schema", {"override hydra/job_logging": "none"}, {"override hydra/hydra_logging": "none"}, "_self_",
         ],
         "hydra": {"run": {"dir": "."}, "output_subdir": None, "job": {"chdir": False}},
-        **OmegaConf.to_container(OmegaConf.create(values), resolve=True),
+        **_escaped(OmegaConf.to_container(OmegaConf.create(values), resolve=True)),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f"{JOB_CONFIG}.yaml.tmp"
     tmp.write_text("# Written by zeroforge launch: every rank of this run composes this config.\n" + OmegaConf.to_yaml(document))
     tmp.replace(run_dir / f"{JOB_CONFIG}.yaml")
     return job_config_options(run_dir)
+
+
+def read_job_config(run_dir: str | Path) -> DictConfig:
+    """run_dir/job.yaml as the typed config it froze (what composing it gives, without Hydra)."""
+    frozen = OmegaConf.load(Path(run_dir) / f"{JOB_CONFIG}.yaml")
+    values = {k: v for k, v in frozen.items() if k not in ("defaults", "hydra")}
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), values)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
 
 
 def write_run_dir(cfg: DictConfig, probe_gpu: bool = False) -> Path:

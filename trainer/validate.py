@@ -48,7 +48,9 @@ def _rule_problems(value: Any, rule: dict[str, Any]) -> Optional[str]:
         broken = [v for v in value if _rule_problems(v, rule["each"])]
         return _describe(rule["each"]) if broken else None
     if "choices" in rule:
-        return None if value in rule["choices"] else f"one of {list(rule['choices'])}"
+        choices = [str(c).upper() for c in rule["choices"]] if rule.get("ignore_case") else rule["choices"]
+        found = str(value).upper() if rule.get("ignore_case") else value
+        return None if found in choices else f"one of {list(rule['choices'])}"
     ok = all((
         "min" not in rule or value >= rule["min"], "max" not in rule or value <= rule["max"],
         "above" not in rule or value > rule["above"], "below" not in rule or value < rule["below"],
@@ -174,15 +176,16 @@ def check_fields(cfg: DictConfig) -> dict[str, str]:
     return dict(field_problems(Config, cfg))
 
 
-def _check_zero_section(cfg: DictConfig, problems: list[str]) -> None:
+def _check_zero_section(cfg: DictConfig, cuda: bool, problems: list[str]) -> None:
     """DeepSpeed's own model of the zero_optimization section we generate, so that a mistyped
     deepspeed.zero_extra key fails here rather than in every rank's deepspeed.initialize."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from pydantic import ValidationError
 
-    zero = {"stage": cfg.deepspeed.stage, **OmegaConf.to_container(cfg.deepspeed.zero_extra, resolve=True)}
+    from zeroforge.trainer.deepspeed_config import zero_optimization
+
     try:
-        DeepSpeedZeroConfig(**zero)
+        DeepSpeedZeroConfig(**zero_optimization(cfg, "cuda" if cuda else "cpu"))
     except ValidationError as err:
         for e in err.errors():
             key = ".".join(str(part) for part in e["loc"])
@@ -262,7 +265,7 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
             check_partition_split(cfg.data.stream_partitions, dp, cfg.data.num_workers)
         except DataError as err:
             problems.append(str(err).rstrip("."))
-    _check_zero_section(cfg, problems)
+    _check_zero_section(cfg, cuda, problems)
     if fine("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.intermediate_size"):
         _check_model(cfg, problems)
     _check_kernels(cfg, cuda, problems)

@@ -71,10 +71,11 @@ def _cfg(corpus: Corpus, *overrides: str, layout: str = "shards"):
 
 
 def _loaders(corpus: Corpus, dp_size: int, state: Optional[dict] = None, *overrides: str,
-             layout: str = "shards") -> list[StreamLoader]:
+             layout: str = "shards", global_batch: int = GLOBAL, micro_batch: int = 2) -> list[StreamLoader]:
     """The loaders of every rank of a world of dp_size (data/ needs no process group)."""
     data = StreamData(_cfg(corpus, *overrides, layout=layout))
-    loaders = [data.loader(seed=0, global_batch=GLOBAL, micro_batch=2, dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
+    loaders = [data.loader(seed=0, global_batch=global_batch, micro_batch=micro_batch, dp_rank=r, dp_size=dp_size)
+               for r in range(dp_size)]
     for loader in loaders:
         if state is not None:
             loader.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint manifest holds it
@@ -86,7 +87,7 @@ def _steps(loaders: list[StreamLoader], steps: int) -> list[torch.Tensor]:
     batches = []
     for _ in range(steps):
         parts = [torch.cat(loader.next_batch()) for loader in loaders]
-        whole = torch.empty((GLOBAL, SEQ + 1), dtype=torch.int64)
+        whole = torch.empty((loaders[0].global_batch, SEQ + 1), dtype=torch.int64)
         for rank, part in enumerate(parts):
             whole[rank :: len(loaders)] = part
         batches.append(whole)
@@ -148,6 +149,17 @@ def test_sample_g_is_window_g_div_p_of_partition_g_mod_p_epoch_after_epoch(corpu
     rows = torch.cat(_steps(_loaders(corpus, 1, None, f"data.stream_shuffle_window={shuffle}", layout=layout), steps))
     expected = torch.stack([streams[g % PARTITIONS][(g // PARTITIONS) * SEQ :][: SEQ + 1] for g in range(len(rows))])
     assert torch.equal(rows, expected)
+
+
+def test_a_global_batch_that_is_no_multiple_of_the_partitions_keeps_the_order_and_resumes(corpus: Corpus) -> None:
+    # G=6 with P=4: each batch takes two windows from some partitions and one from the others.
+    streams = _streams(corpus, "shards")
+    straight = _steps(_loaders(corpus, 1, global_batch=6, micro_batch=1), 8)
+    expected = torch.stack([streams[g % PARTITIONS][(g // PARTITIONS) * SEQ :][: SEQ + 1] for g in range(8 * 6)])
+    assert torch.equal(torch.cat(straight), expected)
+    two = _loaders(corpus, 2, global_batch=6, micro_batch=1)
+    assert _same(_steps(two, 3), straight[:3])  # batch 3 starts at sample 18: partition 2's turn
+    assert _same(_steps(_loaders(corpus, 1, _state(two), global_batch=6, micro_batch=1), 5), straight[3:])
 
 
 def test_the_shuffle_depends_on_the_seed(corpus: Corpus) -> None:
@@ -311,6 +323,16 @@ def test_stream_mode_refuses_what_it_cannot_stream(corpus: Corpus) -> None:
     only_held_out = _cfg(corpus, "data.validation_fraction=0.999999")
     with pytest.raises(DataError, match=r"partition 0 of data.stream_partitions=4 \(shards \[0, 4\]\) has no train documents"):
         StreamData(only_held_out).loader(seed=0, global_batch=GLOBAL, micro_batch=2, dp_rank=0, dp_size=1).next_batch()
+
+
+def test_a_data_error_in_a_dataloader_worker_keeps_its_own_message(corpus: Corpus) -> None:
+    # torch would re-raise it wrapped in the worker's traceback, which would reach the user.
+    only_held_out = _cfg(corpus, "data.validation_fraction=0.999999", "data.num_workers=1")
+    loader = StreamData(only_held_out).loader(seed=0, global_batch=GLOBAL, micro_batch=2, dp_rank=0, dp_size=1)
+    with pytest.raises(DataError) as err:
+        loader.next_batch()
+    assert str(err.value).startswith("data source ") and "has no train documents" in str(err.value)
+    assert "Traceback" not in str(err.value) and "DataLoader worker" not in str(err.value)
 
 
 def test_max_documents_counts_the_first_documents_of_a_one_file_source(corpus: Corpus) -> None:

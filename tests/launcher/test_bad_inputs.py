@@ -83,6 +83,12 @@ CONFIG_MISTAKES = [
     ("evaluate", ["eval.every=-1"], ["eval.every must be at least 0, found -1"]),
     ("generate", ["generate.top_p=0"], ["generate.top_p must be above 0 and at most 1, found 0.0"]),
     ("generate", ["generate.max_new_tokens=0"], ["generate.max_new_tokens must be at least 1, found 0"]),
+    # throughput switches (issue 14) and streaming (issue 15)
+    ("launch", ["model.compile=true"], ["model.compile", "true", "regional"]),
+    ("launch", ["train.loss=liger"], ["train.loss=liger", "pip install liger-kernel"]),
+    ("launch", ["model.attn_implementation=flash_attention_2"], ["model.attn_implementation=flash_attention_2", "pip install flash-attn"]),
+    ("launch", ["train.loss_chunk_tokens=0"], ["train.loss_chunk_tokens must be at least 1, found 0"]),
+    ("launch", ["data.stream_partitions=0"], ["data.stream_partitions must be at least 1, found 0"]),
     # the launcher's own section, through another command
     ("plan", ["launcher.assumed_mfu=1.5"], ["launcher.assumed_mfu must be above 0 and at most 1, found 1.5"]),
     ("train", ["optim.lr=0"], ["optim.lr must be above 0, found 0.0"]),
@@ -120,6 +126,21 @@ def test_a_config_mistake_is_refused_with_its_key_expectation_and_value(refuse, 
         assert text in output, f"{text!r} not in:\n{output[-2000:]}"
 
 
+def test_a_config_file_that_is_not_yaml_is_refused(refuse, tmp_path: Path) -> None:
+    broken = tmp_path / "myconf" / "experiment"
+    broken.mkdir(parents=True)
+    (broken / "broken.yaml").write_text("# @package _global_\noptim:\n  betas: [0.9, 0.95\n")
+    output = refuse("launch", ["--config-dir", str(tmp_path / "myconf"), "experiment=broken"])
+    assert "zeroforge: configuration error:" in output and "line 3" in output
+
+
+def test_a_lower_case_log_level_is_a_log_level() -> None:
+    from zeroforge.trainer.config import compose_config
+    from zeroforge.trainer.validate import check_fields
+
+    assert check_fields(compose_config(["logging.level=debug"])) == {}
+
+
 def test_a_run_directory_of_another_run_is_refused(refuse, tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 8.0}\n')
@@ -149,3 +170,9 @@ def test_a_resume_of_another_run_is_refused_before_any_rank_starts(
     for text in expected:
         assert text in output, f"{text!r} not in:\n{output[-2000:]}"
     assert sorted(p.name for p in zero3_smoke_run.iterdir()) == before  # nothing written to the run
+
+
+def test_a_slurm_submission_refuses_a_resume_of_another_run_before_queueing(refuse, zero3_smoke_run: Path) -> None:
+    slurm = ["cluster=slurm", "cluster.nproc_per_node=2", "cluster.gpus_per_node=0", "launcher.dry_run=true"]
+    output = refuse("launch", ["experiment=smoke", "deepspeed=zero3", "train.precision=fp32", *slurm, "seed=7"], run_dir=zero3_smoke_run)
+    assert "seed (the data order): checkpoint 1234, now 7" in output and "sbatch " not in output

@@ -5,10 +5,10 @@ import shlex
 from pathlib import Path
 
 from tests.conftest import REPO, run_module
-from zeroforge.launcher.job import job_arguments
+from zeroforge.launcher.job import first_config, job_arguments
 from zeroforge.launcher.slurm import SCRIPT, sbatch_command, time_limit_s
 from zeroforge.trainer.config import compose_config
-from zeroforge.trainer.rundir import job_config_options
+from zeroforge.trainer.rundir import job_config_options, write_job_config
 
 H100_1B = ["cluster=h100", "model=llama-1b", "train.global_batch_size=512"]
 
@@ -104,3 +104,14 @@ def test_the_job_composes_the_scripts_arguments_on_its_allocation() -> None:
     # The launcher's frozen config already holds its cluster.
     frozen = ["--config-path", "/runs/x", "--config-name", "job"]
     assert job_arguments(frozen, env) == [*frozen, "cluster.nodes=4"]
+
+
+def test_a_requeued_job_keeps_the_config_it_started_with(tmp_path: Path, caplog) -> None:
+    run_dir = tmp_path / "run"
+    started = compose_config(["experiment=smoke", "cluster=slurm", "optim.lr=0.01", f"run.dir={run_dir}"])
+    write_job_config(started)
+    edited = compose_config(["experiment=smoke", "cluster=slurm", "optim.lr=0.02", "cluster.nodes=3", f"run.dir={run_dir}"])
+    assert first_config(edited, {"SLURM_RESTART_COUNT": "0"}) is edited  # a first start composes its arguments
+    kept = first_config(edited, {"SLURM_RESTART_COUNT": "1"})
+    assert kept.optim.lr == 0.01 and kept.cluster.nodes == 3  # the frozen config, on this allocation
+    assert "optim.lr" in caplog.text and "config files changed" in caplog.text

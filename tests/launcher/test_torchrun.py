@@ -18,7 +18,8 @@ TORCHRUN = [sys.executable, "-m", "zeroforge.launcher.torchrun", "--standalone",
 def test_the_node_exits_with_what_its_ranks_said() -> None:
     assert exit_code([2, -15]) == 2  # a rank refused the job; torchrun killed the other
     assert exit_code([75, 75]) == 75  # stopped after a checkpoint: requeue me
-    assert exit_code([1, -15]) == 1 and exit_code([-9]) == 1
+    assert exit_code([1, -15]) == 1 and exit_code([-15, 3]) == 3  # a rank's own code
+    assert exit_code([-9]) == 137  # killed (the kernel's OOM killer), as a shell says it
 
 
 def _refused(args: list[str]) -> str:

@@ -20,10 +20,17 @@ def test_hydra_options_go_before_the_overrides() -> None:
     args = ["cluster=slurm", "--config-dir", "./myconf", "experiment=mine", "-m", "--cfg=job", "--info", "defaults", "a=1"]
     assert hydra_arguments(args) == ["--config-dir", "./myconf", "-m", "--cfg=job", "--info", "defaults", "cluster=slurm", "experiment=mine", "a=1"]
     assert hydra_arguments(["--info", "a=1"]) == ["--info", "a=1"]  # --info's topic is optional
+    # A relative --config-path is the user's directory, not one inside zeroforge's package.
+    here = str(Path("myconf").absolute())
+    assert hydra_arguments(["--config-path", "myconf"]) == ["--config-path", here]
+    assert hydra_arguments(["-cp=myconf"]) == [f"-cp={here}"]
+    assert hydra_arguments(["--config-path", "pkg://zeroforge.conf"]) == ["--config-path", "pkg://zeroforge.conf"]
 
 
 def test_the_frozen_job_config_composes_to_the_same_config(tmp_path: Path) -> None:
     cfg = compose_config(["experiment=smoke", "optim.lr=0.01", "deepspeed=zero3", f"run.dir={tmp_path / 'run'}"])
+    # A string the user escaped stays a string (a prompt for a code model), and YAML's look-alikes stay strings.
+    cfg.eval.sample_prompts = ["echo \\${HOME}", "yes", "1e3", "null"]
     options = write_job_config(cfg)
     assert options == ["--config-path", str(tmp_path / "run"), "--config-name", JOB_CONFIG]
     with initialize_config_dir(config_dir=options[1], version_base="1.3"):
@@ -31,6 +38,7 @@ def test_the_frozen_job_config_composes_to_the_same_config(tmp_path: Path) -> No
     expected = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert OmegaConf.to_container(frozen, resolve=True, enum_to_str=True) == expected
     assert frozen.checkpoint.dir == str(tmp_path / "run" / "checkpoints")  # resolved, absolute
+    assert list(frozen.eval.sample_prompts) == ["echo ${HOME}", "yes", "1e3", "null"]
     # Still type-checked against the schema: a frozen value keeps its type and rules.
     assert OmegaConf.get_type(frozen, "train") is type(OmegaConf.to_object(cfg.train))
 
