@@ -1,7 +1,6 @@
 """`sbatch slurm/pretrain.sh` and `zeroforge launch cluster=slurm` on a real two-node Slurm."""
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -144,26 +143,28 @@ def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(slurm_c
         time.sleep(1)
 
 
-def test_the_wheel_submits_a_users_experiment_through_config_dir(slurm_cluster: SlurmCluster, user_project: UserProject, data_cache: Path) -> None:
-    # The launcher of the wheel installed in the user's venv; the job finds that venv's python
-    # (sbatch passes PATH on) and composes the config the launcher froze in run.dir.
+def test_sbatch_runs_a_users_experiment_from_the_wheel_through_config_dir(slurm_cluster: SlurmCluster, user_project: UserProject, data_cache: Path) -> None:
+    # The wheel's own pretrain.sh, submitted by hand from the user's project with Hydra's option
+    # among the overrides; the job finds the venv's python (sbatch passes PATH on), composes the
+    # arguments on cluster=slurm and freezes them in run.dir/job.yaml for the ranks.
+    where = subprocess.run([str(user_project.bin / "python"), "-c", "from zeroforge.launcher.slurm import SCRIPT; print(SCRIPT)"],
+                           capture_output=True, text=True, timeout=300)
+    script = Path(where.stdout.strip())
+    assert script.is_relative_to(user_project.venv), where.stdout + where.stderr
     run_dir = user_project.project / "runs" / "mine-on-slurm"
-    submitted = subprocess.run(
-        [str(user_project.bin / "zeroforge"), "launch", "--config-dir", "myconf", "experiment=mine", "cluster=slurm",
-         "cluster.nodes=2", *ONE_CPU_RANK_PER_NODE, f"data.cache_dir={data_cache}", f"run.dir={run_dir}",
-         "logging.wandb.mode=disabled", "launcher.harness=false"],
-        cwd=user_project.project, capture_output=True, text=True, timeout=300,
-        env={**slurm_cluster.env, "PATH": f"{user_project.bin}{os.pathsep}{slurm_cluster.env['PATH']}"},
+    run_dir.parent.mkdir(exist_ok=True)  # Slurm writes the log there, and makes no directory
+    job_id = _submit(
+        slurm_cluster, user_project.project, "--nodes=2", f"--output={run_dir.parent}/slurm-%j.out", str(script),
+        "experiment=mine", "--config-dir", "myconf", *ONE_CPU_RANK_PER_NODE, f"data.cache_dir={data_cache}",
+        f"run.dir={run_dir}", "logging.wandb.mode=disabled", path=user_project.bin,
     )
-    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
-    assert str(user_project.venv) in (run_dir / "sbatch.txt").read_text()  # the wheel's own pretrain.sh
     job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
-    log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    log = (run_dir.parent / f"slurm-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED", f"{job}\n{log[-4000:]}"
     assert "world size 2" in log
     written = OmegaConf.load(run_dir / "config.yaml")  # rewritten by the trainer on the first node
     assert written.run.name == "mine" and written.optim.lr == user_project.experiment["optim"]["lr"]
-    assert written.system.slurm_job_id == job_id
+    assert written.cluster.name == "slurm" and written.cluster.nodes == 2 and written.system.slurm_job_id == job_id
+    assert OmegaConf.load(run_dir / "job.yaml").optim.lr == user_project.experiment["optim"]["lr"]
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 7))
     assert not list(user_project.project.glob("*.imported"))
