@@ -81,6 +81,9 @@ class DeepSpeedConfig:
     stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
+    # ZeRO-3 only: build the model partitioned (deepspeed.zero.Init, trainer/partitioned.py), so each
+    # rank materialises only its shard; false builds the whole fp32 model on every rank first.
+    zero_init: bool = True
     # Merged verbatim into DeepSpeed's zero_optimization section (bucket sizes, overlap_comm, ...).
     zero_extra: dict[str, Any] = field(default_factory=dict)
 
@@ -189,6 +192,10 @@ class ExportConfig:
     output: Optional[str] = None
     # auto: the precision the run trained in (the weights the model computed with).
     precision: Precision = Precision.auto
+    # Largest safetensors file of an export (and of the training run's own), in GiB; a bigger
+    # single tensor gets a file of its own. Files are written one tensor at a time, so this does
+    # not change the memory an export needs.
+    shard_size_gb: float = field(default=5.0, metadata={"above": 0})
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Wrapping the plain model for training: activation checkpointing, compile, the DeepSpeed engine."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Optional
 
@@ -12,6 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from zeroforge.data.boundaries import IGNORE_INDEX, DocumentBoundaries
 from zeroforge.trainer.deepspeed_config import deepspeed_config
 from zeroforge.trainer.faults import FaultGuard, SkippableAdamW
+from zeroforge.trainer.partitioned import full_shape, zero3_startup
 from zeroforge.trainer.schedule import lr_factor
 from zeroforge.trainer.validate import Plan
 
@@ -20,9 +22,10 @@ if TYPE_CHECKING:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Only matrices decay; biases and norm scales (1-d) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """Only matrices decay; biases and norm scales (1-d) do not (by their full shape: a ZeRO-3
+    partitioned parameter is flat)."""
+    decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) < 2]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -54,13 +57,14 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_unive
     optim = cfg.optim
     # With ZeRO-Offload DeepSpeed builds its CPU Adam from the generated config instead.
     optimizer = None if cfg.deepspeed.offload_optimizer else SkippableAdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        model_parameters=groups if optimizer is None else None,
-        config=deepspeed_config(cfg, plan, load_universal),
-        lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
-    )
+    with zero3_startup() if cfg.deepspeed.stage == 3 else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=groups if optimizer is None else None,
+            config=deepspeed_config(cfg, plan, load_universal),
+            lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
+        )
     if cfg.model.compile:
         # Compiles in place, so parameter names (and checkpoints) carry no `_orig_mod.` prefix.
         engine.compile()
