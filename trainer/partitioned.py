@@ -85,11 +85,14 @@ def _gathered_initialize_weights(self: PreTrainedModel) -> None:
         visit(self, self._initialize_weights)
 
 
+def _do_nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 @contextlib.contextmanager
 def _partitioned_construction(ds_config: dict[str, Any], initialize: bool) -> Iterator[None]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from transformers import initialization
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, prevent_arange_dtype_change
 
     from zeroforge.trainer.host_memory import keep_large_allocations_returnable
@@ -103,11 +106,11 @@ def _partitioned_construction(ds_config: dict[str, Any], initialize: bool) -> It
     if get_accelerator().device_name() == "cpu":
         keep_large_allocations_returnable()
     original = PreTrainedModel.initialize_weights
-    PreTrainedModel.initialize_weights = _gathered_initialize_weights
-    # model.init_from: the weights are loaded right after, so nothing is drawn or gathered.
-    skip_init = contextlib.nullcontext() if initialize else initialization.no_init_weights()
+    # model.init_from: the weights are loaded right after, so nothing is gathered to initialise them
+    # (post_init still ties the weights that are tied).
+    PreTrainedModel.initialize_weights = _gathered_initialize_weights if initialize else _do_nothing
     try:
-        with skip_init, prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             yield
     finally:
         PreTrainedModel.initialize_weights = original
@@ -124,10 +127,6 @@ def build_partitioned(build: Callable[[], PreTrainedModel], ds_config: dict[str,
             "gather for; set deepspeed.zero_init=false to build the whole model on every rank instead"
         )
     return model
-
-
-def _do_nothing(*args: Any, **kwargs: Any) -> None:
-    return None
 
 
 @contextlib.contextmanager

@@ -162,6 +162,7 @@ def train(cfg: DictConfig) -> dict:
         export_hf(
             engine, tokenizer, cfg.checkpoint.export_dir, dist,
             {"step": step, "tokens": metrics.tokens, "prepared_data": str(train_data.prepared.resolve()) if train_data.prepared else None},
+            shard_bytes=int(cfg.export.shard_size_gb * 2**30),
         )
     metrics.close()
     distributed.close()
