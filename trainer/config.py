@@ -220,6 +220,9 @@ class ClusterConfig:
     peak_tflops: Optional[float] = None
     # Memory of one accelerator in GiB (what vendors call GB); null: unknown, the planner never refuses.
     gpu_memory_gb: Optional[float] = None
+    # Host (CPU) memory of one node in GiB; null: unknown, the planner reports host memory but never
+    # refuses for it.
+    host_memory_gb: Optional[float] = field(default=None, metadata={"above": 0})
     # GPUs Slurm allocates per node (--gpus-per-node); 0 on CPU-only nodes.
     gpus_per_node: int = 0
     # Slurm placement; null: the site's default. time is Slurm's --time (e.g. 2-00:00:00).
