@@ -48,12 +48,11 @@ def keep_large_allocations_returnable() -> None:
         pass
 
 
-def log_startup(dist: DistInfo, seconds: float, how: str) -> list[int]:
-    """Every rank's peak host memory once the engine stands (the start-up's high point, which is
-    what decides whether a large model can start at all); returns the peaks in bytes."""
-    peaks = gather(peak_rss_bytes(), dist)
+def log_startup(dist: DistInfo, seconds: float, how: str, before: int) -> None:
+    """Every rank's peak host memory once the engine stands (the start-up's high point, which
+    decides whether a large model can start at all), and what it held before the model existed."""
+    peaks, befores = zip(*gather((peak_rss_bytes(), before), dist))
     log.info(
-        "start-up: model and engine in %.1f s (%s) | peak host memory per rank: %s MiB",
-        seconds, how, ", ".join(str(peak >> 20) for peak in peaks),
+        "start-up: model and engine in %.1f s (%s) | peak host memory per rank: %s MiB (before the model: %s MiB)",
+        seconds, how, ", ".join(str(p >> 20) for p in peaks), ", ".join(str(b >> 20) for b in befores),
     )
-    return peaks
