@@ -356,12 +356,13 @@ def export_entries(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return entries
 
 
-def _gathered(entries: list[tuple[str, torch.Tensor]], dist: DistInfo) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-    """Each tensor in full on rank 0's host (None elsewhere), one at a time: a ZeRO-3 parameter is
-    gathered from every rank (all of them must iterate) and copied out before it is partitioned again."""
+def gathered_tensors(model: torch.nn.Module, dist: DistInfo) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """The export's tensors (export_entries), each in full on rank 0's host (None elsewhere), one
+    at a time: a ZeRO-3 parameter is gathered from every rank (all of them must iterate) and copied
+    out before it is partitioned again."""
     import deepspeed
 
-    for name, tensor in entries:
+    for name, tensor in export_entries(model):
         if hasattr(tensor, "ds_id"):
             with deepspeed.zero.GatheredParameters([tensor]):
                 host = tensor.detach().to("cpu", copy=True) if dist.is_main else None
@@ -379,10 +380,9 @@ def export_hf(
     it arrives, so its host holds one parameter at a time, whatever the model's size."""
     out = Path(out_dir)
     model = engine.module
-    entries = export_entries(model)
-    tensors = _gathered(entries, dist)
+    tensors = gathered_tensors(model, dist)
     if dist.is_main:
-        specs = [TensorSpec(name, tuple(full_shape(t)), t.dtype) for name, t in entries]
+        specs = [TensorSpec(name, tuple(full_shape(t)), t.dtype) for name, t in export_entries(model)]
         write_export(model.config, specs, tensors, tokenizer, out, meta, shard_bytes)
     else:
         for _ in tensors:

@@ -22,9 +22,12 @@ def peak_rss_bytes() -> int:
 
 
 def rss_bytes() -> int:
-    """The resident memory of this process now."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """The resident memory of this process now (where there is no /proc, its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
 
 
 def keep_large_allocations_returnable() -> None:
