@@ -36,10 +36,14 @@ MODEL = ["model=llama-125m", "model.vocab_size=32000"]
 
 
 def worker(overrides: list[str]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from zeroforge.trainer import distributed
     from zeroforge.trainer.config import compose_config
     from zeroforge.trainer.engine import build_engine
     from zeroforge.trainer.host_memory import peak_rss_bytes, rss_bytes
+    from zeroforge.trainer.model import hf_config
     from zeroforge.trainer.partitioned import build_for_training
     from zeroforge.trainer.train import seed_everything
     from zeroforge.trainer.validate import validate
@@ -48,6 +52,10 @@ def worker(overrides: list[str]) -> None:
     cfg = compose_config(overrides)
     plan = validate(cfg, env.world_size)
     dist = distributed.init_distributed(plan.device)
+    # The model's code (and torch._dynamo, which it imports) is loaded before the measurement, as
+    # it is in train() by then: "before" is the process's own memory, the rest the model's.
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(hf_config(cfg.model, cfg.model.vocab_size))
     before = rss_bytes()
     started = time.perf_counter()
     seed_everything(cfg.seed)
