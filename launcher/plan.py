@@ -19,6 +19,14 @@ ZeRO-3 also holds its largest layer gathered (weights and gradients); in fp32 it
 serves as the master (zeroforge fixes DeepSpeed's copy of it). Offloading the optimizer
 moves the last three columns (and ZeRO-2/3's gradient partition) to host memory; offloading
 ZeRO-3's parameters moves its weight partition there too.
+
+Host memory per rank (HostMemory) adds to the rank's own and its offloaded states what each moment
+that can kill a job holds on the host: start-up (a whole fp32 model, 4N, unless ZeRO-3 builds it
+partitioned: then eN / D passing through DeepSpeed's defragmentation), resume (DeepSpeed reads
+the rank's optimizer partition, 12N / D, and at ZeRO 0-2 the whole module into host memory), save
+(the async save's copy, or the largest tensor torch.save stages) and export (one gathered
+parameter on rank 0). A node needs its ranks' sum at the highest of these, checked against
+cluster.host_memory_gb.
 """
 from __future__ import annotations
 
