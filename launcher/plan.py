@@ -15,9 +15,18 @@ e bytes per element (2 in bf16, 4 in fp32):
 | 2    | eN      | eN / D    | 4N / D      | 8N / D    | 4N / D                         |
 | 3    | eN / D  | eN / D    | 4N / D      | 8N / D    | 4 min(N / D, sub_group_size)   |
 
-ZeRO-3 also holds its largest layer gathered (weights and gradients). Offloading the optimizer
+ZeRO-3 also holds its largest layer gathered (weights and gradients); in fp32 its weight partition
+serves as the master (zeroforge fixes DeepSpeed's copy of it). Offloading the optimizer
 moves the last three columns (and ZeRO-2/3's gradient partition) to host memory; offloading
 ZeRO-3's parameters moves its weight partition there too.
+
+Host memory per rank (HostMemory) adds to the rank's own and its offloaded states what each moment
+that can kill a job holds on the host: start-up (a whole fp32 model, 4N, unless ZeRO-3 builds it
+partitioned: then eN / D passing through DeepSpeed's defragmentation), resume (DeepSpeed reads
+the rank's optimizer partition, 12N / D, and at ZeRO 0-2 the whole module into host memory), save
+(the async save's copy, or the largest tensor torch.save stages) and export (one gathered
+parameter on rank 0). A node needs its ranks' sum at the highest of these, checked against
+cluster.host_memory_gb.
 """
 from __future__ import annotations
 
@@ -45,6 +54,15 @@ FRAGMENTATION = 0.10
 DS_REDUCE_BUCKET_SIZE = 500_000_000
 DS_PREFETCH_BUCKET_SIZE = 50_000_000
 DS_SUB_GROUP_SIZE = 1_000_000_000
+# A rank's own host memory before any weight. On a GPU node: Python, torch with CUDA's host-side
+# libraries and context, NCCL, DeepSpeed, transformers, the data loader (an estimate; 2-5 GiB is
+# typical). On the CPU build: 0.40-0.47 GiB measured (bench/zero3_startup.py, "before the model").
+PROCESS_HOST_GIB_GPU = 3.0
+PROCESS_HOST_GIB_CPU = 0.5
+# Above what the ranks of a node hold: the allocator's slack, and the system's own (kernel, page
+# tables, Slurm and the node's daemons).
+HOST_FRAGMENTATION = 0.10
+HOST_SYSTEM_GIB = 8.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,9 @@ class Setup:
     nodes: int
     # The next-token loss as trained: plain, chunked or liger (train.loss with auto decided).
     loss: str = "plain"
+    # Host memory only: ZeRO-3's partitioned construction, and the async save's host copy.
+    zero_init: bool = True
+    async_save: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,50 @@ class Activations:
 
 
 @dataclass(frozen=True)
+class HostMemory:
+    """Host memory per rank (bytes): its own, what it holds while training, and what each moment
+    that decides whether a job starts and keeps running adds on top; and what a node needs."""
+
+    ranks_per_node: int
+    process: float
+    # Offloaded states (on the CPU accelerator: everything the "GPU" figures count).
+    resident: float
+    # Building the model and the engine: the whole fp32 model (ZeRO 0-2, or ZeRO-3 without
+    # deepspeed.zero_init), or ZeRO-3's shard staged through the host by DeepSpeed's defragmentation.
+    startup: float
+    # Resuming: DeepSpeed reads a rank's optimizer partition (and, at ZeRO 0-2, the whole module)
+    # into host memory before copying it to the GPU.
+    resume: float
+    # Saving: the async save's copy of the rank's checkpoint, or the largest tensor torch.save
+    # stages through the host; save_rank0 is rank 0's extra (ZeRO 0-2's module states).
+    save: float
+    save_rank0: float
+    # Exporting (rank 0): one gathered parameter at a time.
+    export: float
+
+    def phases(self) -> dict[str, float]:
+        """Per node, for each moment: every rank's share, rank 0's extra, the margin."""
+        r = self.ranks_per_node
+        base = self.process + self.resident
+        raw = {
+            "start-up": r * (self.process + max(self.startup, self.resident)),
+            "resume": r * (base + self.resume),
+            "save": r * (base + self.save) + self.save_rank0,
+            "export": r * base + self.export,
+        }
+        return {k: v * (1 + HOST_FRAGMENTATION) + HOST_SYSTEM_GIB * GIB for k, v in raw.items()}
+
+    @property
+    def per_node(self) -> float:
+        return max(self.phases().values())
+
+    @property
+    def highest(self) -> str:
+        phases = self.phases()
+        return max(phases, key=phases.get)
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """Per-GPU memory (bytes) and time of one configuration; `fits` is None when the GPU is unknown."""
 
@@ -122,7 +187,9 @@ class MemoryPlan:
     # The same micro batch with activation checkpointing switched the other way.
     activations_other: float
     margin: float
-    host_per_node: float
+    host: HostMemory
+    # Host memory of one node (cluster.host_memory_gb), bytes; None: not checked.
+    host_memory: Optional[float]
     inference_batch: int
     inference_context: int
     inference_weights: float
@@ -149,8 +216,18 @@ class MemoryPlan:
         return self.states.total + self.buffers + self.activations + self.margin
 
     @property
-    def fits(self) -> Optional[bool]:
+    def gpu_fits(self) -> Optional[bool]:
         return None if self.gpu_memory is None else self.total <= self.gpu_memory
+
+    @property
+    def host_fits(self) -> Optional[bool]:
+        return None if self.host_memory is None else self.host.per_node <= self.host_memory
+
+    @property
+    def fits(self) -> Optional[bool]:
+        """False when either memory is known not to suffice; None when neither is known."""
+        verdicts = [v for v in (self.gpu_fits, self.host_fits) if v is not None]
+        return all(verdicts) if verdicts else None
 
     @property
     def tokens_per_step(self) -> int:
@@ -231,6 +308,8 @@ def model_states(params: int, largest_layer: int, setup: Setup, dp: int, e: int,
     weights = e * n / (dp if setup.stage == 3 else 1)
     gradients = e * n / (dp if setup.stage >= 2 else 1)
     master = 4 * n / shard if (e == 2 or setup.stage >= 1) else 0.0
+    if setup.stage == 3 and e == 4 and not setup.offload_optimizer:
+        master = 0.0  # in fp32, ZeRO-3's weight partition is its own master (trainer/partitioned.py)
     moments = 8 * n / shard
     if setup.stage == 3:
         # ZeRO-3 steps sub-group by sub-group, flattening each one's gradients to fp32 in turn.
@@ -325,15 +404,54 @@ def buffer_bytes(zero_extra: dict, setup: Setup, params: int, dp: int, e: int) -
     return adam + e * bucket * (2 if zero_extra.get("overlap_comm", False) else 1)
 
 
+def host_memory(shape: ModelShape, setup: Setup, states: ModelStates, device_total: float, dp: int, e: int,
+                ranks_per_node: int, on_gpus: bool, sub_group: float) -> HostMemory:
+    """Host memory per rank, as in HostMemory's fields. On the CPU accelerator the device figures
+    are host memory, held from start-up on."""
+    n = shape.params
+    optimizer_partition = 12 * n / (dp if setup.stage >= 1 else 1)  # fp32 master, Adam m and v
+    module = 0.0 if setup.stage == 3 else e * n  # ZeRO 0-2 save and load the whole module
+    if setup.stage == 3 and setup.zero_init:
+        build = e * n / dp  # defragment() copies the shard into one host buffer on its way back
+    else:
+        build = 4 * n  # the whole model in fp32, built on the CPU before DeepSpeed moves it
+    if not on_gpus:
+        resident, build = device_total, 0.0
+    else:
+        resident = states.host
+    if setup.async_save:
+        save = optimizer_partition if setup.stage >= 1 else 0.0
+    elif setup.offload_optimizer or not on_gpus:
+        save = 0.0  # torch.save writes host tensors as they are
+    else:
+        # torch.save copies each device tensor to the host in turn: the largest is one flat fp32
+        # partition (ZeRO-3: one sub-group of it), or one parameter's Adam state without ZeRO.
+        save = 4 * (min(n / dp, sub_group) if setup.stage == 3 else n / dp if setup.stage >= 1 else shape.largest_layer)
+    rank0 = module + (optimizer_partition if setup.stage == 0 else 0.0)
+    return HostMemory(
+        ranks_per_node=ranks_per_node,
+        process=(PROCESS_HOST_GIB_GPU if on_gpus else PROCESS_HOST_GIB_CPU) * GIB,
+        resident=resident,
+        startup=build,
+        resume=optimizer_partition + module,
+        save=save,
+        save_rank0=rank0 if setup.async_save else 0.0,
+        export=e * shape.largest_layer,
+    )
+
+
+def _on_gpus(cfg: DictConfig) -> bool:
+    from zeroforge.trainer.validate import accelerator_is_cuda
+
+    c = cfg.cluster
+    return c.gpu_memory_gb is not None or c.get("gpus_per_node", 0) > 0 or accelerator_is_cuda()
+
+
 def _precision(cfg: DictConfig) -> str:
     precision = cfg.train.precision.value if hasattr(cfg.train.precision, "value") else str(cfg.train.precision)
     if precision != "auto":
         return precision
-    from zeroforge.trainer.validate import accelerator_is_cuda
-
-    c = cfg.cluster
-    on_gpus = c.gpu_memory_gb is not None or c.get("gpus_per_node", 0) > 0 or accelerator_is_cuda()
-    return "bf16" if on_gpus else "fp32"
+    return "bf16" if _on_gpus(cfg) else "fp32"
 
 
 def _peak_tflops(cfg: DictConfig) -> Optional[float]:
@@ -355,6 +473,8 @@ def _setup(cfg: DictConfig) -> Setup:
         micro_batch=cfg.train.micro_batch_size,
         nodes=cfg.cluster.nodes,
         loss=resolve_loss(cfg.train.loss, cfg.model.model_type),
+        zero_init=ds.zero_init,
+        async_save=cfg.checkpoint.async_save,
     )
 
 
@@ -373,6 +493,7 @@ def _plan(cfg: DictConfig, shape: ModelShape, setup: Setup) -> MemoryPlan:
     other = activation_bytes(shape, setup.micro_batch, seq, e, not setup.activation_checkpointing, eager, **kernels)
     buffers = buffer_bytes(zero_extra, setup, shape.params, world_size, e)
     tensors = states.total + buffers + act.peak
+    host = host_memory(shape, setup, states, tensors, world_size, e, c.nproc_per_node, _on_gpus(cfg), sub_group)
     context = cfg.launcher.inference_context or cfg.model.max_position_embeddings
     return MemoryPlan(
         model=shape,
@@ -386,7 +507,8 @@ def _plan(cfg: DictConfig, shape: ModelShape, setup: Setup) -> MemoryPlan:
         activations=act.peak,
         activations_other=other.peak,
         margin=CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * tensors,
-        host_per_node=states.host * c.nproc_per_node,
+        host=host,
+        host_memory=None if c.get("host_memory_gb") is None else c.host_memory_gb * GIB,
         inference_batch=cfg.launcher.inference_batch_size,
         inference_context=context,
         inference_weights=e * shape.params,
@@ -423,8 +545,10 @@ def best_micro_batch(cfg: DictConfig, world_size: int, limit: int = 64) -> Optio
 # What each change costs, roughly, to rank the fixes: the chunked loss costs nothing (the same
 # loss, no slower), a ZeRO stage adds communication (per stage), checkpointing recomputes the
 # forward (a third more compute), a halved micro batch runs smaller kernels, a doubling of the
-# nodes doubles the GPUs held, and offloading the optimizer puts its step on the CPU.
-_COST = {"loss": 0, "stage": 1, "checkpointing": 2, "halving": 1, "doubling": 4, "offload": 6}
+# nodes doubles the GPUs held, offloading the optimizer puts its step on the CPU, and
+# partitioned construction costs a little start-up time. (A synchronous save is never a fix:
+# the async save's host copy is what a resume reads anyway.)
+_COST = {"loss": 0, "stage": 1, "checkpointing": 2, "halving": 1, "doubling": 4, "offload": 6, "host": 1}
 _MAX_NODE_DOUBLINGS = 6
 
 
@@ -435,13 +559,14 @@ def _candidates(cfg: DictConfig, now: Setup) -> Iterator[tuple[tuple[int, int], 
     doublings_allowed = _MAX_NODE_DOUBLINGS if cfg.cluster.scheduler == Scheduler.slurm else 0
     # The plain loss can become the chunked one where that is exact for the model type.
     losses = sorted({now.loss, "chunked"} if now.loss == "plain" and cfg.model.model_type in LINEAR_HEAD_MODEL_TYPES else {now.loss})
-    for stage, ckpt, halvings, doublings, offload, loss in itertools.product(
+    for stage, ckpt, halvings, doublings, offload, loss, zero_init in itertools.product(
         range(now.stage, 4),
         sorted({now.activation_checkpointing, True}),
         range(0, int(math.log2(now.micro_batch)) + 1),
         range(0, doublings_allowed + 1),
         sorted({now.offload_optimizer, True}),
         losses,
+        sorted({now.zero_init, True}),
     ):
         setup = replace(
             now,
@@ -451,6 +576,7 @@ def _candidates(cfg: DictConfig, now: Setup) -> Iterator[tuple[tuple[int, int], 
             nodes=now.nodes << doublings,
             offload_optimizer=offload and stage >= 1,
             loss=loss,
+            zero_init=zero_init,
         )
         if offload and stage == 0 or glob % (setup.micro_batch * setup.nodes * dp_per_node):
             continue  # offload needs ZeRO; the global batch must still divide
@@ -461,6 +587,7 @@ def _candidates(cfg: DictConfig, now: Setup) -> Iterator[tuple[tuple[int, int], 
             + _COST["doubling"] * doublings
             + _COST["offload"] * (offload != now.offload_optimizer)
             + _COST["loss"] * (loss != now.loss)
+            + _COST["host"] * (zero_init != now.zero_init)
         )
         yield (cost, len(_changed(now, setup))), setup
 
@@ -479,6 +606,8 @@ def _overrides(now: Setup, fix: Setup) -> str:
         parts.append("deepspeed.offload_optimizer=true")
     if fix.loss != now.loss:
         parts.append(f"train.loss={fix.loss}")
+    if fix.zero_init != now.zero_init and fix.stage == 3:
+        parts.append("deepspeed.zero_init=true")
     return " ".join(parts)
 
 
@@ -530,18 +659,37 @@ def _where(plan: MemoryPlan) -> str:
     )
 
 
+def _host_breakdown(plan: MemoryPlan) -> str:
+    h = plan.host
+    return (
+        f"per rank {_gib(h.process)} of its own and {_gib(h.resident)} held while training; on top of that, "
+        f"start-up {_gib(h.startup)}, resume {_gib(h.resume)}, save {_gib(h.save)}"
+        + (f" (+{_gib(h.save_rank0)} on rank 0)" if h.save_rank0 else "")
+        + f", export {_gib(h.export)} (rank 0); x {h.ranks_per_node} ranks a node, "
+        f"+{HOST_FRAGMENTATION:.0%} and {HOST_SYSTEM_GIB:.0f} GiB for the system"
+    )
+
+
 def refusal(cfg: DictConfig, plan: MemoryPlan) -> str:
     """Why the job does not fit, with the numbers and the changes that would make it fit."""
     found = fixes(cfg, plan)
-    lines = [
-        f"{plan.model.name} needs {_gib(plan.total)} per GPU but cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb} "
-        f"({cfg.cluster.name}), at {_where(plan)}: weights {_gib(plan.weights)}, gradients "
-        f"{_gib(plan.gradients)}, optimizer {_gib(plan.optimizer)}, buffers {_gib(plan.buffers)}, "
-        f"activations {_gib(plan.activations)}, margin {_gib(plan.margin)}.",
-    ]
+    lines = []
+    if plan.gpu_fits is False:
+        lines.append(
+            f"{plan.model.name} needs {_gib(plan.total)} per GPU but cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb} "
+            f"({cfg.cluster.name}), at {_where(plan)}: weights {_gib(plan.weights)}, gradients "
+            f"{_gib(plan.gradients)}, optimizer {_gib(plan.optimizer)}, buffers {_gib(plan.buffers)}, "
+            f"activations {_gib(plan.activations)}, margin {_gib(plan.margin)}."
+        )
+    if plan.host_fits is False:
+        lines.append(
+            f"{plan.model.name} needs {_gib(plan.host.per_node)} of host memory per node (at {plan.host.highest}) but "
+            f"cluster.host_memory_gb={cfg.cluster.host_memory_gb} ({cfg.cluster.name}), at {_where(plan)}: "
+            f"{_host_breakdown(plan)}."
+        )
     if found:
         lines.append("Changes that fit, cheapest first:")
-        lines += [f"  {overrides}  ->  {_gib(p.total)} per GPU" for overrides, p in found]
+        lines += [f"  {overrides}  ->  {_gib(p.total)} per GPU, {_gib(p.host.per_node)} host per node" for overrides, p in found]
     else:
         lines.append(f"No change of ZeRO stage, checkpointing, micro batch, offload, loss or (on Slurm) up to {2**_MAX_NODE_DOUBLINGS}x the nodes fits.")
     lines.append("Or launcher.force=true to launch anyway (zeroforge plan prints the whole plan)")
@@ -561,8 +709,9 @@ def check_fits(cfg: DictConfig, world_size: int) -> MemoryPlan:
         log.warning("launcher.force=true: launching although %s", refusal(cfg, plan).splitlines()[0])
     else:
         log.info(
-            "plan: %s per GPU (%s), %s per step, %s to %.3g tokens at %.0f%% MFU",
-            _gib(plan.total), "fits" if plan.fits else "GPU memory unknown", _duration(plan.step_time_s),
+            "plan: %s per GPU (%s), %s host memory per node (%s), %s per step, %s to %.3g tokens at %.0f%% MFU",
+            _gib(plan.total), "fits" if plan.gpu_fits else "GPU memory unknown", _gib(plan.host.per_node),
+            "fits" if plan.host_fits else "host memory unknown", _duration(plan.step_time_s),
             _duration(plan.total_time_s), plan.tokens_per_step * plan.steps, 100 * plan.assumed_mfu,
         )
     return plan
@@ -588,12 +737,35 @@ def _stage_table(cfg: DictConfig, plan: MemoryPlan) -> list[str]:
     return rows
 
 
+def _host_table(plan: MemoryPlan) -> list[str]:
+    h = plan.host
+    phases = h.phases()
+    explained = {
+        "start-up": ("building the model and the engine", max(h.startup, h.resident)),
+        "resume": ("DeepSpeed reading the rank's checkpoint into host memory", h.resident + h.resume),
+        "save": ("async copy of the checkpoint" if plan.setup.async_save else "torch.save staging one tensor", h.resident + h.save),
+        "export": ("rank 0 writing one gathered parameter at a time (rank 0)", h.resident + h.export),
+    }
+    rows = [
+        f"| host memory ({h.ranks_per_node} ranks a node) | per rank above its own {_gib(h.process)} | per node |",
+        "| --- | ---: | ---: |",
+    ]
+    for phase, (what, per_rank) in explained.items():
+        rows.append(f"| {phase}: {what} | {_gib(per_rank)} | {_gib(phases[phase])} |")
+    return rows
+
+
 def format_plan(cfg: DictConfig, plan: MemoryPlan) -> str:
     m = plan.model
     verdict = (
-        "GPU memory unknown (set cluster.gpu_memory_gb): not checked" if plan.fits is None
-        else f"fits in {_gib(plan.gpu_memory)}" if plan.fits
+        "GPU memory unknown (set cluster.gpu_memory_gb): not checked" if plan.gpu_fits is None
+        else f"fits in {_gib(plan.gpu_memory)}" if plan.gpu_fits
         else f"DOES NOT FIT in {_gib(plan.gpu_memory)}"
+    )
+    host_verdict = (
+        "host memory unknown (set cluster.host_memory_gb): not checked" if plan.host_fits is None
+        else f"fits in {_gib(plan.host_memory)} per node" if plan.host_fits
+        else f"DOES NOT FIT in {_gib(plan.host_memory)} per node"
     )
     inference = plan.inference_weights + plan.kv_cache
     lines = [
@@ -613,9 +785,12 @@ def format_plan(cfg: DictConfig, plan: MemoryPlan) -> str:
         f"| total | {_gib(plan.total)} |",
         "",
         f"verdict: {verdict}",
+        "",
+        *_host_table(plan),
+        "",
+        f"host verdict: {host_verdict}",
+        "",
     ]
-    if plan.host_per_node:
-        lines.append(f"host memory for offloaded states: {_gib(plan.host_per_node)} per node")
     lines += [
         f"time: {_duration(plan.step_time_s)} per step of {plan.tokens_per_step:,} tokens, "
         f"{_duration(plan.total_time_s)} for {plan.steps:,} steps ({plan.tokens_per_step * plan.steps:.3g} tokens) "

@@ -7,6 +7,7 @@ whose manifest does not verify is never loaded: loading falls back to the newest
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -16,16 +17,18 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from zeroforge.trainer.background_save import BackgroundWriter, file_entry
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero, gather
+from zeroforge.trainer.partitioned import full_shape
+from zeroforge.trainer.safetensors_io import ShardedWriter, TensorSpec
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -362,37 +365,76 @@ def load_checkpoint(engine: DeepSpeedEngine, path: Path) -> dict[str, Any]:
     return client_state
 
 
-def consolidated_state_dict(engine: DeepSpeedEngine, dist: DistInfo) -> Optional[dict[str, torch.Tensor]]:
-    """The full, unwrapped model weights on rank 0 (None elsewhere); every rank must call it."""
-    if engine.zero_optimization_stage() == 3:
-        # Gathers one layer at a time into rank 0's CPU memory, never the whole model on one GPU.
-        state = engine._zero3_consolidated_16bit_state_dict()
-        return dict(state) if dist.is_main else None
-    if not dist.is_main:
-        return None
-    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+def export_entries(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What an export holds, named as the plain model names them: parameters and persistent
+    buffers in state_dict order, a tied weight once, under its first name (as save_pretrained keeps it)."""
+    seen: set[int] = set()
+    entries = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            entries.append((name, tensor))
+    return entries
+
+
+def gathered_tensors(model: torch.nn.Module, dist: DistInfo) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """The export's tensors (export_entries), each in full on rank 0's host (None elsewhere), one
+    at a time: a ZeRO-3 parameter is gathered from every rank (all of them must iterate) and copied
+    out before it is partitioned again."""
+    import deepspeed
+
+    for name, tensor in export_entries(model):
+        if hasattr(tensor, "ds_id"):
+            with deepspeed.zero.GatheredParameters([tensor]):
+                host = tensor.detach().to("cpu", copy=True) if dist.is_main else None
+        else:
+            host = tensor.detach().to("cpu") if dist.is_main else None
+        yield name, host
 
 
 def export_hf(
-    engine: DeepSpeedEngine, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, dist: DistInfo, meta: dict[str, Any]
+    engine: DeepSpeedEngine, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, dist: DistInfo,
+    meta: dict[str, Any], shard_bytes: int,
 ) -> Path:
-    """Write config, safetensors weights and tokenizer; the directory appears complete or not at all."""
+    """Write config, sharded safetensors weights and tokenizer from the training engine; the
+    directory appears complete or not at all. Every rank must call it. Rank 0 writes each tensor as
+    it arrives, so its host holds one parameter at a time, whatever the model's size."""
     out = Path(out_dir)
-    state = consolidated_state_dict(engine, dist)
+    model = engine.module
+    tensors = gathered_tensors(model, dist)
     if dist.is_main:
-        write_export(engine.module, state, tokenizer, out, meta)
+        specs = [TensorSpec(name, tuple(full_shape(t)), t.dtype) for name, t in export_entries(model)]
+        write_export(model.config, specs, tensors, tokenizer, out, meta, shard_bytes)
+    else:
+        for _ in tensors:
+            pass
     barrier()
     return out
 
 
 def write_export(
-    model: torch.nn.Module, state: Optional[dict[str, torch.Tensor]], tokenizer: PreTrainedTokenizerBase,
-    out: Path, meta: dict[str, Any],
+    config: PretrainedConfig, specs: list[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
+    tokenizer: PreTrainedTokenizerBase, out: Path, meta: dict[str, Any], shard_bytes: int,
 ) -> None:
-    """Write into out.tmp, then swap it in: `out` is always a complete export, old or new."""
+    """Write into out.tmp, then swap it in: `out` is always a complete export, old or new. The
+    weights (`tensors`, in the order of `specs`) go to disk one at a time as HF's sharded
+    safetensors; config.json and generation_config.json are what save_pretrained writes."""
+    from transformers import GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), state_dict=state)
+    tmp.mkdir(parents=True)
+    config = copy.deepcopy(config)
+    config.dtype = str(next(s.dtype for s in specs if s.dtype.is_floating_point)).removeprefix("torch.")
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
+    config.use_cache = True  # training switches the KV cache off; an export is for inference
+    config.save_pretrained(tmp)
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    writer = ShardedWriter(tmp, specs, shard_bytes)
+    for name, tensor in tensors:
+        writer.write(name, tensor)
+    writer.close()
     tokenizer.save_pretrained(str(tmp))
     (tmp / "zeroforge.json").write_text(json.dumps(meta, indent=2))
     old = out.with_name(out.name + ".old")
@@ -403,4 +445,4 @@ def write_export(
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    log.info("exported HF weights and tokenizer to %s", out)
+    log.info("exported HF weights (%d file(s)) and tokenizer to %s", len(writer.files), out)

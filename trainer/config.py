@@ -109,6 +109,9 @@ class DeepSpeedConfig:
     stage: int = field(default=2, metadata={"choices": [0, 1, 2, 3]})
     offload_optimizer: bool = False
     offload_params: bool = False
+    # ZeRO-3 only: build the model partitioned (deepspeed.zero.Init, trainer/partitioned.py), so each
+    # rank materialises only its shard; false builds the whole fp32 model on every rank first.
+    zero_init: bool = True
     # Merged verbatim into DeepSpeed's zero_optimization section (bucket sizes, overlap_comm, ...).
     zero_extra: dict[str, Any] = field(default_factory=dict)
 
@@ -224,6 +227,10 @@ class ExportConfig:
     output: Optional[str] = None
     # auto: the precision the run trained in (the weights the model computed with).
     precision: Precision = Precision.auto
+    # Largest safetensors file of an export (and of the training run's own), in GiB; a bigger
+    # single tensor gets a file of its own. Files are written one tensor at a time, so this does
+    # not change the memory an export needs.
+    shard_size_gb: float = field(default=5.0, metadata={"above": 0})
 
 
 @dataclass
@@ -248,6 +255,9 @@ class ClusterConfig:
     peak_tflops: Optional[float] = field(default=None, metadata={"above": 0})
     # Memory of one accelerator in GiB (what vendors call GB); null: unknown, the planner never refuses.
     gpu_memory_gb: Optional[float] = field(default=None, metadata={"above": 0})
+    # Host (CPU) memory of one node in GiB; null: unknown, the planner reports host memory but never
+    # refuses for it.
+    host_memory_gb: Optional[float] = field(default=None, metadata={"above": 0})
     # GPUs Slurm allocates per node (--gpus-per-node); 0 on CPU-only nodes.
     gpus_per_node: int = field(default=0, metadata={"min": 0})
     # Slurm placement; null: the site's default. time is Slurm's --time (e.g. 2-00:00:00).

@@ -4,16 +4,23 @@ ZeRO 0-2 keep the whole module in mp_rank_00_model_states.pt, in the precision t
 with. ZeRO-3 keeps each rank's slice of the fp32 master weights in that rank's optimizer file: the
 slices are stitched back together (DeepSpeed's zero_to_fp32 layout) and cast to the module's
 precision, so every stage gives the weights the export would have held at that step. Files are
-memory-mapped, so the optimizer moments stored beside those weights are never read into memory.
+memory-mapped and read one tensor at a time (the optimizer moments stored beside the weights are
+never read), and pages once read leave the process: reading a checkpoint holds about one
+parameter, not the model.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
+import mmap
 import re
+import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from zeroforge.trainer.checkpoint import LATEST, MANIFEST
 from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.safetensors_io import TensorSpec
 
 _ZERO3_MODEL = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 _ZERO3_OPTIM = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -90,18 +98,72 @@ def _ranked(step_dir: Path, pattern: re.Pattern) -> list[Path]:
     return [p for _, p in found]
 
 
-def checkpoint_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The full model weights on the CPU, named as the plain model names them."""
+def _drop_from_memory(tensor: torch.Tensor) -> None:
+    """Memory-mapped checkpoint pages, once read, leave this process's resident memory (the kernel
+    keeps them in its page cache): reading a whole checkpoint never leaves it all resident."""
+    if not sys.platform.startswith("linux") or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr() - tensor.data_ptr() % mmap.PAGESIZE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    # Pages at either end may hold neighbouring values: a private file mapping that was only read
+    # gives them back from the file when they are touched again.
+    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+_MADV_DONTNEED = 4
+
+
+@dataclass
+class CheckpointWeights:
+    """A checkpoint's model weights, named as the plain model names them (a tied weight once),
+    read one tensor at a time: the memory-mapped files are never read whole."""
+
+    path: Path
+    # Each tensor's name, shape, and the dtype training computed in.
+    specs: list[TensorSpec]
+    _read: Callable[[str, torch.dtype], torch.Tensor]
+
+    def tensors(self, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in the order of specs, each built when asked for; floating tensors cast
+        to dtype (None: the training precision)."""
+        for spec in self.specs:
+            wanted = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
+            yield spec.name, self._read(spec.name, wanted)
+
+
+def checkpoint_weights(step_dir: Path) -> CheckpointWeights:
+    """The model weights of a committed checkpoint of any ZeRO stage."""
     zero3_models = _ranked(step_dir, _ZERO3_MODEL)
-    if not zero3_models:
-        path = step_dir / "mp_rank_00_model_states.pt"
-        if not path.exists():
-            raise ConfigError(f"checkpoint {step_dir} holds no DeepSpeed model states (mp_rank_00_model_states.pt).")
-        return dict(_load(path)["module"])
-    return _zero3_state_dict(step_dir, zero3_models)
+    if zero3_models:
+        return _zero3_weights(step_dir, zero3_models)
+    path = step_dir / "mp_rank_00_model_states.pt"
+    if not path.exists():
+        raise ConfigError(f"checkpoint {step_dir} holds no DeepSpeed model states (mp_rank_00_model_states.pt).")
+    module = _load(path)["module"]
+    # A tied weight is saved once and named twice: keep its first name.
+    seen, unique = set(), {}
+    for name, tensor in module.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            unique[name] = tensor
+
+    def read(name: str, dtype: torch.dtype) -> torch.Tensor:
+        out = unique[name].to(dtype, copy=True)
+        _drop_from_memory(unique[name])
+        return out
+
+    return CheckpointWeights(step_dir, [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in unique.items()], read)
 
 
-def _zero3_state_dict(step_dir: Path, model_files: list[Path]) -> dict[str, torch.Tensor]:
+def _zero3_weights(step_dir: Path, model_files: list[Path]) -> CheckpointWeights:
     optim_files = _ranked(step_dir, _ZERO3_OPTIM)
     world = len(model_files)
     if len(optim_files) != world:
@@ -110,25 +172,43 @@ def _zero3_state_dict(step_dir: Path, model_files: list[Path]) -> dict[str, torc
         )
     meta = _load(model_files[0])
     flats = [_load(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim_files]
-    # The partitioned module holds empty placeholders in the precision the model ran in.
-    dtype = next(iter(meta["module"].values())).dtype
-    state = {k: v.to(dtype) for k, v in meta["module"].items() if k in meta["buffer_names"]}
+    # Where each parameter's slices lie: in its sub-group's flat fp32 partition, at the same offset
+    # on every rank, ceil(numel / world) values a rank (the last one zero-padded).
+    located: dict[str, tuple[int, int, tuple[int, ...]]] = {}
     for group, shapes in enumerate(meta["param_shapes"]):
         offset = 0
         for name, shape in shapes.items():
-            numel = math.prod(shape)
-            part = math.ceil(numel / world)  # each rank's slice, the last one zero-padded
-            slices = [flats[rank][group][offset : offset + part] for rank in range(world)]
-            state[name] = torch.cat(slices)[:numel].view(shape).to(dtype)
-            offset += part
+            located[name] = (group, offset, tuple(shape))
+            offset += math.ceil(math.prod(shape) / world)
         if offset != flats[0][group].numel():
             raise ConfigError(
                 f"checkpoint {step_dir}: parameter group {group} has {flats[0][group].numel()} values a rank "
                 f"but its parameters account for {offset}; the checkpoint's layout is not one this reader knows."
             )
-    for name, source in meta["shared_params"].items():  # tied weights are stored once
-        state[name] = state[source]
-    return state
+    # The partitioned module holds empty placeholders in the precision the model ran in.
+    trained = next(iter(meta["module"].values())).dtype
+    buffers = {k: v for k, v in meta["module"].items() if k in meta["buffer_names"]}
+    specs = [  # in the module's own order; tied weights are stored once, under their source's name
+        TensorSpec(name, located[name][2] if name in located else tuple(buffers[name].shape), trained)
+        for name in meta["module"] if name not in meta["shared_params"] and (name in located or name in buffers)
+    ]
+
+    def read(name: str, dtype: torch.dtype) -> torch.Tensor:
+        if name in buffers:
+            return buffers[name].to(dtype, copy=True)
+        group, offset, shape = located[name]
+        numel = math.prod(shape)
+        part = math.ceil(numel / world)
+        out = torch.empty(numel, dtype=dtype)
+        for rank in range(world):
+            count = min(part, numel - rank * part)
+            if count > 0:
+                piece = flats[rank][group].narrow(0, offset, count)
+                out.narrow(0, rank * part, count).copy_(piece)
+                _drop_from_memory(piece)
+        return out.view(shape)
+
+    return CheckpointWeights(step_dir, specs, read)
 
 
 def run_config(step_dir: Path) -> tuple[DictConfig, Path]:

@@ -2,6 +2,7 @@
 checkpointing, the (fused) optimizer, the DeepSpeed engine and compile."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Optional
 
@@ -15,6 +16,7 @@ from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.deepspeed_config import deepspeed_config
 from zeroforge.trainer.faults import FaultGuard, SkippableAdamW
 from zeroforge.trainer.loss import install_loss, installed_loss, resolve_loss
+from zeroforge.trainer.partitioned import full_shape, zero3_startup
 from zeroforge.trainer.schedule import lr_factor
 from zeroforge.trainer.validate import Plan
 
@@ -25,9 +27,10 @@ log = logging.getLogger("zeroforge")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Only matrices decay; biases and norm scales (1-d) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    """Only matrices decay; biases and norm scales (1-d) do not (by their full shape: a ZeRO-3
+    partitioned parameter is flat)."""
+    decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) < 2]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -96,13 +99,14 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_unive
     optimizer = None if cfg.deepspeed.offload_optimizer else SkippableAdamW(
         groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused,
     )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        model_parameters=groups if optimizer is None else None,
-        config=deepspeed_config(cfg, plan, load_universal),
-        lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
-    )
+    with zero3_startup() if cfg.deepspeed.stage == 3 else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=groups if optimizer is None else None,
+            config=deepspeed_config(cfg, plan, load_universal),
+            lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
+        )
     compile_mode = getattr(cfg.model.compile, "value", cfg.model.compile)
     # Both compile in place, so parameter names (and checkpoints) carry no `_orig_mod.` prefix.
     if compile_mode == "full":

@@ -9,8 +9,7 @@ from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from zeroforge.data.tokenizer import load_tokenizer, tokenizer_hash
 from zeroforge.trainer import consolidate
@@ -80,9 +79,22 @@ def load_export(path: str | Path, device: str, dtype: torch.dtype = torch.float3
     return LoadedModel(model.eval(), tokenizer, prepared, "export", path, meta.get("step"))
 
 
-def load_checkpoint(path: str | Path, device: str, dtype: Optional[torch.dtype] = None) -> LoadedModel:
-    """The model of a committed checkpoint, built from the shape its manifest recorded, with the
-    tokenizer of the data its run trained on. dtype None: the precision the run trained in."""
+@dataclass
+class CheckpointSource:
+    """A committed checkpoint with what its weights need to become a model: the config its manifest
+    recorded, the tokenizer of the data its run trained on, and the weights, read lazily."""
+
+    path: Path
+    step: int
+    tokens: int
+    config: PretrainedConfig
+    attn_implementation: str
+    tokenizer: PreTrainedTokenizerBase
+    prepared_data: Optional[Path]
+    weights: consolidate.CheckpointWeights
+
+
+def open_checkpoint(path: str | Path) -> CheckpointSource:
     step_dir = consolidate.resolve_checkpoint(path)
     manifest = consolidate.read_manifest(step_dir)
     prepared, tokenizer_at = consolidate.run_tokenizer(step_dir, manifest)
@@ -92,14 +104,48 @@ def load_checkpoint(path: str | Path, device: str, dtype: Optional[torch.dtype] 
             f"the tokenizer in {tokenizer_at} (hash {tokenizer_hash(tokenizer)}) is not the one "
             f"checkpoint {step_dir} was trained with (hash {manifest['run']['tokenizer_hash']})."
         )
-    state = consolidate.checkpoint_state_dict(step_dir)
     model_cfg = OmegaConf.create(manifest["run"]["model"])
     config = hf_config(model_cfg, resolve_vocab_size(model_cfg, len(tokenizer)), tokenizer.eos_token_id)
-    model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-        None, config=config, state_dict=state, dtype=dtype or next(iter(state.values())).dtype,
-        attn_implementation=model_cfg.attn_implementation, output_loading_info=True,
+    return CheckpointSource(
+        step_dir, manifest["step"], manifest["run"]["tokens"], config, model_cfg.attn_implementation, tokenizer,
+        prepared, consolidate.checkpoint_weights(step_dir),
     )
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+
+
+def load_checkpoint(path: str | Path, device: str, dtype: Optional[torch.dtype] = None) -> LoadedModel:
+    """The model of a committed checkpoint, built from the shape its manifest recorded, with the
+    tokenizer of the data its run trained on. dtype None: the precision the run trained in."""
+    source = open_checkpoint(path)
+    weights = source.weights
+    model = filled_model(source.config, weights, dtype or weights.specs[0].dtype, source.attn_implementation, device)
+    return LoadedModel(model.eval(), source.tokenizer, source.prepared_data, "checkpoint", source.path, source.step)
+
+
+def filled_model(
+    config: PretrainedConfig, weights: consolidate.CheckpointWeights, dtype: torch.dtype, attn_implementation: str, device: str
+) -> PreTrainedModel:
+    """The model of `config` on `device`, its weights filled one tensor at a time from a checkpoint:
+    besides the model, the host holds one tensor in flight, never a copy of the weights."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), torch.device(device):  # every weight is overwritten below: none is drawn
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.tie_weights()  # no_init_weights also skips post_init's tying
+    every_param = dict(model.named_parameters(remove_duplicate=False))
+    targets = {  # a tied weight under its first name, and the persistent buffers
+        **dict(model.named_parameters()),
+        **{name: t for name, t in model.state_dict(keep_vars=True).items() if name not in every_param},
+    }
+    found = {spec.name for spec in weights.specs}
+    problems = {"missing": sorted(set(targets) - found), "unexpected": sorted(found - set(targets))}
+    problems["mismatched"] = sorted(
+        f"{s.name}: {list(s.shape)} vs {list(targets[s.name].shape)}"
+        for s in weights.specs if s.name in targets and tuple(targets[s.name].shape) != s.shape
+    )
+    problems = {k: v for k, v in problems.items() if v}
     if problems:
-        raise ConfigError(f"checkpoint {step_dir} does not fit the model its manifest describes: {problems}.")
-    return LoadedModel(model.to(device).eval(), tokenizer, prepared, "checkpoint", step_dir, manifest["step"])
+        raise ConfigError(f"checkpoint {weights.path} does not fit the model its manifest describes: {problems}.")
+    with torch.no_grad():
+        for name, tensor in weights.tensors(dtype):
+            targets[name].copy_(tensor)
+    return model

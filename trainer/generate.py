@@ -23,6 +23,7 @@ from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.export_io import inference_dtype, load_model, pick_device
 from zeroforge.trainer.log import setup_logging
+from zeroforge.trainer.partitioned import full_numel
 
 log = logging.getLogger("zeroforge")
 
@@ -74,7 +75,7 @@ def check_context(model: PreTrainedModel, prompt_tokens: int, max_new_tokens: in
 def memory_bytes(model: PreTrainedModel, batch: int, context: int) -> dict[str, int]:
     """Weights plus the KV cache that `batch` sequences of `context` tokens fill."""
     c = model.config
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    weights = sum(full_numel(t) * t.element_size() for t in [*model.parameters(), *model.buffers()])
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     element = next(model.parameters()).element_size()

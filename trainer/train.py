@@ -28,9 +28,11 @@ from zeroforge.trainer.engine import build_engine, train_step, validation_loss
 from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.faults import FaultGuard
 from zeroforge.trainer.generate import decode
+from zeroforge.trainer.host_memory import log_startup, rss_bytes
 from zeroforge.trainer.log import setup_logging
 from zeroforge.trainer.metrics import MetricsLogger
-from zeroforge.trainer.model import build_model, check_init_from, flops_per_token, resolve_vocab_size
+from zeroforge.trainer.model import check_init_from, flops_per_token, resolve_vocab_size
+from zeroforge.trainer.partitioned import build_for_training, full_numel
 from zeroforge.trainer.preemption import Preempted, StopRequest
 from zeroforge.trainer.rundir import check_run_dir, library_versions, write_run_dir
 from zeroforge.trainer.universal import universal_checkpoint
@@ -67,11 +69,14 @@ def train(cfg: DictConfig) -> dict:
     if dist.is_main:
         write_run_dir(cfg, probe_gpu=True)
 
+    started, before = time.perf_counter(), rss_bytes()
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, vocab_size, tokenizer.eos_token_id)
-    num_params = sum(p.numel() for p in model.parameters())
+    model = build_for_training(cfg, plan, vocab_size, tokenizer.eos_token_id)
+    num_params = sum(full_numel(p) for p in model.parameters())
     fpt = flops_per_token(model.config, num_params, cfg.data.seq_len)
     engine = build_engine(model, cfg, plan, load_universal=universal)
+    partitioned = cfg.deepspeed.stage == 3 and cfg.deepspeed.zero_init
+    log_startup(dist, time.perf_counter() - started, "partitioned construction" if partitioned else "whole model on every rank", before)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     log.info(
         "%s: %.2fM parameters | world size %d | ZeRO-%d | %s | micro batch %d x grad accum %d x dp %d = %d",
@@ -155,6 +160,7 @@ def train(cfg: DictConfig) -> dict:
         export_hf(
             engine, tokenizer, cfg.checkpoint.export_dir, dist,
             {"step": step, "tokens": metrics.tokens, "prepared_data": str(train_data.prepared.resolve()) if train_data.prepared else None},
+            shard_bytes=int(cfg.export.shard_size_gb * 2**30),
         )
     metrics.close()
     distributed.close()

@@ -294,3 +294,61 @@ def test_best_micro_batch_is_the_largest_that_fits() -> None:
     assert plan.fits and plan.setup.micro_batch == micro
     bigger = compose_config([*EIGHT_B_8192, "model.activation_checkpointing=true", f"train.micro_batch_size={2 * micro}"])
     assert not estimate(bigger, 8).fits
+
+
+LLAMA_70B_8_NODES = ["model=llama-70b", "deepspeed=zero3", "cluster=h100", "cluster.nodes=8", "model.activation_checkpointing=true",
+                     *H100[2:]]
+
+
+def test_plan_cli_prints_host_memory_per_node_and_refuses_too_little() -> None:
+    fits = run_module("zeroforge.launcher.plan", LLAMA_70B_8_NODES, cwd=REPO, timeout=120)
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert "verdict: fits in 80.0 GiB" in fits.stdout and "host verdict: fits in 2048.0 GiB per node" in fits.stdout
+    rows = re.findall(r"^\| (start-up|resume|save|export): .*\| ([\d.]+) GiB \| ([\d.]+) GiB \|$", fits.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["start-up", "resume", "save", "export"]
+    assert all(0 < float(per_node) < 2048 for _, _, per_node in rows)
+
+    small = run_module("zeroforge.launcher.plan", [*LLAMA_70B_8_NODES, "cluster.host_memory_gb=64"], cwd=REPO, timeout=120)
+    assert small.returncode == 0, small.stderr[-2000:]
+    assert "host verdict: DOES NOT FIT in 64.0 GiB per node" in small.stdout
+    assert "of host memory per node (at resume) but cluster.host_memory_gb=64.0 (h100)" in small.stdout
+
+
+def test_host_memory_refusal_names_the_numbers_and_fixes_that_fit() -> None:
+    cfg = compose_config([*LLAMA_70B_8_NODES, "cluster.host_memory_gb=64"])
+    assert estimate(cfg, 64).gpu_fits is True
+    with pytest.raises(ConfigError) as refused:
+        check_fits(cfg, 64)
+    message = str(refused.value)
+    assert "per GPU but" not in message  # the GPUs are not the problem
+    needs = float(re.search(r"needs ([\d.]+) GiB of host memory per node", message).group(1))
+    assert needs > 64 and "resume 12.3 GiB" in message and "x 8 ranks a node" in message
+    fixes = re.findall(r"^  (\S.*?)  ->  ", message, flags=re.M)
+    assert fixes
+    for fix in fixes:
+        cfg, plan = _plan([*LLAMA_70B_8_NODES, "cluster.host_memory_gb=64", *fix.split()])
+        assert plan.fits and plan.host.per_node <= 64 * GIB, fix
+
+
+def test_whole_model_builds_are_counted_on_the_host_and_partitioned_ones_are_not() -> None:
+    """Without partitioned construction every rank first builds the whole model in fp32 on the CPU:
+    llama-8b at 8 ranks a node is 8 x 32 GB, more than a 256 GB node has, even where the GPUs fit."""
+    base = ["model=llama-8b", "cluster=h100", "cluster.host_memory_gb=256", *H100[2:], "model.activation_checkpointing=true"]
+    _, whole = _plan([*base, "deepspeed=zero3", "deepspeed.zero_init=false"])
+    _, partitioned = _plan([*base, "deepspeed=zero3"])
+    n = whole.model.params
+    assert whole.host.startup == 4 * n and partitioned.host.startup == 2 * n / 8
+    assert whole.gpu_fits and whole.host_fits is False and whole.host.highest == "start-up"
+    assert partitioned.fits
+    with pytest.raises(ConfigError, match=r"host memory per node \(at start-up\)[\s\S]*deepspeed.zero_init=true"):
+        check_fits(compose_config([*base, "deepspeed=zero3", "deepspeed.zero_init=false"]), 8)
+
+
+def test_the_async_save_copy_is_counted() -> None:
+    """The async save copies the rank's checkpoint to the host, as much as a resume reads back."""
+    _, sync = _plan(LLAMA_70B_8_NODES)
+    _, asynchronous = _plan([*LLAMA_70B_8_NODES, "checkpoint.async_save=true"])
+    n, ranks = sync.model.params, 64
+    assert asynchronous.host.save == pytest.approx(12 * n / ranks) == asynchronous.host.resume  # fp32 master, Adam m and v
+    assert sync.host.save == pytest.approx(4 * min(n / ranks, 1e9))  # one fp32 sub-group staged by torch.save
+    assert asynchronous.host.phases()["save"] > sync.host.phases()["save"]

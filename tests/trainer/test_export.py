@@ -57,7 +57,7 @@ def test_export_entry_point_turns_a_zero3_checkpoint_into_the_same_model(zero3_s
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from zeroforge.trainer.consolidate import checkpoint_state_dict
+    from zeroforge.trainer.consolidate import checkpoint_weights
 
     step_dir = zero3_smoke_run / "checkpoints" / "step_0000020"
     result = run_module("zeroforge.trainer.export", [f"checkpoint={step_dir}"], cwd=REPO)
@@ -74,7 +74,7 @@ def test_export_entry_point_turns_a_zero3_checkpoint_into_the_same_model(zero3_s
         assert torch.equal(exported(**batch).logits, trained(**batch).logits)
 
     # Our consolidation is DeepSpeed's own (zero_to_fp32), read without unpickling arbitrary objects.
-    ours = checkpoint_state_dict(zero3_smoke_run / "checkpoints" / "step_0000010")
+    ours = dict(checkpoint_weights(zero3_smoke_run / "checkpoints" / "step_0000010").tensors())
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(zero3_smoke_run / "checkpoints"), tag="step_0000010")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 

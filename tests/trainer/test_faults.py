@@ -14,7 +14,7 @@ from zeroforge.data.prepare import prepare
 from zeroforge.data.shards import TokenStore
 from zeroforge.data.tokenizer import load_tokenizer
 from zeroforge.trainer import distributed
-from zeroforge.trainer.checkpoint import consolidated_state_dict
+from zeroforge.trainer.checkpoint import gathered_tensors
 from zeroforge.trainer.config import ConfigError, compose_config
 from zeroforge.trainer.engine import build_engine, train_step
 from zeroforge.trainer.faults import FaultGuard, TrainingDiverged
@@ -56,7 +56,7 @@ class Run:
         return float(loss), skipped
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in consolidated_state_dict(self.engine, self.dist).items()}
+        return {k: v.clone() for k, v in gathered_tensors(self.engine.module, self.dist)}
 
 
 @pytest.fixture
