@@ -7,7 +7,7 @@ Each variant runs in its own fresh process (tracemalloc does not see torch's all
 process's peak RSS only ever grows): the tiny model (conf/model/tiny.yaml, fp32, so the output
 layer dominates) with the given vocabulary is built, one small step warms up the allocator and
 libraries, then the peak resident memory of one forward + backward at --tokens is read
-(getrusage's ru_maxrss) and the resident memory just before it subtracted. Prints a table and
+(VmHWM) and the resident memory just before it subtracted. Prints a table and
 writes bench/results/loss_memory.json. Goal: chunked at the default chunk >= 3x less than plain.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -24,17 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def worker(loss: str, chunk: int, tokens: int, vocab: int) -> dict:
     """One forward + backward in this process: peak RSS above the RSS just before it."""
     import torch
 
     from zeroforge.trainer.config import compose_config
     from zeroforge.trainer.engine import causal_lm_loss
+    from zeroforge.trainer.host_memory import peak_rss_bytes, rss_bytes
     from zeroforge.trainer.loss import install_loss
     from zeroforge.trainer.model import build_model
 
@@ -46,10 +41,10 @@ def worker(loss: str, chunk: int, tokens: int, vocab: int) -> dict:
     model.train()
     causal_lm_loss(model, torch.randint(0, vocab, (1, 17))).backward()  # warm-up, and gradients allocated
     batch = torch.randint(0, vocab, (1, tokens + 1))
-    before = _rss()
+    before = rss_bytes()
     loss_value = causal_lm_loss(model, batch)
     loss_value.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"loss": loss, "chunk_tokens": chunk if loss == "chunked" else None, "peak_bytes": peak - before, "loss_value": loss_value.item()}
 
 

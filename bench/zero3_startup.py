@@ -5,7 +5,7 @@ on CPU ranks.
     python bench/zero3_startup.py [--ranks 2 4] [--configs zero2 zero3 zero3-whole] [overrides ...]
         (default model=llama-125m model.vocab_size=32000: 110M parameters, fp32)
 
-Each configuration and world size runs in its own torchrun (gloo), so every peak (ru_maxrss) is
+Each configuration and world size runs in its own torchrun (gloo), so every peak (VmHWM) is
 that configuration's alone. A rank records the resident memory before the model exists (the
 process's own: Python, torch, DeepSpeed, transformers), then builds the model and the engine
 exactly as train() does (trainer/partitioned.py build_for_training, trainer/engine.py

@@ -16,7 +16,20 @@ _MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 def peak_rss_bytes() -> int:
-    """The most resident memory this process has held so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """The most resident memory this process has held so far.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: exec carries the high-water mark of the process that
+    forked (or vforked) this one into ru_maxrss, so a program started by a large parent (pytest
+    after hundreds of tests, a launcher) would report the parent's peak as its own. Where there is
+    no /proc, ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zeroforge.trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
+from zeroforge.trainer.host_memory import peak_rss_bytes
 from zeroforge.trainer.progress import open_progress
 from zeroforge.trainer.validate import Plan
 
@@ -83,8 +83,7 @@ def timing(tokens: int, seconds: float, steps: int, data_wait_s: float, world_si
 def peak_memory_gb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
-    # On the CPU: the process's peak resident memory (ru_maxrss is in KiB on Linux).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return peak_rss_bytes() / 1e9  # on the CPU: the process's peak resident memory
 
 
 def _wandb_mode(mode: str) -> str:
