@@ -27,18 +27,20 @@ each fixed at its cause here:
 3. RoPE's inv_freq in bf16: zero.Init's torch.arange wrapper casts it; transformers'
    prevent_arange_dtype_change keeps it fp32, as transformers' own ZeRO-3 path does.
 
-deepspeed.initialize then allocates, for a ZeRO-3 engine (fp32, CPU, measured phase by phase for
-134M parameters on 2 ranks; shard = 256 MiB): the flat parameter buffer (the shard moved, not
-copied), an fp32 master copy of it (+256 MiB), a gradient buffer for the optimizer's state
-initialisation (transient, +256 MiB), the gradient partition (+256 MiB), the reduction bucket
-(reserved, untouched until the backward) and, while registering gradient hooks, every parameter
-gathered in full one at a time (transient, twice the largest parameter on gloo: +188 MiB).
-zero3_startup() removes the two that are waste: see there.
+deepspeed.initialize then allocates, for a ZeRO-3 engine without offload (on the CPU, measured phase
+by phase; "shard" is a rank's part of the weights): the flat parameter buffer (the shard moved, not
+copied); the fp32 master (in fp32 a copy of the shard that DeepSpeed means to share, in bf16 two fp32
+copies at once of which it keeps one); a zeroed fp32 gradient buffer for the optimizer's state
+initialisation (transient); the gradient partition; the reduction bucket (reserved, untouched until
+the backward); and, while registering gradient hooks, every parameter gathered in full one at a time
+(transient, twice the largest parameter on gloo). zero3_startup() removes the four that are waste:
+see there (the bf16 pair alone took 110M parameters on 2 ranks from 1014 to 909 MiB per rank).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -131,7 +133,7 @@ def build_partitioned(build: Callable[[], PreTrainedModel], ds_config: dict[str,
 
 @contextlib.contextmanager
 def zero3_startup() -> Iterator[None]:
-    """Around deepspeed.initialize of a ZeRO-3 engine: two allocations that hold nothing are skipped.
+    """Around deepspeed.initialize of a ZeRO-3 engine: four allocations that hold nothing are skipped.
 
     - The fp32 master copy when training in fp32. DeepSpeed means to share the flat parameter
       partition as its fp32 master when both have the same dtype and device
@@ -141,6 +143,18 @@ def zero3_startup() -> Iterator[None]:
       Passing the same device as a torch.device lets it run. In bf16 the dtypes differ and the
       master is a real fp32 copy, as it must be; with the optimizer offloaded self.device is
       DeepSpeed's offload enum and is left alone.
+    - The second fp32 copy of the shard when training in bf16: _create_fp32_partitions makes the
+      master as `flat.to(device, dtype=fp32)` and then `.clone()` of that, so two fp32 copies of
+      the shard exist at once (4 bytes a parameter / ranks too many: the bf16 start-up's high point
+      on the CPU and one more fp32 shard of device memory on a GPU). Handing it the flat shards
+      already converted lets its sharing branch keep that one conversion as the master (the
+      bf16 flat buffer itself is left as it was); offloaded or swapped optimizers keep their path.
+    - The zeroed fp32 buffer of one whole shard that initialize_optimizer_states sets as every
+      sub-group's .grad and drops again at its end (`group.grad = None` without an offloaded
+      optimizer). Only its swapping (NVMe), offloading, Adagrad and Muon paths use it in between;
+      otherwise the call changes nothing but the peak, so it is skipped exactly then (and never where
+      DeepSpeed's version of it runs an optimizer step). With the copy above gone, it was the bf16
+      start-up's high point on the CPU.
     - Gathering every parameter to register its gradient hook (create_reduce_and_remove_grad_hooks
       calls param.all_gather() and param.partition() around register_grad_hook). That was needed
       when the hook went on the AccumulateGrad node of param.expand_as(param); with torch >= 2.1,
@@ -153,11 +167,36 @@ def zero3_startup() -> Iterator[None]:
     from deepspeed.utils.torch import required_torch_version
 
     setup, hooks = Stage3._setup_for_real_optimizer, Stage3.create_reduce_and_remove_grad_hooks
+    create_masters, init_states = Stage3._create_fp32_partitions, Stage3.initialize_optimizer_states
+    # Older DeepSpeed releases ran an optimizer step on that buffer to create Adam's state at
+    # start-up; there the call is not empty and always runs.
+    try:
+        steps_to_create_states = "_optimizer_step" in inspect.getsource(init_states)
+    except (OSError, TypeError):
+        steps_to_create_states = True
 
     def setup_sharing_the_fp32_master(self: Stage3) -> None:
         if not self.offload_optimizer and type(self.device) is str:
             self.device = torch.device(self.device)
         setup(self)
+
+    def masters_in_one_copy(self: Stage3) -> None:
+        lp_flat, dtype = self.fp16_partitioned_groups_flat, getattr(self, "master_weights_and_grads_dtype", torch.float32)
+        if (self.offload_optimizer or self.swap_optimizer or not isinstance(self.device, torch.device)
+                or any(flat is None or flat.dtype == dtype for flat in lp_flat)):
+            create_masters(self)
+            return
+        self.fp16_partitioned_groups_flat = [flat.to(self.device, dtype=dtype) for flat in lp_flat]
+        try:
+            create_masters(self)
+        finally:
+            self.fp16_partitioned_groups_flat = lp_flat
+
+    def states_without_an_unused_buffer(self: Stage3) -> None:
+        if (steps_to_create_states or self.offload_optimizer or self.swap_optimizer or getattr(self, "use_muon", False)
+                or isinstance(self.optimizer, torch.optim.Adagrad)
+                or any(flat is None for flat in self.fp16_partitioned_groups_flat)):
+            init_states(self)
 
     def hooks_without_gathering(self: Stage3) -> None:
         params = [p for group in self.fp16_groups for p in group]
@@ -171,12 +210,15 @@ def zero3_startup() -> Iterator[None]:
                 p.all_gather, p.partition = gather, partition
 
     Stage3._setup_for_real_optimizer = setup_sharing_the_fp32_master
+    Stage3._create_fp32_partitions = masters_in_one_copy
+    Stage3.initialize_optimizer_states = states_without_an_unused_buffer
     if required_torch_version(min_version=2.1):
         Stage3.create_reduce_and_remove_grad_hooks = hooks_without_gathering
     try:
         yield
     finally:
         Stage3._setup_for_real_optimizer, Stage3.create_reduce_and_remove_grad_hooks = setup, hooks
+        Stage3._create_fp32_partitions, Stage3.initialize_optimizer_states = create_masters, init_states
 
 
 def _local_model_dir(source: str) -> Path:
