@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -264,20 +265,20 @@ def main() -> None:
             rows.append((f"loader, seq_len {args.seq_len}, {workers} workers", rate, None, None))
         corpus = write_jsonl_files(texts, args.stream_files, work / "stream")
         cases = {"1 rank, 0 workers": (1, 0), "2 ranks": (2, 0), "1 rank, 2 workers": (1, 2)}
-        runs: dict[str, list[dict]] = {what: [] for what in cases}
         # Round robin, so that a slower stretch of a shared machine falls on every case alike.
-        for _ in range(args.stream_repeats if "stream" in args.only else 0):
-            for what, (ranks, workers) in cases.items():
-                runs[what].append(_stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, ranks, workers))
-        base_runs = runs["1 rank, 0 workers"]
-        for what, measured in runs.items() if "stream" in args.only else ():
-            median = sorted(measured, key=lambda r: r["tokens_per_s"])[len(measured) // 2]
+        rounds = [
+            {what: _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, ranks, workers) for what, (ranks, workers) in cases.items()}
+            for _ in range(args.stream_repeats if "stream" in args.only else 0)
+        ]
+        for what in cases if rounds else ():
+            measured = [r[what] for r in rounds]
             # Each round's ratio to that round's baseline, then their median: the machine's slow and
             # fast stretches cancel within a round.
-            ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(measured, base_runs)]
+            ratios = [r[what]["tokens_per_s"] / r["1 rank, 0 workers"]["tokens_per_s"] for r in rounds]
             results["stream"][what] = {
-                **median, "repeats_tokens_per_s": [r["tokens_per_s"] for r in measured], "round_ratios": ratios,
-                "vs_1_rank_0_workers": sorted(ratios)[len(ratios) // 2],
+                **sorted(measured, key=lambda m: m["tokens_per_s"])[len(measured) // 2],
+                "repeats_tokens_per_s": [m["tokens_per_s"] for m in measured], "round_ratios": ratios,
+                "vs_1_rank_0_workers": statistics.median_low(ratios),
             }
         base = results["stream"].get("1 rank, 0 workers", {}).get("tokens_per_s")
         for what, figures in results["stream"].items():

@@ -180,10 +180,13 @@ def zero3_startup() -> Iterator[None]:
             self.device = torch.device(self.device)
         setup(self)
 
+    def offloaded_or_swapped(self: Stage3) -> bool:
+        """The optimizer offloaded or swapped, or parameters swapped to NVMe: DeepSpeed's own path."""
+        return self.offload_optimizer or self.swap_optimizer or any(flat is None for flat in self.fp16_partitioned_groups_flat)
+
     def masters_in_one_copy(self: Stage3) -> None:
         lp_flat, dtype = self.fp16_partitioned_groups_flat, getattr(self, "master_weights_and_grads_dtype", torch.float32)
-        if (self.offload_optimizer or self.swap_optimizer or not isinstance(self.device, torch.device)
-                or any(flat is None or flat.dtype == dtype for flat in lp_flat)):
+        if offloaded_or_swapped(self) or not isinstance(self.device, torch.device) or any(flat.dtype == dtype for flat in lp_flat):
             create_masters(self)
             return
         self.fp16_partitioned_groups_flat = [flat.to(self.device, dtype=dtype) for flat in lp_flat]
@@ -193,9 +196,8 @@ def zero3_startup() -> Iterator[None]:
             self.fp16_partitioned_groups_flat = lp_flat
 
     def states_without_an_unused_buffer(self: Stage3) -> None:
-        if (steps_to_create_states or self.offload_optimizer or self.swap_optimizer or getattr(self, "use_muon", False)
-                or isinstance(self.optimizer, torch.optim.Adagrad)
-                or any(flat is None for flat in self.fp16_partitioned_groups_flat)):
+        if (steps_to_create_states or offloaded_or_swapped(self) or getattr(self, "use_muon", False)
+                or isinstance(self.optimizer, torch.optim.Adagrad)):
             init_states(self)
 
     def hooks_without_gathering(self: Stage3) -> None:

@@ -3,7 +3,9 @@ trains exactly like building the whole model; model.init_from loads shard by sha
 checkpoint exports with a bounded host memory."""
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -194,30 +196,55 @@ def test_the_fp32_master_is_the_weight_partition_itself(process_group, tmp_path:
     engine.destroy()
 
 
+_BF16_START_UP = """
+import json, sys
+from pathlib import Path
+import torch
+from zeroforge.trainer import distributed
+from zeroforge.trainer.config import compose_config
+from zeroforge.trainer.engine import build_engine
+from zeroforge.trainer.host_memory import peak_rss_bytes, rss_bytes
+from zeroforge.trainer.partitioned import build_for_training
+from zeroforge.trainer.validate import validate
+
+cfg = compose_config(sys.argv[1:])
+plan = validate(cfg, 1, cuda=False)
+distributed.init_distributed("cpu")
+torch.manual_seed(0)
+model = build_for_training(cfg, plan, cfg.model.vocab_size, None)
+numel = sum(p.ds_tensor.numel() for p in model.parameters())
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+before = rss_bytes()
+optimizer = build_engine(model, cfg, plan).optimizer
+above = peak_rss_bytes() - before
+pairs = list(zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
+print("RESULT " + json.dumps({
+    "above": above, "numel": numel,
+    "dtypes": sorted({(str(master.dtype), str(weights.dtype)) for master, weights in pairs}),
+    "masters_are_the_weights_in_fp32": all(torch.equal(master, weights.float()) for master, weights in pairs),
+    "masters_share_no_memory": all(master.data_ptr() != weights.data_ptr() for master, weights in pairs),
+}))
+distributed.close()
+"""
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM")
-def test_a_bf16_start_up_holds_one_fp32_master_and_no_unused_gradient_buffer(process_group, tmp_path: Path) -> None:
+def test_a_bf16_start_up_holds_one_fp32_master_and_no_unused_gradient_buffer(tmp_path: Path) -> None:
     """DeepSpeed alone builds the bf16 run's fp32 master as shard.to(fp32).clone() (two fp32 copies
     at once) and then sets a zeroed fp32 shard as the gradient to drop it unused. What must be
     held is the master (4 bytes a parameter of the shard) and the bf16 gradient partition (2):
-    measured 7.0 bytes a parameter above the start with zeroforge's fixes, 8.9 without."""
-    from zeroforge.trainer.engine import build_engine
-    from zeroforge.trainer.host_memory import peak_rss_bytes, rss_bytes
-    from zeroforge.trainer.partitioned import build_for_training
-
-    cfg, plan = _tiny((f"run.dir={tmp_path}", "train.precision=bf16", "model.vocab_size=32000", "model.hidden_size=512",
-                       "model.intermediate_size=1536", "model.num_heads=8", "model.num_kv_heads=8"))
-    torch.manual_seed(0)
-    model = build_for_training(cfg, plan, 32000, None)
-    numel = sum(p.ds_tensor.numel() for p in model.parameters())
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = rss_bytes()
-    engine = build_engine(model, cfg, plan)
-    above = peak_rss_bytes() - before
-    optimizer = engine.optimizer
-    for master, weights in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat):
-        assert master.dtype == torch.float32 and weights.dtype == torch.bfloat16
-        assert torch.equal(master, weights.float()) and master.data_ptr() != weights.data_ptr()
-    engine.destroy()
+    measured 7.0 bytes a parameter above the start with zeroforge's fixes, 8.9 without. In a
+    process of its own, so that no earlier test's memory is reused or counted."""
+    script = tmp_path / "bf16_start_up.py"
+    script.write_text(_BF16_START_UP)
+    overrides = [f"run.dir={tmp_path}", "deepspeed=zero3", "train.precision=bf16", "model.vocab_size=32000",
+                 "model.hidden_size=512", "model.intermediate_size=1536", "model.num_heads=8", "model.num_kv_heads=8"]
+    result = subprocess.run([sys.executable, str(script), *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = _ok(result)
+    measured = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
+    assert measured["dtypes"] == [["torch.float32", "torch.bfloat16"]]
+    assert measured["masters_are_the_weights_in_fp32"] and measured["masters_share_no_memory"]
+    above, numel = measured["above"], measured["numel"]
     assert above < 8 * numel, f"{above / 2**20:.0f} MiB above, {numel / 2**20:.0f} Mi parameters in the shard"
 
 
