@@ -41,6 +41,7 @@ def test_a_resume_mismatch_found_by_the_ranks_exits_2_without_a_traceback(zero3_
     assert "seed (the data order): checkpoint 1234, now 7" in output
 
 
-def test_a_field_out_of_its_rule_exits_2_from_every_rank(data_cache: Path, tmp_path: Path) -> None:
+def test_a_field_out_of_its_rule_exits_2_from_the_rank_that_finds_it(data_cache: Path, tmp_path: Path) -> None:
     output = _refused([*exact_overrides(data_cache, tmp_path / "run", 2), "optim.lr=-1"])
-    assert output.count("zeroforge: configuration error: optim.lr must be above 0, found -1.0.") == 2
+    # Every rank checks, but torchrun stops the others once the first exits, often before they print.
+    assert "zeroforge: configuration error: optim.lr must be above 0, found -1.0." in output
