@@ -60,7 +60,9 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tied: bool, chunk_
     assert found.item() == pytest.approx(expected.item(), rel=1e-6)
     expected.backward()
     found.backward()
-    _assert_grads_equal(plain, chunked, 1e-6)
+    # fp32 sums the chunks in another order, and four layers of backward carry that rounding: a full
+    # suite run measured 1.1e-6 of the largest entry; a lost chunk or a wrong mask is off by far more.
+    _assert_grads_equal(plain, chunked, 1e-5)
     if tied:
         assert chunked.lm_head.weight is chunked.get_input_embeddings().weight
 
