@@ -8,7 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pytest
 
@@ -82,6 +82,26 @@ def single_process_run(data_cache: Path, tmp_path_factory) -> Path:
     result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, 0), cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
+
+
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(data_cache: Path, tmp_path_factory) -> Callable[[int], tuple[Path, str]]:
+    """`exact_overrides` on 2 ranks under ZeRO-`stage`: its run directory and stdout. Each stage
+    runs once per session; the multi-rank, resume and Slurm tests compare against the same run."""
+    runs: dict[int, tuple[Path, str]] = {}
+
+    def run(stage: int) -> tuple[Path, str]:
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"two-ranks-zero{stage}") / "run"
+            result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, stage), cwd=REPO, launcher=TORCHRUN_2)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            runs[stage] = run_dir, result.stdout
+        return runs[stage]
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 from omegaconf import OmegaConf
@@ -28,8 +28,10 @@ def _submit(cluster: SlurmCluster, cwd: Path, *args: str, path: Optional[Path] =
     return out.strip().split(";")[0]
 
 
-def test_two_nodes_train_exactly_like_local_torchrun(slurm_cluster: SlurmCluster, data_cache: Path, tmp_path: Path) -> None:
-    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+def test_two_nodes_train_exactly_like_local_torchrun(
+    slurm_cluster: SlurmCluster, data_cache: Path, tmp_path: Path, two_rank_run: Callable[[int], tuple[Path, str]]
+) -> None:
+    on_slurm = tmp_path / "slurm"
     job_id = _submit(
         slurm_cluster, tmp_path, "--nodes=2", f"--output={tmp_path}/slurm-%j.out", str(SCRIPT),
         *exact_overrides(data_cache, on_slurm, 2), *ONE_CPU_RANK_PER_NODE,
@@ -43,9 +45,7 @@ def test_two_nodes_train_exactly_like_local_torchrun(slurm_cluster: SlurmCluster
     assert "world size 2" in (on_slurm / "logs" / f"slurm-{job_id}.out").read_text()
     assert (on_slurm / "export" / "model.safetensors").exists()
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, local, 2), cwd=REPO, launcher=torchrun)
-    assert result.returncode == 0, result.stderr[-3000:]
+    local, _ = two_rank_run(2)
     assert len(train_losses(on_slurm)) == 20
     assert train_losses(on_slurm) == train_losses(local)
 

@@ -1,25 +1,22 @@
 """Two real ranks on gloo under ZeRO 0-3 train exactly like one process with the same global batch."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, exact_overrides, run_module, train_losses
+from tests.conftest import train_losses
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_two_ranks_match_one_process(stage: int, single_process_run: Path, data_cache: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, stage), cwd=REPO, launcher=torchrun)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "world size 2" in result.stdout and f"ZeRO-{stage}" in result.stdout
+def test_two_ranks_match_one_process(stage: int, single_process_run: Path, two_rank_run: Callable[[int], tuple[Path, str]]) -> None:
+    run_dir, stdout = two_rank_run(stage)
+    assert "world size 2" in stdout and f"ZeRO-{stage}" in stdout
 
     expected, found = train_losses(single_process_run), train_losses(run_dir)
     assert len(found) == len(expected) == 20

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -34,9 +35,15 @@ def _ok(result) -> str:
 # ZeRO-2 runs with attention dropout, so the losses after the resume depend on every rank's
 # restored RNG state, not only on weights, optimizer and data position.
 @pytest.mark.parametrize("stage,extra", [(1, []), (2, ["+model.extra.attention_dropout=0.2"]), (3, [])])
-def test_stop_and_resume_is_bit_identical(stage: int, extra: list[str], data_cache: Path, tmp_path: Path) -> None:
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, straight, stage), *extra], cwd=REPO, launcher=TORCHRUN))
+def test_stop_and_resume_is_bit_identical(
+    stage: int, extra: list[str], data_cache: Path, tmp_path: Path, two_rank_run: Callable[[int], tuple[Path, str]]
+) -> None:
+    resumed = tmp_path / "resumed"
+    if extra:
+        straight = tmp_path / "straight"
+        _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, straight, stage), *extra], cwd=REPO, launcher=TORCHRUN))
+    else:
+        straight, _ = two_rank_run(stage)
 
     args = [*exact_overrides(data_cache, resumed, stage), *extra]
     _ok(run_module("zeroforge.trainer.train", [*args, "train.exit_interval=10"], cwd=REPO, launcher=TORCHRUN))
