@@ -13,6 +13,8 @@ from typing import Callable, Optional, Sequence
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Two CPU ranks on one machine, as every multi-rank test runs them.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Two ranks share two cores in the multi-rank tests; more threads per rank only thrash.
@@ -84,22 +86,22 @@ def single_process_run(data_cache: Path, tmp_path_factory) -> Path:
     return run_dir
 
 
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
 @pytest.fixture(scope="session")
-def two_rank_run(data_cache: Path, tmp_path_factory) -> Callable[[int], tuple[Path, str]]:
-    """`exact_overrides` on 2 ranks under ZeRO-`stage`: its run directory and stdout. Each stage
-    runs once per session; the multi-rank, resume and Slurm tests compare against the same run."""
-    runs: dict[int, tuple[Path, str]] = {}
+def two_rank_run(data_cache: Path, tmp_path_factory) -> Callable[..., tuple[Path, str]]:
+    """`exact_overrides` on 2 ranks under ZeRO-`stage`, plus `extra` overrides: its run directory
+    and stdout. Each runs once per session; the multi-rank, resume and Slurm tests compare against
+    the same run."""
+    runs: dict[tuple[str, ...], tuple[Path, str]] = {}
 
-    def run(stage: int) -> tuple[Path, str]:
-        if stage not in runs:
+    def run(stage: int, *extra: str) -> tuple[Path, str]:
+        key = (str(stage), *extra)
+        if key not in runs:
             run_dir = tmp_path_factory.mktemp(f"two-ranks-zero{stage}") / "run"
-            result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, stage), cwd=REPO, launcher=TORCHRUN_2)
+            args = [*exact_overrides(data_cache, run_dir, stage), *extra]
+            result = run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=TORCHRUN)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-            runs[stage] = run_dir, result.stdout
-        return runs[stage]
+            runs[key] = run_dir, result.stdout
+        return runs[key]
 
     return run
 
@@ -136,8 +138,7 @@ def zero3_smoke_run(data_cache: Path, tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("zero3-smoke")
     run_dir = base / "run"
     env = {**os.environ, "WANDB_DIR": str(base / "wandb")}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_module("zeroforge.trainer.train", smoke_run_overrides(data_cache, run_dir), cwd=REPO, launcher=launcher, env=env)
+    result = run_module("zeroforge.trainer.train", smoke_run_overrides(data_cache, run_dir), cwd=REPO, launcher=TORCHRUN, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, read_metrics, run_module, train_losses
+from tests.conftest import REPO, TORCHRUN, read_metrics, run_module, train_losses
 from zeroforge.data.build import open_data
 from zeroforge.data.corpus import is_validation
 from zeroforge.data.errors import DataError
@@ -30,7 +29,6 @@ GLOBAL = 8
 PARTITIONS = 4
 FILES = 8
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 @dataclass

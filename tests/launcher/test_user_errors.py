@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, TORCHRUN, run_module
 
 
 def _fails_clearly(module: str, args: list[str], *expected: str) -> str:
@@ -76,10 +75,9 @@ def test_run_directory_of_another_run_is_refused(base: list[str], tmp_path: Path
 
 @pytest.mark.slow
 def test_rank_zero_failure_stops_every_rank_promptly(base: list[str], tmp_path: Path) -> None:
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = [*base, "experiment=smoke", "data.source=json", f"data.data_files=[{tmp_path}/absent/*.jsonl]",
             f"data.cache_dir={tmp_path}/cache"]
-    result = run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=torchrun, timeout=180)
+    result = run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=TORCHRUN, timeout=180)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "zeroforge: data error" in output and "absent/*.jsonl" in output

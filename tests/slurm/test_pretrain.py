@@ -29,7 +29,7 @@ def _submit(cluster: SlurmCluster, cwd: Path, *args: str, path: Optional[Path] =
 
 
 def test_two_nodes_train_exactly_like_local_torchrun(
-    slurm_cluster: SlurmCluster, data_cache: Path, tmp_path: Path, two_rank_run: Callable[[int], tuple[Path, str]]
+    slurm_cluster: SlurmCluster, data_cache: Path, tmp_path: Path, two_rank_run: Callable[..., tuple[Path, str]]
 ) -> None:
     on_slurm = tmp_path / "slurm"
     job_id = _submit(

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import REPO, exact_overrides, run_module, train_losses
+from tests.conftest import REPO, TORCHRUN, exact_overrides, run_module, train_losses
 from zeroforge.data.boundaries import DocumentBoundaries
 from zeroforge.trainer.config import compose_config
 from zeroforge.trainer.engine import build_engine, causal_lm_loss
@@ -167,9 +167,8 @@ def test_two_ranks_under_zero3_train_like_one_process_with_the_plain_loss(
     plain_loss_run: Path, data_cache: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = run_module(
-        "zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 3), "train.loss=chunked"], cwd=REPO, launcher=torchrun,
+        "zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 3), "train.loss=chunked"], cwd=REPO, launcher=TORCHRUN,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "world size 2" in result.stdout and "loss chunked" in result.stdout

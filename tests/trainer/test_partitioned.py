@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, read_metrics, run_module, train_losses
+from tests.conftest import REPO, TORCHRUN, read_metrics, run_module, train_losses
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # llama-125m's shape with a 32,000-token vocabulary (tied): 109.5M parameters, 418 MiB in fp32.
 MODEL_110M = ["model=llama-125m", "model.vocab_size=32000"]
 STARTUP = re.compile(r"start-up: model and engine in [\d.]+ s \((.*?)\) \| peak host memory per rank: ([\d, ]+) MiB \(before the model: ([\d, ]+) MiB\)")

@@ -11,12 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, exact_overrides, read_metrics, run_module, train_losses
+from tests.conftest import REPO, TORCHRUN, exact_overrides, read_metrics, run_module, train_losses
 from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:

@@ -15,11 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, exact_overrides, read_metrics, run_module, train_losses
+from tests.conftest import REPO, TORCHRUN, exact_overrides, read_metrics, run_module, train_losses
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _committed_step(run_dir: Path) -> int:
@@ -36,14 +35,10 @@ def _ok(result) -> str:
 # restored RNG state, not only on weights, optimizer and data position.
 @pytest.mark.parametrize("stage,extra", [(1, []), (2, ["+model.extra.attention_dropout=0.2"]), (3, [])])
 def test_stop_and_resume_is_bit_identical(
-    stage: int, extra: list[str], data_cache: Path, tmp_path: Path, two_rank_run: Callable[[int], tuple[Path, str]]
+    stage: int, extra: list[str], data_cache: Path, tmp_path: Path, two_rank_run: Callable[..., tuple[Path, str]]
 ) -> None:
+    straight, _ = two_rank_run(stage, *extra)
     resumed = tmp_path / "resumed"
-    if extra:
-        straight = tmp_path / "straight"
-        _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, straight, stage), *extra], cwd=REPO, launcher=TORCHRUN))
-    else:
-        straight, _ = two_rank_run(stage)
 
     args = [*exact_overrides(data_cache, resumed, stage), *extra]
     _ok(run_module("zeroforge.trainer.train", [*args, "train.exit_interval=10"], cwd=REPO, launcher=TORCHRUN))

@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, exact_overrides, run_module, train_losses
+from tests.conftest import REPO, TORCHRUN, exact_overrides, run_module, train_losses
 from zeroforge.trainer.checkpoint import MANIFEST, check_resumable
 from zeroforge.trainer.config import ConfigError, compose_config
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _ok(result) -> str:
