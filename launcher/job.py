@@ -24,6 +24,7 @@ from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.log import setup_logging
 from zeroforge.trainer.rundir import JOB_CONFIG, read_job_config, write_job_config
+from zeroforge.trainer.validate import job_topology
 
 log = logging.getLogger("zeroforge")
 
@@ -40,14 +41,15 @@ def job_environment(cfg: DictConfig, env: Mapping[str, str]) -> dict[str, str]:
     """Check the config against this allocation, prepare the data, freeze the config for the
     ranks; the variables every node needs."""
     c = cfg.cluster
-    plan = preflight(cfg, c.nodes * c.nproc_per_node)
+    topology = job_topology(cfg)
+    preflight(cfg, topology)
     gpus = env.get("SLURM_GPUS_ON_NODE", "")
-    if plan.device == "cuda" and gpus.isdigit() and c.nproc_per_node > int(gpus):
+    if topology.device == "cuda" and gpus.isdigit() and c.nproc_per_node > int(gpus):
         raise ConfigError(
             f"cluster.nproc_per_node={c.nproc_per_node} processes per node, but Slurm gave each node "
             f"{gpus} GPUs; expected at most one process per GPU (sbatch --gpus-per-node, or cluster=h100 / b200)."
         )
-    if plan.device == "cuda" and gpus.isdigit() and c.nproc_per_node < int(gpus):
+    if topology.device == "cuda" and gpus.isdigit() and c.nproc_per_node < int(gpus):
         log.warning("Slurm gave each node %s GPUs but cluster.nproc_per_node=%d leaves some idle", gpus, c.nproc_per_node)
     write_job_config(cfg)
     return {

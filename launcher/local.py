@@ -14,7 +14,8 @@ from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.entry import USER_ERROR_EXIT_CODE
 from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
 from zeroforge.trainer.rundir import write_job_config, write_run_dir
-from zeroforge.trainer.validate import accelerator_is_cuda
+from zeroforge.trainer.topology import accelerator_is_cuda
+from zeroforge.trainer.validate import job_topology
 
 log = logging.getLogger("zeroforge")
 
@@ -35,7 +36,8 @@ def launch(cfg: DictConfig) -> int:
             f"cluster={cfg.cluster.name} runs on this machine alone, but cluster.nodes={cfg.cluster.nodes}; "
             "expected 1, or a Slurm cluster for several nodes (cluster=slurm, h100 or b200)."
         )
-    if accelerator_is_cuda():
+    topology = job_topology(cfg)
+    if accelerator_is_cuda():  # the GPUs this machine has, whatever the cluster config says
         import torch
 
         if cfg.cluster.nproc_per_node > torch.cuda.device_count():
@@ -44,8 +46,8 @@ def launch(cfg: DictConfig) -> int:
                 f"{torch.cuda.device_count()} GPUs; expected at most one process per GPU."
             )
     # The memory plan before the data is prepared: a job that cannot fit is refused in seconds.
-    check_fits(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
-    preflight(cfg, cfg.cluster.nodes * cfg.cluster.nproc_per_node)
+    check_fits(cfg, topology)
+    preflight(cfg, topology)
     run_dir = write_run_dir(cfg)
     cmd = torchrun_command(cfg, write_job_config(cfg))
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")

@@ -11,19 +11,17 @@ from zeroforge.data.prepare import prepared_dir
 from zeroforge.trainer.checkpoint import check_resumable, newest_checkpoint
 from zeroforge.trainer.model import check_init_from, resolve_vocab_size
 from zeroforge.trainer.rundir import check_run_dir
-from zeroforge.trainer.validate import Plan, validate
+from zeroforge.trainer.topology import Topology
 
 
-def preflight(cfg: DictConfig, world_size: int) -> Plan:
-    """Validate, check the run directory, prepare the data once (ranks never race to build it),
-    or, when streaming, check that its tokenizer loads; then check_continuation."""
-    plan = validate(cfg, world_size)
+def preflight(cfg: DictConfig, topology: Topology) -> None:
+    """For a validated config: check the run directory, prepare the data once (ranks never race
+    to build it), or, when streaming, check that its tokenizer loads; then check_continuation."""
     check_run_dir(cfg)
-    check_continuation(cfg, open_data(cfg.data).manifest, world_size)
-    return plan
+    check_continuation(cfg, open_data(cfg.data).manifest, topology)
 
 
-def check_continuation(cfg: DictConfig, manifest: dict, world_size: int) -> None:
+def check_continuation(cfg: DictConfig, manifest: dict, topology: Topology) -> None:
     """What the run continues from fits it: the vocabulary, model.init_from's shape and tokenizer,
     and the checkpoint a resume would continue (model, tokenizer, data, seq_len, seed), so that a
     mismatch is refused here rather than in every rank."""
@@ -32,7 +30,7 @@ def check_continuation(cfg: DictConfig, manifest: dict, world_size: int) -> None
         check_init_from(cfg.model, vocab_size, manifest["tokenizer_hash"])
     resume = newest_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume)
     if resume is not None:
-        check_resumable(resume, cfg, manifest, world_size)
+        check_resumable(resume, cfg, manifest, topology.world_size)
 
 
 def prepared_manifest(cfg: DictConfig) -> Optional[dict]:

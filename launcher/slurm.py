@@ -18,7 +18,7 @@ from zeroforge.launcher.plan import check_fits
 from zeroforge.launcher.preflight import check_continuation, prepared_manifest
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.rundir import check_run_dir, job_config_options, write_job_config, write_run_dir
-from zeroforge.trainer.validate import validate
+from zeroforge.trainer.validate import job_topology
 
 log = logging.getLogger("zeroforge")
 
@@ -72,16 +72,15 @@ def check_time_limit(cfg: DictConfig) -> None:
 
 def submit(cfg: DictConfig) -> int:
     """Submit one job (or, with launcher.dry_run=true, print what would be submitted)."""
-    world_size = cfg.cluster.nodes * cfg.cluster.nproc_per_node
-    validate(cfg, world_size)
+    topology = job_topology(cfg)
     check_time_limit(cfg)
-    check_fits(cfg, world_size)  # before the queue, not after hours in it
+    check_fits(cfg, topology)  # before the queue, not after hours in it
     check_run_dir(cfg)
     # Data is prepared in the job; where it already is (a resume's data always is), the run's
     # continuation is checked now too, rather than after the wait in the queue.
     manifest = prepared_manifest(cfg)
     if manifest is not None:
-        check_continuation(cfg, manifest, world_size)
+        check_continuation(cfg, manifest, topology)
     if cfg.launcher.dry_run:
         cmd = sbatch_command(cfg, job_config_options(cfg.run.dir))
         print(shlex.join(cmd))

@@ -117,6 +117,16 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # Ranks that split each sample's sequence (Ulysses), each layer's matrices (AutoTP) and the
+    # experts (AutoEP); their product divides the world size, and the data-parallel size is the
+    # world size over sequence x tensor (trainer/topology.py). Each is 1 until its issue lands.
+    sequence: int = field(default=1, metadata={"min": 1})
+    tensor: int = field(default=1, metadata={"min": 1})
+    expert: int = field(default=1, metadata={"min": 1})
+
+
+@dataclass
 class TrainConfig:
     steps: int = field(default=700, metadata={"min": 1})
     micro_batch_size: int = field(default=16, metadata={"min": 1})
@@ -301,6 +311,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -5,7 +5,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from zeroforge.trainer.validate import Plan
+from zeroforge.trainer.topology import Topology
 
 
 def zero_optimization(cfg: DictConfig, device: str) -> dict[str, Any]:
@@ -20,17 +20,17 @@ def zero_optimization(cfg: DictConfig, device: str) -> dict[str, Any]:
     return zero
 
 
-def deepspeed_config(cfg: DictConfig, plan: Plan, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: DictConfig, topology: Topology, load_universal: bool = False) -> dict[str, Any]:
     """load_universal: the engine will load a universal checkpoint (a resume on another world size)."""
     optim, ds = cfg.optim, cfg.deepspeed
-    zero = zero_optimization(cfg, plan.device)
+    zero = zero_optimization(cfg, topology.device)
     config = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_accumulation_steps": topology.grad_accum,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": plan.precision == "bf16"},
+        "bf16": {"enabled": topology.precision == "bf16"},
         "checkpoint": {"load_universal": load_universal},
         # zeroforge logs its own metrics; DeepSpeed's periodic prints would duplicate them.
         "steps_per_print": 2**31 - 1,

@@ -18,7 +18,7 @@ from zeroforge.trainer.faults import FaultGuard, SkippableAdamW
 from zeroforge.trainer.loss import install_loss, installed_loss, resolve_loss
 from zeroforge.trainer.partitioned import full_shape, zero3_startup
 from zeroforge.trainer.schedule import lr_factor
-from zeroforge.trainer.validate import Plan
+from zeroforge.trainer.topology import Topology
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -47,10 +47,10 @@ class _KnownOptimizer(logging.Filter):
 _KNOWN_OPTIMIZER = _KnownOptimizer()
 
 
-def fused_adamw(cfg: DictConfig, plan: Plan) -> bool:
+def fused_adamw(cfg: DictConfig, topology: Topology) -> bool:
     """optim.fused, or where it is null: the fused kernel on CUDA only (on the CPU torch's
     default, foreach, is what the tests and the CPU figures have always run)."""
-    return plan.device == "cuda" if cfg.optim.fused is None else bool(cfg.optim.fused)
+    return topology.device == "cuda" if cfg.optim.fused is None else bool(cfg.optim.fused)
 
 
 def apply_liger_kernels(model: torch.nn.Module) -> None:
@@ -77,7 +77,7 @@ def compile_blocks(model: torch.nn.Module) -> None:
         block.compile()
 
 
-def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_universal: bool = False) -> DeepSpeedEngine:
+def build_engine(model: torch.nn.Module, cfg: DictConfig, topology: Topology, load_universal: bool = False) -> DeepSpeedEngine:
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
@@ -95,7 +95,7 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_unive
     groups = param_groups(model, cfg.optim.weight_decay)
     optim = cfg.optim
     # With ZeRO-Offload DeepSpeed builds its CPU Adam from the generated config instead.
-    fused = fused_adamw(cfg, plan)
+    fused = fused_adamw(cfg, topology)
     optimizer = None if cfg.deepspeed.offload_optimizer else SkippableAdamW(
         groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused,
     )
@@ -104,7 +104,7 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, plan: Plan, load_unive
             model=model,
             optimizer=optimizer,
             model_parameters=groups if optimizer is None else None,
-            config=deepspeed_config(cfg, plan, load_universal),
+            config=deepspeed_config(cfg, topology, load_universal),
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
         )
     compile_mode = getattr(cfg.model.compile, "value", cfg.model.compile)

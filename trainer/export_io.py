@@ -16,7 +16,7 @@ from zeroforge.trainer import consolidate
 from zeroforge.trainer.checkpoint import LATEST, MANIFEST
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.model import hf_config, resolve_vocab_size
-from zeroforge.trainer.validate import accelerator_is_cuda
+from zeroforge.trainer.topology import accelerator_is_cuda, resolve_precision
 
 
 @dataclass
@@ -41,10 +41,7 @@ def pick_device() -> str:
 
 def inference_dtype(precision: Any, device: str) -> torch.dtype:
     """auto: bf16 on a GPU, fp32 on the CPU (as training picks its precision)."""
-    name = precision.value if hasattr(precision, "value") else str(precision)
-    if name == "auto":
-        name = "bf16" if device.startswith("cuda") else "fp32"
-    return torch.bfloat16 if name == "bf16" else torch.float32
+    return torch.bfloat16 if resolve_precision(precision, device.startswith("cuda")) == "bf16" else torch.float32
 
 
 def load_model(path: str | Path, device: str, dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from zeroforge.trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from zeroforge.trainer.host_memory import peak_rss_bytes
 from zeroforge.trainer.progress import open_progress
-from zeroforge.trainer.validate import Plan
+from zeroforge.trainer.topology import Topology
 
 log = logging.getLogger("zeroforge")
 
@@ -180,15 +180,15 @@ class MetricsLogger:
     """
 
     def __init__(
-        self, cfg: DictConfig, dist: DistInfo, plan: Plan, flops_per_token: float, start_step: int = 0, start_tokens: int = 0
+        self, cfg: DictConfig, dist: DistInfo, topology: Topology, flops_per_token: float, start_step: int = 0, start_tokens: int = 0
     ):
         self.every = cfg.logging.every
         self.last_step = cfg.train.steps
         self.world_size = dist.world_size
-        self.device = plan.device
+        self.device = topology.device
         self.flops_per_token = flops_per_token
-        self.tokens_per_step = plan.tokens_per_step
-        self.peak = peak_tflops(cfg.cluster.peak_tflops, plan.device)
+        self.tokens_per_step = topology.tokens_per_step
+        self.peak = peak_tflops(cfg.cluster.peak_tflops, topology.device)
         self.sinks = _Sinks(cfg, Path(cfg.run.dir), start_step) if dist.is_main else None
         self.progress = open_progress(dist.rank, cfg.train.steps, start_step)
         self.tokens = start_tokens

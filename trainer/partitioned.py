@@ -50,7 +50,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from zeroforge.trainer.config import ConfigError
-from zeroforge.trainer.validate import Plan
+from zeroforge.trainer.topology import Topology
 
 log = logging.getLogger("zeroforge")
 
@@ -261,7 +261,7 @@ def load_hf_weights(model: PreTrainedModel, source: str) -> None:
     log.info("loaded %d tensors from %s, each rank its own slice", len(params) + len(buffers), source)
 
 
-def build_for_training(cfg: DictConfig, plan: Plan, vocab_size: int, eos_id: Optional[int]) -> PreTrainedModel:
+def build_for_training(cfg: DictConfig, topology: Topology, vocab_size: int, eos_id: Optional[int]) -> PreTrainedModel:
     """The model train() wraps: whole on every rank (ZeRO 0-2, or deepspeed.zero_init=false), or
     partitioned while it is built (ZeRO-3), with model.init_from's weights loaded shard by shard."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -272,7 +272,7 @@ def build_for_training(cfg: DictConfig, plan: Plan, vocab_size: int, eos_id: Opt
     m = cfg.model
     if cfg.deepspeed.stage != 3 or not cfg.deepspeed.zero_init:
         return build_model(m, vocab_size, eos_id)
-    ds_config = deepspeed_config(cfg, plan)
+    ds_config = deepspeed_config(cfg, topology)
     if not m.init_from:
         return build_partitioned(lambda: build_model(m, vocab_size, eos_id), ds_config)
     log.info("weights from %s (model.init_from), each rank reading its own shard; the optimizer and the data position start fresh", m.init_from)

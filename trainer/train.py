@@ -51,11 +51,11 @@ def train(cfg: DictConfig) -> dict:
     """Train, checkpoint and export; returns the last logged metrics record (rank 0) or {}."""
     env = distributed.dist_env()
     setup_logging(env.rank, cfg.logging.level)
-    plan = validate(cfg, env.world_size)  # before any process group, data or model exists
+    topology = validate(cfg, env.world_size)  # before any process group, data or model exists
     check_run_dir(cfg)
-    device = f"cuda:{env.local_rank}" if plan.device == "cuda" else "cpu"
+    device = f"cuda:{env.local_rank}" if topology.device == "cuda" else "cpu"
     stop = StopRequest(device, cfg.run.dir, env.rank)  # from here on, a stop request is answered by a save
-    dist = distributed.init_distributed(plan.device)
+    dist = distributed.init_distributed(topology.device)
 
     train_data = distributed.rank_zero_first(dist, lambda: open_data(cfg.data))  # prepared shards, or a stream
     tokenizer = train_data.tokenizer
@@ -71,17 +71,17 @@ def train(cfg: DictConfig) -> dict:
 
     started, before = time.perf_counter(), rss_bytes()
     seed_everything(cfg.seed)
-    model = build_for_training(cfg, plan, vocab_size, tokenizer.eos_token_id)
+    model = build_for_training(cfg, topology, vocab_size, tokenizer.eos_token_id)
     num_params = sum(full_numel(p) for p in model.parameters())
     fpt = flops_per_token(model.config, num_params, cfg.data.seq_len)
-    engine = build_engine(model, cfg, plan, load_universal=universal)
+    engine = build_engine(model, cfg, topology, load_universal=universal)
     partitioned = cfg.deepspeed.stage == 3 and cfg.deepspeed.zero_init
     log_startup(dist, time.perf_counter() - started, "partitioned construction" if partitioned else "whole model on every rank", before)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     log.info(
         "%s: %.2fM parameters | world size %d | ZeRO-%d | %s | micro batch %d x grad accum %d x dp %d = %d",
-        cfg.model.name, num_params / 1e6, dist.world_size, cfg.deepspeed.stage, plan.precision,
-        cfg.train.micro_batch_size, plan.grad_accum, plan.dp_size, cfg.train.global_batch_size,
+        cfg.model.name, num_params / 1e6, dist.world_size, cfg.deepspeed.stage, topology.precision,
+        cfg.train.micro_batch_size, topology.grad_accum, topology.dp_size, cfg.train.global_batch_size,
     )
 
     state = {"step": 0, "tokens": 0, "data": {"consumed_samples": 0}}
@@ -91,8 +91,8 @@ def train(cfg: DictConfig) -> dict:
         if len(state["rng"]) == dist.world_size:  # on another world size, ranks keep their fresh seeds
             set_rng_state(state["rng"][dist.rank])
     loader = train_data.loader(
-        cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size, dist.rank, plan.dp_size,
-        pin_memory=plan.device == "cuda",
+        cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size, dist.rank, topology.dp_size,
+        pin_memory=topology.device == "cuda",
     )
     if resume_from is not None:
         loader.load_state_dict(state["data"])  # before the first batch: its iterator starts there
@@ -100,7 +100,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.data.reset_position_ids or cfg.data.mask_cross_document_loss:
         boundaries = DocumentBoundaries(tokenizer.eos_token_id, cfg.data.reset_position_ids, cfg.data.mask_cross_document_loss)
     val_batches = train_data.validation_batches(cfg.eval.batch_size, cfg.eval.batches)
-    metrics = MetricsLogger(cfg, dist, plan, fpt, start_step=state["step"], start_tokens=state["tokens"])
+    metrics = MetricsLogger(cfg, dist, topology, fpt, start_step=state["step"], start_tokens=state["tokens"])
     checkpointer = Checkpointer(engine, cfg.checkpoint, dist)
 
     def checkpoint(step: int, commit_now: bool = False) -> None:

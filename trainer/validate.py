@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -20,24 +21,13 @@ from omegaconf.errors import OmegaConfBaseException
 from zeroforge.data.errors import DataError
 from zeroforge.data.partitions import check_partition_split
 from zeroforge.trainer.config import Config, ConfigError
+from zeroforge.trainer.topology import Topology, accelerator_is_cuda, job_is_on_gpus, job_world_size, resolve_precision
 
+log = logging.getLogger("zeroforge")
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """The numbers derived from the config and the world size; nothing here is set by hand."""
-
-    dp_size: int
-    grad_accum: int
-    tokens_per_step: int
-    precision: str
-    device: str
-
-
-def accelerator_is_cuda() -> bool:
-    """DeepSpeed's accelerator decides, so DS_ACCELERATOR=cpu means the CPU even beside a GPU."""
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cuda"
+# Degrees above 1 are refused until each parallelism lands (its issue).
+_NOT_YET = {"sequence": "Ulysses sequence parallelism (issue 21)", "tensor": "tensor parallelism (AutoTP)",
+            "expert": "expert parallelism (issue 22)"}
 
 
 def _rule_problems(value: Any, rule: dict[str, Any]) -> Optional[str]:
@@ -192,8 +182,24 @@ def _check_zero_section(cfg: DictConfig, cuda: bool, problems: list[str]) -> Non
             problems.append(f"deepspeed.zero_extra.{key}: {e['msg'].lower()} (found {e['input']!r}; see DeepSpeed's zero_optimization options)")
 
 
-def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> Plan:
-    """Every problem found is reported at once, each naming the keys and numbers involved."""
+def _check_parallel(cfg: DictConfig, world_size: int, problems: list[str]) -> None:
+    p = cfg.parallel
+    degrees = {name: p[name] for name in _NOT_YET}
+    for name, degree in degrees.items():
+        _check(degree == 1, f"parallel.{name}={degree}: {_NOT_YET[name]} is not available yet; expected 1", problems)
+    product = degrees["sequence"] * degrees["tensor"] * degrees["expert"]
+    _check(
+        world_size % product == 0,
+        f"parallel.sequence ({degrees['sequence']}) x parallel.tensor ({degrees['tensor']}) x parallel.expert "
+        f"({degrees['expert']}) = {product} must divide the world size {world_size}",
+        problems,
+    )
+
+
+def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> Topology:
+    """Every problem found is reported at once, each naming the keys and numbers involved; the
+    topology of a config that can run. `cuda`: whether the job's machines have GPUs (None: this
+    machine's accelerator, as a rank asks)."""
     broken = check_fields(cfg)  # key -> why
     if cuda is None:
         cuda = accelerator_is_cuda()
@@ -205,7 +211,12 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
         return not broken.keys() & set(keys)
 
     t, m, ds = cfg.train, cfg.model, cfg.deepspeed
-    dp = max(world_size, 1)
+    world_size = max(world_size, 1)
+    parallel_fine = fine("parallel.sequence", "parallel.tensor", "parallel.expert")
+    if parallel_fine:
+        _check_parallel(cfg, world_size, problems)
+    dp = world_size // (cfg.parallel.sequence * cfg.parallel.tensor) if parallel_fine else world_size
+    dp = max(dp, 1)
     micro, glob = t.micro_batch_size, t.global_batch_size
     if fine("train.micro_batch_size", "train.global_batch_size"):
         _check(
@@ -272,13 +283,22 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> P
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 
-    precision = t.precision.value if hasattr(t.precision, "value") else str(t.precision)
-    if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
-    return Plan(
-        dp_size=dp,
-        grad_accum=glob // (micro * dp),
-        tokens_per_step=glob * cfg.data.seq_len,
-        precision=precision,
+    topology = Topology(
+        world_size=world_size,
+        sequence=cfg.parallel.sequence,
+        tensor=cfg.parallel.tensor,
+        expert=cfg.parallel.expert,
+        micro_batch_size=micro,
+        global_batch_size=glob,
+        seq_len=cfg.data.seq_len,
         device="cuda" if cuda else "cpu",
+        precision=resolve_precision(t.precision, cuda),
     )
+    log.debug("config validated: %s", topology)
+    return topology
+
+
+def job_topology(cfg: DictConfig) -> Topology:
+    """validate() for a launch: the whole job (every node's ranks), on the machines the cluster
+    config describes rather than the one launching it."""
+    return validate(cfg, job_world_size(cfg.cluster), cuda=job_is_on_gpus(cfg.cluster))

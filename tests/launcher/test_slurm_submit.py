@@ -1,6 +1,7 @@
 """`zeroforge launch` on a Slurm cluster kind: the sbatch command comes from the cluster config."""
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -115,3 +116,33 @@ def test_a_requeued_job_keeps_the_config_it_started_with(tmp_path: Path, caplog)
     kept = first_config(edited, {"SLURM_RESTART_COUNT": "1"})
     assert kept.optim.lr == 0.01 and kept.cluster.nodes == 3  # the frozen config, on this allocation
     assert "optim.lr" in caplog.text and "config files changed" in caplog.text
+
+
+def test_a_launch_validates_once_per_process(tmp_path: Path) -> None:
+    """The launcher derives the topology once and hands it to the plan and the checks."""
+    result = run_module(
+        "zeroforge.launcher",
+        [*H100_1B, "launcher.dry_run=true", "logging.level=DEBUG", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    validated = [line for line in result.stdout.splitlines() if "config validated" in line]
+    assert len(validated) == 1, validated
+    assert "world_size=8" in validated[0] and "device='cuda'" in validated[0] and "precision='bf16'" in validated[0]
+
+
+def test_a_gpu_cluster_job_keeps_its_gpu_kernels_when_launched_from_a_cpu_machine(tmp_path: Path) -> None:
+    """A login node without GPUs submits a flash_attention_2 job to H100 nodes: the kernel check
+    asks the cluster's nodes, not the login node. The same request on this CPU machine is refused.
+    flash-attn cannot be installed without CUDA, so an importable package of that name stands in
+    for it: what is tested is which machine the check asks about."""
+    package = tmp_path / "site" / "flash_attn"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    flash = ["model.attn_implementation=flash_attention_2", f"run.dir={tmp_path / 'run'}", "logging.wandb.mode=disabled"]
+    on_h100 = run_module("zeroforge.launcher", [*H100_1B, "launcher.dry_run=true", *flash], cwd=tmp_path, env=env)
+    assert on_h100.returncode == 0, on_h100.stderr[-3000:]
+    assert any(line.startswith("sbatch ") for line in on_h100.stdout.splitlines())
+    here = run_module("zeroforge.launcher", ["cluster=local", *flash], cwd=tmp_path, env=env)
+    assert here.returncode == 2, here.stdout[-2000:] + here.stderr[-2000:]
+    assert "flash_attention_2 runs on CUDA GPUs only, and this run is on the CPU" in here.stderr

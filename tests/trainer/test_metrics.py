@@ -12,7 +12,7 @@ from tests.conftest import read_metrics
 from zeroforge.trainer.config import compose_config
 from zeroforge.trainer.distributed import DistInfo
 from zeroforge.trainer.metrics import MetricsLogger, Stopwatch, _Sinks, mfu, peak_for_device, peak_tflops, timing
-from zeroforge.trainer.validate import Plan
+from zeroforge.trainer.topology import Topology
 
 
 def test_mfu_from_known_flops_and_time() -> None:
@@ -33,7 +33,7 @@ def test_peak_by_device_name(name: str, peak: float) -> None:
 
 def test_mfu_of_a_known_model_and_step_time() -> None:
     # llama-8b at seq_len 8192: 6N + 12 L d T FLOPs per token; 4M tokens in 10 s on 64 H100s.
-    from zeroforge.launcher.plan import model_shape
+    from zeroforge.launcher.model_shape import model_shape
     from zeroforge.trainer.config import compose_config
 
     shape = model_shape(compose_config(["model=llama-8b", "model.vocab_size=128256", "data.seq_len=8192"]))
@@ -73,8 +73,9 @@ def test_stopwatch_sums_the_time_inside_blocks_until_a_lap() -> None:
 
 def test_every_record_times_the_steps_since_the_last_one(tmp_path: Path) -> None:
     cfg = compose_config([f"run.dir={tmp_path}", "logging.wandb.mode=disabled", "logging.every=3", "train.steps=6"])
-    plan = Plan(dp_size=2, grad_accum=1, tokens_per_step=1000, precision="fp32", device="cpu")
-    logger = MetricsLogger(cfg, DistInfo(rank=0, world_size=2, local_rank=0), plan, flops_per_token=1e6)
+    topology = Topology(world_size=2, sequence=1, tensor=1, expert=1, micro_batch_size=1, global_batch_size=2,
+                        seq_len=500, device="cpu", precision="fp32")  # 1,000 tokens a step
+    logger = MetricsLogger(cfg, DistInfo(rank=0, world_size=2, local_rank=0), topology, flops_per_token=1e6)
     logger.data_wait.clock = FakeClock(0.25)  # each next_batch() waits 0.25 s
     records = []
     for step in range(1, 7):

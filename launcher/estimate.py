@@ -1,0 +1,196 @@
+"""One configuration's plan: its memory per GPU and per node, and its time, from the config and
+the topology (launcher/memory.py counts the parts)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from zeroforge.launcher.memory import (
+    CUDA_CONTEXT_GIB,
+    DS_SUB_GROUP_SIZE,
+    FRAGMENTATION,
+    GIB,
+    HostMemory,
+    ModelStates,
+    Setup,
+    activation_bytes,
+    buffer_bytes,
+    host_memory,
+    model_states,
+)
+from zeroforge.launcher.model_shape import ModelShape, model_shape
+from zeroforge.trainer.loss import resolve_loss
+from zeroforge.trainer.topology import Topology, accelerator_is_cuda
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-GPU memory (bytes) and time of one configuration; `fits` is None when the GPU is unknown."""
+
+    model: ModelShape
+    setup: Setup
+    # The job's topology on setup.nodes nodes.
+    topology: Topology
+    states: ModelStates
+    buffers: float
+    activations: float
+    # The same micro batch with activation checkpointing switched the other way.
+    activations_other: float
+    margin: float
+    host: HostMemory
+    # Host memory of one node (cluster.host_memory_gb), bytes; None: not checked.
+    host_memory: Optional[float]
+    inference_batch: int
+    inference_context: int
+    inference_weights: float
+    kv_cache: float
+    gpu_memory: Optional[float]
+    peak_tflops: Optional[float]
+    assumed_mfu: float
+    steps: int
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def precision(self) -> str:
+        return self.topology.precision
+
+    @property
+    def seq_len(self) -> int:
+        return self.topology.seq_len
+
+    @property
+    def weights(self) -> float:
+        return self.states.weights
+
+    @property
+    def gradients(self) -> float:
+        return self.states.gradients
+
+    @property
+    def optimizer(self) -> float:
+        return self.states.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.states.total + self.buffers + self.activations + self.margin
+
+    @property
+    def gpu_fits(self) -> Optional[bool]:
+        return None if self.gpu_memory is None else self.total <= self.gpu_memory
+
+    @property
+    def host_fits(self) -> Optional[bool]:
+        return None if self.host_memory is None else self.host.per_node <= self.host_memory
+
+    @property
+    def fits(self) -> Optional[bool]:
+        """False when either memory is known not to suffice; None when neither is known."""
+        verdicts = [v for v in (self.gpu_fits, self.host_fits) if v is not None]
+        return all(verdicts) if verdicts else None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.topology.tokens_per_step
+
+    @property
+    def step_time_s(self) -> Optional[float]:
+        if self.peak_tflops is None:
+            return None
+        # The assumed MFU counts model FLOPs; checkpointing recomputes the forward (2 of the 6).
+        recompute = 8 / 6 if self.setup.activation_checkpointing else 1.0
+        achieved = self.world_size * self.peak_tflops * 1e12 * self.assumed_mfu
+        return self.model.flops_per_token * self.tokens_per_step * recompute / achieved
+
+    @property
+    def total_time_s(self) -> Optional[float]:
+        step = self.step_time_s
+        return None if step is None else step * self.steps
+
+
+
+def _peak_tflops(cfg: DictConfig) -> Optional[float]:
+    from zeroforge.trainer.metrics import peak_tflops
+
+    if cfg.cluster.peak_tflops is not None:
+        return cfg.cluster.peak_tflops
+    return peak_tflops(None, "cuda") if accelerator_is_cuda() else None
+
+
+def on_nodes(cfg: DictConfig, topology: Topology, nodes: int) -> Topology:
+    """The job's topology on another node count (a fix): the same ranks on every node."""
+    return replace(topology, world_size=topology.world_size // cfg.cluster.nodes * nodes)
+
+
+def configured_setup(cfg: DictConfig) -> Setup:
+    ds = cfg.deepspeed
+    return Setup(
+        stage=ds.stage,
+        offload_optimizer=ds.offload_optimizer,
+        offload_params=ds.offload_params,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        micro_batch=cfg.train.micro_batch_size,
+        nodes=cfg.cluster.nodes,
+        loss=resolve_loss(cfg.train.loss, cfg.model.model_type),
+        zero_init=ds.zero_init,
+        async_save=cfg.checkpoint.async_save,
+    )
+
+
+def memory_plan(cfg: DictConfig, topology: Topology, shape: ModelShape, setup: Setup) -> MemoryPlan:
+    """The plan of `setup` (the configured one, or a fix's) for the job of `topology`."""
+    c = cfg.cluster
+    topology = on_nodes(cfg, topology, setup.nodes)
+    e = 2 if topology.precision == "bf16" else 4
+    seq, dp = topology.seq_len, topology.dp_size
+    zero_extra = OmegaConf.to_container(cfg.deepspeed.zero_extra, resolve=True)
+    sub_group = float(zero_extra.get("sub_group_size", DS_SUB_GROUP_SIZE))
+    states = model_states(shape.params, shape.largest_layer, setup, dp, e, sub_group)
+    eager = cfg.model.attn_implementation == "eager"
+    kernels = {"loss": setup.loss, "chunk_tokens": cfg.train.loss_chunk_tokens, "liger_kernels": cfg.model.liger_kernels}
+    act = activation_bytes(shape, setup.micro_batch, seq, e, setup.activation_checkpointing, eager, **kernels)
+    other = activation_bytes(shape, setup.micro_batch, seq, e, not setup.activation_checkpointing, eager, **kernels)
+    buffers = buffer_bytes(zero_extra, setup, shape.params, dp, e)
+    tensors = states.total + buffers + act.peak
+    host = host_memory(shape, setup, states, tensors, dp, e, c.nproc_per_node, topology.device == "cuda", sub_group)
+    context = cfg.launcher.inference_context or cfg.model.max_position_embeddings
+    return MemoryPlan(
+        model=shape,
+        setup=setup,
+        topology=topology,
+        states=states,
+        buffers=buffers,
+        activations=act.peak,
+        activations_other=other.peak,
+        margin=CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * tensors,
+        host=host,
+        host_memory=None if c.get("host_memory_gb") is None else c.host_memory_gb * GIB,
+        inference_batch=cfg.launcher.inference_batch_size,
+        inference_context=context,
+        inference_weights=e * shape.params,
+        kv_cache=2 * shape.layers * shape.kv_hidden * e * cfg.launcher.inference_batch_size * context,
+        gpu_memory=None if c.gpu_memory_gb is None else c.gpu_memory_gb * GIB,
+        peak_tflops=_peak_tflops(cfg),
+        assumed_mfu=cfg.launcher.assumed_mfu,
+        steps=cfg.train.steps,
+    )
+
+
+def estimate(cfg: DictConfig, topology: Topology) -> MemoryPlan:
+    """The plan of this configuration for the job of `topology` (the launcher's, validated)."""
+    return memory_plan(cfg, topology, model_shape(cfg), configured_setup(cfg))
+
+
+def best_micro_batch(cfg: DictConfig, topology: Topology, limit: int = 64) -> Optional[tuple[int, MemoryPlan]]:
+    """The largest power-of-two micro batch up to `limit` that fits this configuration (its
+    loss, kernels and stage as set) on cluster.gpu_memory_gb, with its plan; None if not even 1."""
+    shape, now = model_shape(cfg), configured_setup(cfg)
+    for micro in (1 << k for k in range(int(math.log2(limit)), -1, -1)):
+        plan = memory_plan(cfg, topology, shape, replace(now, micro_batch=micro))
+        if plan.fits is not False:
+            return micro, plan
+    return None

@@ -1,0 +1,106 @@
+"""The fix search: the cheapest changes of ZeRO stage, checkpointing, micro batch, nodes, offload,
+loss and construction that make a job fit, each recomputed as its own plan."""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+from typing import Iterator
+
+from omegaconf import DictConfig
+
+from zeroforge.launcher.estimate import MemoryPlan, memory_plan, on_nodes
+from zeroforge.launcher.memory import Setup
+from zeroforge.trainer.config import Scheduler
+from zeroforge.trainer.loss import LINEAR_HEAD_MODEL_TYPES
+from zeroforge.trainer.topology import Topology
+
+# What each change costs, roughly, to rank the fixes: the chunked loss costs nothing (the same
+# loss, no slower), a ZeRO stage adds communication (per stage), checkpointing recomputes the
+# forward (a third more compute), a halved micro batch runs smaller kernels, a doubling of the
+# nodes doubles the GPUs held, offloading the optimizer puts its step on the CPU, and
+# partitioned construction costs a little start-up time. (A synchronous save is never a fix:
+# the async save's host copy is what a resume reads anyway.)
+_COST = {"loss": 0, "stage": 1, "checkpointing": 2, "halving": 1, "doubling": 4, "offload": 6, "host": 1}
+MAX_NODE_DOUBLINGS = 6
+
+
+def _candidates(cfg: DictConfig, topology: Topology, now: Setup) -> Iterator[tuple[tuple[int, int], Setup]]:
+    glob = cfg.train.global_batch_size
+    # The local launcher runs one node; more nodes are a fix only on a cluster.
+    doublings_allowed = MAX_NODE_DOUBLINGS if cfg.cluster.scheduler == Scheduler.slurm else 0
+    # The plain loss can become the chunked one where that is exact for the model type.
+    losses = sorted({now.loss, "chunked"} if now.loss == "plain" and cfg.model.model_type in LINEAR_HEAD_MODEL_TYPES else {now.loss})
+    for stage, ckpt, halvings, doublings, offload, loss, zero_init in itertools.product(
+        range(now.stage, 4),
+        sorted({now.activation_checkpointing, True}),
+        range(0, int(math.log2(now.micro_batch)) + 1),
+        range(0, doublings_allowed + 1),
+        sorted({now.offload_optimizer, True}),
+        losses,
+        sorted({now.zero_init, True}),
+    ):
+        setup = replace(
+            now,
+            stage=stage,
+            activation_checkpointing=ckpt,
+            micro_batch=max(1, now.micro_batch >> halvings),
+            nodes=now.nodes << doublings,
+            offload_optimizer=offload and stage >= 1,
+            loss=loss,
+            zero_init=zero_init,
+        )
+        if offload and stage == 0 or glob % (setup.micro_batch * on_nodes(cfg, topology, setup.nodes).dp_size):
+            continue  # offload needs ZeRO; the global batch must still divide
+        cost = (
+            _COST["stage"] * (stage - now.stage)
+            + _COST["checkpointing"] * (ckpt != now.activation_checkpointing)
+            + _COST["halving"] * halvings
+            + _COST["doubling"] * doublings
+            + _COST["offload"] * (offload != now.offload_optimizer)
+            + _COST["loss"] * (loss != now.loss)
+            + _COST["host"] * (zero_init != now.zero_init)
+        )
+        yield (cost, len(_changed(now, setup))), setup
+
+
+def _overrides(now: Setup, fix: Setup) -> str:
+    parts = []
+    if fix.stage != now.stage:
+        parts.append(f"deepspeed.stage={fix.stage}")
+    if fix.activation_checkpointing != now.activation_checkpointing:
+        parts.append("model.activation_checkpointing=true")
+    if fix.micro_batch != now.micro_batch:
+        parts.append(f"train.micro_batch_size={fix.micro_batch}")
+    if fix.nodes != now.nodes:
+        parts.append(f"cluster.nodes={fix.nodes}")
+    if fix.offload_optimizer != now.offload_optimizer:
+        parts.append("deepspeed.offload_optimizer=true")
+    if fix.loss != now.loss:
+        parts.append(f"train.loss={fix.loss}")
+    if fix.zero_init != now.zero_init and fix.stage == 3:
+        parts.append("deepspeed.zero_init=true")
+    return " ".join(parts)
+
+
+def _changed(now: Setup, fix: Setup) -> set[str]:
+    """Which knobs a fix turns (not by how much)."""
+    return {override.split("=")[0] for override in _overrides(now, fix).split()}
+
+
+def fixes(cfg: DictConfig, plan: MemoryPlan, limit: int = 4) -> list[tuple[str, MemoryPlan]]:
+    """The cheapest changes that make the job fit, each recomputed; none that turns a superset of
+    the knobs of one already listed."""
+    fitting = [
+        (cost, setup) for cost, setup in _candidates(cfg, plan.topology, plan.setup)
+        if memory_plan(cfg, plan.topology, plan.model, setup).fits
+    ]
+    chosen: list[Setup] = []
+    for _, setup in sorted(fitting, key=lambda item: item[0]):
+        if any(_changed(plan.setup, earlier) <= _changed(plan.setup, setup) for earlier in chosen):
+            continue
+        chosen.append(setup)
+        if len(chosen) == limit:
+            break
+    return [(_overrides(plan.setup, s), memory_plan(cfg, plan.topology, plan.model, s)) for s in chosen]
+

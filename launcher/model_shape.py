@@ -1,0 +1,81 @@
+"""A model's shape as the planner needs it, counted on the meta device without a weight."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from zeroforge.trainer.config import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory and time of a model depend on, counted without allocating a weight."""
+
+    name: str
+    params: int
+    # The largest single module's parameters: what ZeRO-3 gathers at once (as DeepSpeed counts it).
+    largest_layer: int
+    vocab_size: int
+    hidden: int
+    kv_hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    flops_per_token: float
+
+
+
+def model_shape(cfg: DictConfig) -> ModelShape:
+    """Count parameters on the meta device: any AutoConfig causal LM, no memory for weights."""
+    from transformers import AutoModelForCausalLM
+
+    from zeroforge.trainer.model import flops_per_token, hf_config
+
+    m = cfg.model
+    vocab = planned_vocab_size(cfg)
+    config = hf_config(m, vocab)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())  # a tied embedding is counted once
+    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
+    return ModelShape(
+        name=m.name,
+        params=params,
+        largest_layer=largest,
+        vocab_size=vocab,
+        hidden=m.hidden_size,
+        kv_hidden=m.hidden_size // m.num_heads * m.num_kv_heads,
+        intermediate=m.intermediate_size,
+        layers=m.num_layers,
+        heads=m.num_heads,
+        flops_per_token=flops_per_token(config, params, cfg.data.seq_len),
+    )
+
+
+def planned_vocab_size(cfg: DictConfig) -> int:
+    """The vocabulary training will use, known before the data is prepared where possible."""
+    import json
+
+    from zeroforge.data.prepare import prepared_dir
+    from zeroforge.trainer.model import resolve_vocab_size
+
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    manifest = prepared_dir(cfg.data) / "manifest.json"
+    if manifest.exists():
+        return resolve_vocab_size(cfg.model, json.loads(manifest.read_text())["vocab_size"])
+    if cfg.data.tokenizer == "embedded":
+        return resolve_vocab_size(cfg.model, cfg.data.tokenizer_vocab_size)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"the plan needs the vocabulary size, but data.tokenizer={cfg.data.tokenizer!r} could not be "
+            f"loaded ({err}); set model.vocab_size"
+        ) from err
+    return resolve_vocab_size(cfg.model, len(tokenizer))
+
