@@ -12,6 +12,7 @@ In one process and one engine, for --repeats rounds each:
 Each keeps its best round, since a shared machine only ever makes a save slower. Prints a table
 and writes bench/results/checkpoint.json. Goal: async blocks the loop for less than half of sync.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,15 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="zeroforge-bench-ckpt-"))
     base = [
-        "model=llama-125m", "deepspeed=zero2", "train.precision=fp32", "train.micro_batch_size=1",
-        "train.global_batch_size=1", "data.seq_len=128", f"run.dir={scratch}", "checkpoint.keep_last=1", *args.overrides,
+        "model=llama-125m",
+        "deepspeed=zero2",
+        "train.precision=fp32",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=1",
+        "data.seq_len=128",
+        f"run.dir={scratch}",
+        "checkpoint.keep_last=1",
+        *args.overrides,
     ]
     cfg = compose_config(base)
     plan = validate(cfg, 1)
@@ -85,7 +93,9 @@ def main() -> None:
         size = sum(p.stat().st_size for p in (scratch / "bare").rglob("*") if p.is_file())
         shutil.rmtree(scratch / "bare")
         rounds["sync"].append(sync.save(step + r, client_state))
-    asynchronous = Checkpointer(engine, compose_config([*base, f"checkpoint.dir={scratch}/async", "checkpoint.async_save=true"]).checkpoint, dist)
+    asynchronous = Checkpointer(
+        engine, compose_config([*base, f"checkpoint.dir={scratch}/async", "checkpoint.async_save=true"]).checkpoint, dist
+    )
     for _ in range(args.repeats):
         blocked = asynchronous.save(step, client_state)  # step advances below: each save is a new step_<N>
         step_s.append(one_step())
@@ -95,11 +105,20 @@ def main() -> None:
 
     best = {k: min(v) for k, v in rounds.items()}
     result = {
-        "model": cfg.model.name, "zero_stage": cfg.deepspeed.stage, "device": device, "threads": torch.get_num_threads(),
-        "checkpoint_bytes": size, "step_s": min(step_s), "blocked_s": best, "rounds_s": rounds,
-        "sync_over_bare": best["sync"] / best["bare"], "async_over_sync": best["async"] / best["sync"],
+        "model": cfg.model.name,
+        "zero_stage": cfg.deepspeed.stage,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "checkpoint_bytes": size,
+        "step_s": min(step_s),
+        "blocked_s": best,
+        "rounds_s": rounds,
+        "sync_over_bare": best["sync"] / best["bare"],
+        "async_over_sync": best["async"] / best["sync"],
     }
-    print(f"{cfg.model.name}, ZeRO-{cfg.deepspeed.stage}, {device}: checkpoint {size / 2**30:.2f} GiB, one training step {min(step_s):.2f} s")
+    print(
+        f"{cfg.model.name}, ZeRO-{cfg.deepspeed.stage}, {device}: checkpoint {size / 2**30:.2f} GiB, one training step {min(step_s):.2f} s"
+    )
     print(f"{'save':<8}{'loop blocked (s)':>18}{'x bare':>9}")
     for kind in ("bare", "sync", "async"):
         print(f"{kind:<8}{best[kind]:>18.2f}{best[kind] / best['bare']:>9.2f}")

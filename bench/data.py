@@ -27,6 +27,7 @@ CPU seconds per million tokens (all ranks' and workers' processes) show, whateve
 runs, that no process tokenizes another's share: the old design (every rank tokenizing everything)
 doubled it at 2 ranks. Prints a table and writes bench/results/data.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,11 @@ class _Measured:
 
     def figures(self, tokens: int, workers: int) -> dict:
         return {
-            "tokens_per_s": tokens / self.wall, "tokens": tokens, "wall_s": self.wall,
-            "main_cpu_s": self.main_cpu, "workers_cpu_s": self.workers_cpu,
+            "tokens_per_s": tokens / self.wall,
+            "tokens": tokens,
+            "wall_s": self.wall,
+            "main_cpu_s": self.main_cpu,
+            "workers_cpu_s": self.workers_cpu,
             "cpu_s_per_mtoken": (self.main_cpu + self.workers_cpu) / tokens * 1e6,
             "workers_busy": self.workers_cpu / (self.wall * workers) if workers > 1 else None,
         }
@@ -77,11 +81,14 @@ def _cpu(who: int) -> float:
 def _machine() -> str:
     """CPU model, logical CPUs and physical cores: one tokenizing process per logical CPU shares a
     core with another where there are two threads per core."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
     cores = {
         (Path(f"{cpu}/topology/physical_package_id").read_text().strip(), Path(f"{cpu}/topology/core_id").read_text().strip())
-        for cpu in map(str, Path("/sys/devices/system/cpu").glob("cpu[0-9]*")) if Path(f"{cpu}/topology/core_id").exists()
+        for cpu in map(str, Path("/sys/devices/system/cpu").glob("cpu[0-9]*"))
+        if Path(f"{cpu}/topology/core_id").exists()
     }
     from zeroforge.data.encode import default_workers
 
@@ -113,10 +120,16 @@ def prepare_rate(corpus: Path, tokenizer: Path, work: Path, workers: int) -> dic
     from zeroforge.data.shards import load_manifest
     from zeroforge.trainer.config import compose_config
 
-    cfg = compose_config([
-        "data.name=bench", "data.source=json", f"data.data_files=[{corpus}]", f"data.tokenizer={tokenizer}",
-        f"data.cache_dir={work / f'prepare-{workers}'}", f"data.prepare_workers={workers}",
-    ]).data
+    cfg = compose_config(
+        [
+            "data.name=bench",
+            "data.source=json",
+            f"data.data_files=[{corpus}]",
+            f"data.tokenizer={tokenizer}",
+            f"data.cache_dir={work / f'prepare-{workers}'}",
+            f"data.prepare_workers={workers}",
+        ]
+    ).data
     with _Measured() as run:
         out = prepare(cfg)
     splits = load_manifest(out)["splits"]
@@ -131,8 +144,11 @@ def _map_rate(corpus: Path, tokenizer: Path, workers: int) -> dict:
     dataset = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(corpus.parent / "hf"))
     with _Measured() as run:
         mapped = dataset.map(
-            lambda batch: tok(batch["text"]), batched=True, num_proc=workers if workers > 1 else None,
-            remove_columns=["text"], load_from_cache_file=False,
+            lambda batch: tok(batch["text"]),
+            batched=True,
+            num_proc=workers if workers > 1 else None,
+            remove_columns=["text"],
+            load_from_cache_file=False,
         )
     return run.figures(sum(len(ids) for ids in mapped["input_ids"]) + len(mapped), workers)  # + prepare's EOS
 
@@ -155,23 +171,41 @@ def _loader_rate(prepared: Path, seq_len: int, steps: int, workers: int) -> floa
     from zeroforge.data.loader import BatchLoader
     from zeroforge.data.mixture import open_split
 
-    loader = BatchLoader(open_split(prepared, "train"), seq_len, seed=0, global_batch=GLOBAL_BATCH,
-                         micro_batch=MICRO_BATCH, dp_rank=0, dp_size=1, num_workers=workers)
+    loader = BatchLoader(
+        open_split(prepared, "train"),
+        seq_len,
+        seed=0,
+        global_batch=GLOBAL_BATCH,
+        micro_batch=MICRO_BATCH,
+        dp_rank=0,
+        dp_size=1,
+        num_workers=workers,
+    )
     return _tokens_per_s(loader, seq_len, steps)
 
 
-def _stream_rank(corpus: list[Path], tokenizer: Path, seq_len: int, steps: int, rank: int, ranks: int, workers: int,
-                 barrier, results) -> None:
+def _stream_rank(
+    corpus: list[Path], tokenizer: Path, seq_len: int, steps: int, rank: int, ranks: int, workers: int, barrier, results
+) -> None:
     """One rank of a streamed job, in its own process: its tokens and seconds over `steps` steps
     after the first (which starts the workers and opens the partitions)."""
     from zeroforge.data.stream import StreamData
     from zeroforge.trainer.config import compose_config
 
     files = ",".join(str(f) for f in corpus)
-    data = StreamData(compose_config([
-        "data.mode=stream", "data.source=json", f"data.data_files=[{files}]", f"data.tokenizer={tokenizer}",
-        f"data.seq_len={seq_len}", f"data.num_workers={workers}", f"data.stream_partitions={len(corpus)}",
-    ]).data)
+    data = StreamData(
+        compose_config(
+            [
+                "data.mode=stream",
+                "data.source=json",
+                f"data.data_files=[{files}]",
+                f"data.tokenizer={tokenizer}",
+                f"data.seq_len={seq_len}",
+                f"data.num_workers={workers}",
+                f"data.stream_partitions={len(corpus)}",
+            ]
+        ).data
+    )
     data.validation_batches(batch_size=1, num_batches=1)
     loader = data.loader(seed=0, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, dp_rank=rank, dp_size=ranks)
     loader.next_batch()
@@ -213,8 +247,16 @@ def _stream_rate(corpus: list[Path], tokenizer: Path, seq_len: int, steps: int, 
         if process.exitcode:
             raise RuntimeError(f"a stream rank failed with exit code {process.exitcode}")
     tokens, wall, cpu = sum(t for t, _, _ in measured), max(w for _, w, _ in measured), sum(c for _, _, c in measured)
-    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "cpu_s_per_mtoken": cpu / tokens * 1e6,
-            "ranks": ranks, "workers": workers, "seq_len": seq_len, "partitions": len(corpus)}
+    return {
+        "tokens_per_s": tokens / wall,
+        "tokens": tokens,
+        "wall_s": wall,
+        "cpu_s_per_mtoken": cpu / tokens * 1e6,
+        "ranks": ranks,
+        "workers": workers,
+        "seq_len": seq_len,
+        "partitions": len(corpus),
+    }
 
 
 def write_jsonl_files(texts: list[str], files: int, directory: Path) -> list[Path]:
@@ -267,7 +309,10 @@ def main() -> None:
         cases = {"1 rank, 0 workers": (1, 0), "2 ranks": (2, 0), "1 rank, 2 workers": (1, 2)}
         # Round robin, so that a slower stretch of a shared machine falls on every case alike.
         rounds = [
-            {what: _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, ranks, workers) for what, (ranks, workers) in cases.items()}
+            {
+                what: _stream_rate(corpus, tokenizer, args.seq_len, args.stream_steps, ranks, workers)
+                for what, (ranks, workers) in cases.items()
+            }
             for _ in range(args.stream_repeats if "stream" in args.only else 0)
         ]
         for what in cases if rounds else ():
@@ -277,7 +322,8 @@ def main() -> None:
             ratios = [r[what]["tokens_per_s"] / r["1 rank, 0 workers"]["tokens_per_s"] for r in rounds]
             results["stream"][what] = {
                 **sorted(measured, key=lambda m: m["tokens_per_s"])[len(measured) // 2],
-                "repeats_tokens_per_s": [m["tokens_per_s"] for m in measured], "round_ratios": ratios,
+                "repeats_tokens_per_s": [m["tokens_per_s"] for m in measured],
+                "round_ratios": ratios,
                 "vs_1_rank_0_workers": statistics.median_low(ratios),
             }
         base = results["stream"].get("1 rank, 0 workers", {}).get("tokens_per_s")
@@ -286,8 +332,7 @@ def main() -> None:
 
     print(f"\n{'what':<40} {'tokens/s':>14} {'baseline':>14} {'ratio':>7}")
     for what, ours, theirs, ratio in rows:
-        print(f"{what:<40} {ours:>14,.0f} {'' if theirs is None else f'{theirs:,.0f}':>14} "
-              f"{'' if ratio is None else f'{ratio:.2f}':>7}")
+        print(f"{what:<40} {ours:>14,.0f} {'' if theirs is None else f'{theirs:,.0f}':>14} {'' if ratio is None else f'{ratio:.2f}':>7}")
     print(f"\n{'CPU s per M tokens (workers busy)':<40} {'prepare':>14} {'Dataset.map':>14}   on {results['machine']}")
     for workers, ours, theirs in cpu_rows:
         print(f"{f'{workers} worker(s)':<40} {_cpu_cell(ours):>14} {_cpu_cell(theirs):>14}")

@@ -8,6 +8,7 @@ Both variants decode the same tokens (greedy, checked), so they do the same work
 best of --repeats. Prints a table and the check the issue asks for (the cache >= 3x faster than
 no cache at 256 new tokens), and writes bench/results/generate.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,22 +77,41 @@ def main() -> None:
             result[use_cache] = (best, tokens)
         if result[True][1] != result[False][1]:
             raise SystemExit(f"batch {batch}: the cache changed the greedy tokens")
-        rows.append({"batch": batch, "cache_tokens_per_s": result[True][0], "no_cache_tokens_per_s": result[False][0],
-                     "speedup": result[True][0] / result[False][0]})
+        rows.append(
+            {
+                "batch": batch,
+                "cache_tokens_per_s": result[True][0],
+                "no_cache_tokens_per_s": result[False][0],
+                "speedup": result[True][0] / result[False][0],
+            }
+        )
 
     print(f"{name} | prompt {prompt_tokens} tokens + {args.new_tokens} new | {torch.get_num_threads()} threads")
     print(f"{'batch':>6}{'cache tok/s':>14}{'no cache tok/s':>17}{'speedup':>10}")
     for r in rows:
         print(f"{r['batch']:>6}{r['cache_tokens_per_s']:>14.0f}{r['no_cache_tokens_per_s']:>17.0f}{r['speedup']:>9.1f}x")
     met = all(r["speedup"] >= GOAL for r in rows)
-    print(f"check: KV cache >= {GOAL:.0f}x faster than no cache at {args.new_tokens} new tokens at every batch size: "
-          f"{'met' if met else 'NOT met'} (lowest {min(r['speedup'] for r in rows):.1f}x)")
+    print(
+        f"check: KV cache >= {GOAL:.0f}x faster than no cache at {args.new_tokens} new tokens at every batch size: "
+        f"{'met' if met else 'NOT met'} (lowest {min(r['speedup'] for r in rows):.1f}x)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "model": name, "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows,
-        "goal_cache_speedup": GOAL, "goal_met": met,
-    }, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "model": name,
+                "prompt_tokens": prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "threads": torch.get_num_threads(),
+                "machine": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "rows": rows,
+                "goal_cache_speedup": GOAL,
+                "goal_met": met,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

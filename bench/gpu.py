@@ -21,6 +21,7 @@ on its flash backend. Writes bench/results/gpu_sweep.json and a Markdown table b
 --dry-run prints the runs and their planned memory without a GPU (and without torch.cuda).
 MFU uses the detected GPU's dense bf16 peak (trainer/metrics.py PEAK_TFLOPS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,13 @@ DEVICE = "cuda"  # what the sweep measures on (a module constant so that a CPU s
 
 # The sweep's fixed setup; every variant adds its own overrides.
 SWEEP_BASE = [
-    "deepspeed=zero2", "train.precision=bf16", "data.seq_len=2048", "model.vocab_size=32000",
-    "logging.wandb.mode=disabled", "eval.every=0", "checkpoint.every=0",
+    "deepspeed=zero2",
+    "train.precision=bf16",
+    "data.seq_len=2048",
+    "model.vocab_size=32000",
+    "logging.wandb.mode=disabled",
+    "eval.every=0",
+    "checkpoint.every=0",
 ]
 ALL_ON = {"train.loss": "chunked", "optim.fused": "true", "model.compile": "regional"}
 ALL_OFF = {"train.loss": "plain", "optim.fused": "false", "model.compile": "off"}
@@ -51,11 +57,20 @@ ALL_OFF = {"train.loss": "plain", "optim.fused": "false", "model.compile": "off"
 def run(model: str, steps: int, log_every: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         args = [
-            f"model={model}", "deepspeed=zero2", "train.precision=bf16", "data.seq_len=2048",
-            "data.tokenizer_vocab_size=32000", f"train.micro_batch_size={MICRO_BATCH.get(model, 8)}",
-            f"train.global_batch_size={MICRO_BATCH.get(model, 8)}", f"train.steps={steps}",
-            f"logging.every={log_every}", "eval.every=0", "checkpoint.every=0", "logging.wandb.mode=disabled",
-            f"run.dir={run_dir}", *overrides,
+            f"model={model}",
+            "deepspeed=zero2",
+            "train.precision=bf16",
+            "data.seq_len=2048",
+            "data.tokenizer_vocab_size=32000",
+            f"train.micro_batch_size={MICRO_BATCH.get(model, 8)}",
+            f"train.global_batch_size={MICRO_BATCH.get(model, 8)}",
+            f"train.steps={steps}",
+            f"logging.every={log_every}",
+            "eval.every=0",
+            "checkpoint.every=0",
+            "logging.wandb.mode=disabled",
+            f"run.dir={run_dir}",
+            *overrides,
         ]
         subprocess.run([sys.executable, "-m", "zeroforge.trainer.train", *args], cwd=REPO, check=True)
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -89,11 +104,17 @@ def sweep_variants(flash: bool, liger: bool) -> list[tuple[str, dict[str, str]]]
 def _sweep_config(model: str, overrides: dict[str, str], gpu_memory_gb: float, micro: int, extra: list[str]):
     from zeroforge.trainer.config import compose_config
 
-    return compose_config([
-        f"model={model}", *SWEEP_BASE, f"cluster.gpu_memory_gb={gpu_memory_gb}",
-        f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}",
-        *[f"{k}={v}" for k, v in overrides.items()], *extra,
-    ])
+    return compose_config(
+        [
+            f"model={model}",
+            *SWEEP_BASE,
+            f"cluster.gpu_memory_gb={gpu_memory_gb}",
+            f"train.micro_batch_size={micro}",
+            f"train.global_batch_size={micro}",
+            *[f"{k}={v}" for k, v in overrides.items()],
+            *extra,
+        ]
+    )
 
 
 def plan_runs(models: list[str], gpu_memory_gb: float, max_micro: int, flash: bool, liger: bool, extra: list[str]) -> list[dict]:
@@ -108,11 +129,15 @@ def plan_runs(models: list[str], gpu_memory_gb: float, max_micro: int, flash: bo
         for model in models:
             cfg = _sweep_config(model, overrides, gpu_memory_gb, max_micro, extra)
             best = best_micro_batch(cfg, job_topology(cfg), limit=max_micro)
-            runs.append({
-                "model": model, "variant": name, "overrides": overrides,
-                "micro_batch": None if best is None else best[0],
-                "planned_gib": None if best is None else best[1].total / GIB,
-            })
+            runs.append(
+                {
+                    "model": model,
+                    "variant": name,
+                    "overrides": overrides,
+                    "micro_batch": None if best is None else best[0],
+                    "planned_gib": None if best is None else best[1].total / GIB,
+                }
+            )
     return runs
 
 
@@ -190,17 +215,19 @@ def measure(run: dict, gpu_memory_gb: float, seconds: float, warmup: int, extra:
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - warm
     tokens_per_s = steps * micro * cfg.data.seq_len / elapsed
-    result.update({
-        "params": params,
-        "setup_and_warmup_s": warm - started,
-        "timed_steps": steps,
-        "step_time_s": elapsed / steps,
-        "tokens_per_s": tokens_per_s,
-        "mfu": mfu(fpt, tokens_per_s, 1, peak_tflops(None, DEVICE)),
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-        "first_loss": float(first_loss),
-    })
+    result.update(
+        {
+            "params": params,
+            "setup_and_warmup_s": warm - started,
+            "timed_steps": steps,
+            "step_time_s": elapsed / steps,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(fpt, tokens_per_s, 1, peak_tflops(None, DEVICE)),
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+            "first_loss": float(first_loss),
+        }
+    )
     engine.destroy()
     del engine, model, guard
     _free_cuda()
@@ -221,8 +248,10 @@ def run_sweep(args: argparse.Namespace) -> None:
         gpu_memory_gb = gpu_memory_gb or torch.cuda.get_device_properties(0).total_memory / GIB
     gpu_memory_gb = round(gpu_memory_gb or 80.0, 1)
     runs = plan_runs(args.models, gpu_memory_gb, args.max_micro_batch, flash, liger, args.overrides)
-    extras = [f"flash-attn {'installed' if flash else 'not installed: no flash_attention_2 run'}",
-              f"liger-kernel {'installed' if liger else 'not installed: no Liger run'}"]
+    extras = [
+        f"flash-attn {'installed' if flash else 'not installed: no flash_attention_2 run'}",
+        f"liger-kernel {'installed' if liger else 'not installed: no Liger run'}",
+    ]
     print(f"device: {device}, {gpu_memory_gb} GiB planned against; {'; '.join(extras)}", flush=True)
     if args.dry_run:
         print(f"{'model':<12}{'variant':<34}{'micro batch':>12}{'planned GiB':>13}")
@@ -256,8 +285,11 @@ def run_sweep(args: argparse.Namespace) -> None:
                 result["error"] = f"out of memory at micro batch {r['micro_batch']} (planned {r['planned_gib']:.1f} GiB)"
         _free_cuda()  # outside the except: its traceback kept the failed run's tensors alive
         if "mfu" in result:
-            print(f"   {result['tokens_per_s']:,.0f} tokens/s, MFU {_pct(result['mfu'])}, "
-                  f"{result['peak_allocated_gib']:.1f} GiB peak, warm-up {result['setup_and_warmup_s']:.0f} s", flush=True)
+            print(
+                f"   {result['tokens_per_s']:,.0f} tokens/s, MFU {_pct(result['mfu'])}, "
+                f"{result['peak_allocated_gib']:.1f} GiB peak, warm-up {result['setup_and_warmup_s']:.0f} s",
+                flush=True,
+            )
         else:
             print(f"   {result['error']}", flush=True)
         results.append(result)

@@ -10,6 +10,7 @@ libraries, then the peak resident memory of one forward + backward at --tokens i
 (VmHWM) and the resident memory just before it subtracted. Prints a table and
 writes bench/results/loss_memory.json. Goal: chunked at the default chunk >= 3x less than plain.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,12 @@ def worker(loss: str, chunk: int, tokens: int, vocab: int) -> dict:
     loss_value = causal_lm_loss(model, batch)
     loss_value.backward()
     peak = peak_rss_bytes()
-    return {"loss": loss, "chunk_tokens": chunk if loss == "chunked" else None, "peak_bytes": peak - before, "loss_value": loss_value.item()}
+    return {
+        "loss": loss,
+        "chunk_tokens": chunk if loss == "chunked" else None,
+        "peak_bytes": peak - before,
+        "loss_value": loss_value.item(),
+    }
 
 
 def main() -> None:
@@ -69,7 +75,11 @@ def main() -> None:
     for loss, chunk in variants:
         out = subprocess.run(
             [sys.executable, __file__, "--worker", loss, str(chunk), "--tokens", str(args.tokens), "--vocab", str(args.vocab)],
-            cwd=REPO, env=env, check=True, capture_output=True, text=True,
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     plain = rows[0]["peak_bytes"]
@@ -82,10 +92,18 @@ def main() -> None:
     ratio = plain / default["peak_bytes"]
     print(f"plain / chunked at train.loss_chunk_tokens={default_chunk}: {ratio:.1f}x (goal >= 3x): {'met' if ratio >= 3 else 'NOT met'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(
-        {"tokens": args.tokens, "vocab": args.vocab, "rows": rows, "default_chunk_tokens": default_chunk, "plain_vs_default_chunked": ratio},
-        indent=2,
-    ))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "tokens": args.tokens,
+                "vocab": args.vocab,
+                "rows": rows,
+                "default_chunk_tokens": default_chunk,
+                "plain_vs_default_chunked": ratio,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

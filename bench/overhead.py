@@ -8,6 +8,7 @@ loops take turns for --repeats rounds and each keeps its best round, since a sha
 ever makes a loop slower. Prints a table and writes bench/results/overhead.json.
 Goal: trainer >= 0.97 x bare DeepSpeed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,13 @@ def _batches(cfg, count: int):
     from zeroforge.data.shards import TokenStore
 
     loader = BatchLoader(
-        TokenStore(prepare(cfg.data), "train"), cfg.data.seq_len, cfg.seed, cfg.train.global_batch_size,
-        cfg.train.micro_batch_size, dp_rank=0, dp_size=1,
+        TokenStore(prepare(cfg.data), "train"),
+        cfg.data.seq_len,
+        cfg.seed,
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        dp_rank=0,
+        dp_size=1,
     )
     return [[b.to(torch.long) for b in loader.next_batch()] for _ in range(count)]
 
@@ -68,7 +74,11 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
     o = cfg.optim
     # torch's AdamW as the trainer builds it (its SkippableAdamW only adds a flag), fused or not alike.
     opt = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused_adamw(cfg, plan),
+        param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=fused_adamw(cfg, plan),
     )
     if kind == "deepspeed":
         import deepspeed
@@ -84,6 +94,7 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
                 model.backward(causal_lm_loss(model, b))
                 model.step()
     else:
+
         def step(micro_batches):
             for b in micro_batches:
                 (causal_lm_loss(model, b) / len(micro_batches)).backward()
@@ -102,8 +113,13 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
 def trainer_tokens_per_s(overrides: list[str], steps: int, warmup: int, env: dict) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         args = [
-            *overrides, f"run.dir={run_dir}", f"train.steps={steps}", f"logging.every={warmup}",
-            "logging.wandb.mode=disabled", "eval.every=0", "checkpoint.every=0",
+            *overrides,
+            f"run.dir={run_dir}",
+            f"train.steps={steps}",
+            f"logging.every={warmup}",
+            "logging.wandb.mode=disabled",
+            "eval.every=0",
+            "checkpoint.every=0",
         ]
         subprocess.run([sys.executable, "-m", "zeroforge.trainer.train", *args], cwd=REPO, env=env, check=True, capture_output=True)
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -135,7 +151,11 @@ def main() -> None:
         for kind in ("deepspeed", "pytorch"):
             out = subprocess.run(
                 [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--warmup", str(args.warmup), *args.overrides],
-                cwd=REPO, env=env, check=True, capture_output=True, text=True,
+                cwd=REPO,
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
             )
             rounds[kind].append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
     results = {kind: max(values) for kind, values in rounds.items()}
@@ -146,9 +166,20 @@ def main() -> None:
     ratio = results["trainer"] / results["deepspeed"]
     print(f"trainer / bare DeepSpeed = {ratio:.3f} (goal >= 0.97): {'met' if ratio >= 0.97 else 'NOT met'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(
-        {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "overrides": args.overrides,
-         "tokens_per_s": results, "rounds": rounds, "trainer_vs_deepspeed": ratio}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "threads": args.threads,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "overrides": args.overrides,
+                "tokens_per_s": results,
+                "rounds": rounds,
+                "trainer_vs_deepspeed": ratio,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ batch of the first full queue (4 per worker) is back and the one from which only
 left to drain, over the time between them. As in bench/data.py, N workers get N copies of the
 corpus (N x --copies: longer runs weigh start-up less). Writes bench/results/prepare_pipeline.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,9 +68,14 @@ def _run(corpus: Path, tokenizer: Path, work: Path, workers: int, rate: float) -
     if last > first:
         steady = sum(n for _, n in results[first + 1 : last + 1]) / (results[last][0] - results[first][0])
     return {
-        "workers": workers, "tokens": figures["tokens"], "ideal_tokens_per_s": workers * rate,
-        "tokens_per_s": figures["tokens_per_s"], "first_result_s": results[0][0] - start,
-        "steady_tokens_per_s": steady, "main_cpu_s": figures["main_cpu_s"], "workers_cpu_s": figures["workers_cpu_s"],
+        "workers": workers,
+        "tokens": figures["tokens"],
+        "ideal_tokens_per_s": workers * rate,
+        "tokens_per_s": figures["tokens_per_s"],
+        "first_result_s": results[0][0] - start,
+        "steady_tokens_per_s": steady,
+        "main_cpu_s": figures["main_cpu_s"],
+        "workers_cpu_s": figures["workers_cpu_s"],
     }
 
 
@@ -93,13 +99,17 @@ def main() -> None:
             corpus = write_jsonl(texts, workers * args.copies, work / f"corpus-{workers}.jsonl")
             rows.append(_run(corpus, tokenizer, work / f"run-{workers}", workers, args.rate))
 
-    print(f"\n{'workers':>7} {'ideal tokens/s':>15} {'tokens/s':>12} {'of ideal':>9} {'first result':>13} "
-          f"{'steady of ideal':>16} {'main CPU':>9} {'workers CPU':>12}")
+    print(
+        f"\n{'workers':>7} {'ideal tokens/s':>15} {'tokens/s':>12} {'of ideal':>9} {'first result':>13} "
+        f"{'steady of ideal':>16} {'main CPU':>9} {'workers CPU':>12}"
+    )
     for r in rows:
         steady = "" if r["steady_tokens_per_s"] is None else f"{r['steady_tokens_per_s'] / r['ideal_tokens_per_s']:.0%}"
-        print(f"{r['workers']:>7} {r['ideal_tokens_per_s']:>15,.0f} {r['tokens_per_s']:>12,.0f} "
-              f"{r['tokens_per_s'] / r['ideal_tokens_per_s']:>9.0%} {r['first_result_s']:>12.2f}s "
-              f"{steady:>16} {r['main_cpu_s']:>8.2f}s {r['workers_cpu_s']:>11.2f}s")
+        print(
+            f"{r['workers']:>7} {r['ideal_tokens_per_s']:>15,.0f} {r['tokens_per_s']:>12,.0f} "
+            f"{r['tokens_per_s'] / r['ideal_tokens_per_s']:>9.0%} {r['first_result_s']:>12.2f}s "
+            f"{steady:>16} {r['main_cpu_s']:>8.2f}s {r['workers_cpu_s']:>11.2f}s"
+        )
     out = REPO / "bench" / "results" / "prepare_pipeline.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))

@@ -13,6 +13,7 @@ voluntary and involuntary context switches and the CPUs it ran on, the machine's
 and iowait shares, and the mean CPU clock /proc/cpuinfo reports. Prints a table and writes
 bench/results/prepare_profile.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,8 +105,12 @@ class WorkerWatch(threading.Thread):
             return
         perf = None
         if self.use_perf:
-            perf = subprocess.Popen(["perf", "stat", "-x,", "-e", PERF_EVENTS, "-p", str(self.pid)],
-                                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            perf = subprocess.Popen(
+                ["perf", "stat", "-x,", "-e", PERF_EVENTS, "-p", str(self.pid)],
+                stderr=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                text=True,
+            )
         while not self.stop.is_set():
             try:
                 sample = _proc_sample(self.pid)
@@ -148,14 +153,20 @@ def profile(bench, texts: list[str], tokenizer: Path, work: Path, workers: int, 
     busy = (total - delta[3] - delta[4]) / total
     tokens_per_worker = figures["tokens"] / workers  # each worker tokenizes one copy's worth
     result = {
-        "workers": workers, "prepare": figures, "worker_pid": watch.pid,
-        "worker_cpu_s": last["cpu_s"], "worker_user_share": last["user_s"] / last["cpu_s"] if last["cpu_s"] else None,
+        "workers": workers,
+        "prepare": figures,
+        "worker_pid": watch.pid,
+        "worker_cpu_s": last["cpu_s"],
+        "worker_user_share": last["user_s"] / last["cpu_s"] if last["cpu_s"] else None,
         "worker_cpu_s_per_mtoken": last["cpu_s"] / tokens_per_worker * 1e6,
         "worker_minor_faults_per_mtoken": last["minor_faults"] / tokens_per_worker * 1e6,
-        "worker_voluntary_switches": last["voluntary_switches"], "worker_involuntary_switches": last["involuntary_switches"],
+        "worker_voluntary_switches": last["voluntary_switches"],
+        "worker_involuntary_switches": last["involuntary_switches"],
         "worker_cpus_seen": len(watch.cpus),
-        "machine_busy_share": busy, "machine_steal_share": delta[7] / total if len(delta) > 7 else None,
-        "machine_iowait_share": delta[4] / total, "mean_cpu_mhz": sum(m for _, m in watch.machine) / len(watch.machine),
+        "machine_busy_share": busy,
+        "machine_steal_share": delta[7] / total if len(delta) > 7 else None,
+        "machine_iowait_share": delta[4] / total,
+        "mean_cpu_mhz": sum(m for _, m in watch.machine) / len(watch.machine),
         "idle_cpu_mhz": mhz0,
     }
     if use_perf:
@@ -184,16 +195,20 @@ def main() -> None:
         texts, tokenizer = bench.corpus_and_tokenizer(work, args.documents)
         for workers in args.workers:
             rows.append(profile(bench, texts, tokenizer, work, workers, use_perf))
-    print(f"\n{'workers':>8}{'tokens/s':>12}{'CPU s/Mtok (one worker)':>25}{'invol. switches':>17}{'CPUs run on':>13}"
-          f"{'busy':>7}{'steal':>7}{'MHz':>7}{'IPC':>6}")
+    print(
+        f"\n{'workers':>8}{'tokens/s':>12}{'CPU s/Mtok (one worker)':>25}{'invol. switches':>17}{'CPUs run on':>13}"
+        f"{'busy':>7}{'steal':>7}{'MHz':>7}{'IPC':>6}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['workers']:>8}  {r['error']}")
             continue
         steal = "n/a" if r["machine_steal_share"] is None else f"{r['machine_steal_share']:.0%}"
-        print(f"{r['workers']:>8}{r['prepare']['tokens_per_s']:>12,.0f}{r['worker_cpu_s_per_mtoken']:>25.2f}"
-              f"{r['worker_involuntary_switches']:>17}{r['worker_cpus_seen']:>13}{r['machine_busy_share']:>7.0%}{steal:>7}"
-              f"{r['mean_cpu_mhz']:>7.0f}{r.get('ipc', float('nan')):>6.2f}")
+        print(
+            f"{r['workers']:>8}{r['prepare']['tokens_per_s']:>12,.0f}{r['worker_cpu_s_per_mtoken']:>25.2f}"
+            f"{r['worker_involuntary_switches']:>17}{r['worker_cpus_seen']:>13}{r['machine_busy_share']:>7.0%}{steal:>7}"
+            f"{r['mean_cpu_mhz']:>7.0f}{r.get('ipc', float('nan')):>6.2f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": bench._machine(), "perf": use_perf, "runs": rows}, indent=2))
 

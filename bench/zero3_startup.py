@@ -13,6 +13,7 @@ build_engine), and reports the seconds that took and its peak. The table compare
 ZeRO-2's at the same world size, in whole and above the process's own memory. Writes
 bench/results/zero3_startup.json. Goal (the issue's): ZeRO-3 at most 0.65x ZeRO-2's peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,12 +71,26 @@ def worker(overrides: list[str]) -> None:
 
 def run(config: str, ranks: int, extra: list[str], scratch: Path) -> list[dict]:
     overrides = [
-        *MODEL, "train.precision=fp32", "train.micro_batch_size=1", f"train.global_batch_size={ranks}",
-        f"run.dir={scratch / f'{config}-{ranks}'}", *CONFIGS[config], *extra,
+        *MODEL,
+        "train.precision=fp32",
+        "train.micro_batch_size=1",
+        f"train.global_batch_size={ranks}",
+        f"run.dir={scratch / f'{config}-{ranks}'}",
+        *CONFIGS[config],
+        *extra,
     ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-           str(Path(__file__).resolve()), "--worker", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(ranks),
+        str(Path(__file__).resolve()),
+        "--worker",
+        *overrides,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
@@ -101,7 +116,9 @@ def main() -> None:
         for config in configs:
             rows = run(config, ranks, args.overrides, scratch)
             results.append({"config": config, "ranks": ranks, "per_rank": rows})
-    print("| config | ranks | start-up s (slowest rank) | peak MiB per rank | before the model MiB | peak / ZeRO-2 | above before / ZeRO-2's |")
+    print(
+        "| config | ranks | start-up s (slowest rank) | peak MiB per rank | before the model MiB | peak / ZeRO-2 | above before / ZeRO-2's |"
+    )
     print("| --- | ---: | ---: | --- | --- | ---: | ---: |")
     for r in results:
         base = next(b for b in results if b["config"] == "zero2" and b["ranks"] == r["ranks"])

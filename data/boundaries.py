@@ -2,6 +2,7 @@
 for flash-attention varlen kernels, and no loss on the pair that crosses from one document into
 the next. Documents end with EOS, so boundaries are found from the tokens alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

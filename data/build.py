@@ -4,6 +4,7 @@ Either gives the tokenizer, a manifest (fingerprint, tokenizer hash, vocabulary 
 checkpoints and init_from are checked against), the prepared directory (None when streaming),
 a loader with next_batch(), state_dict() and load_state_dict(), and fixed validation batches.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,10 +33,18 @@ class PreparedData:
         self.train = open_split(self.prepared, "train")  # one source, or a weighted mixture
         self.manifest = self.train.manifest
 
-    def loader(self, seed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-               pin_memory: bool = False) -> BatchLoader:
-        return BatchLoader(self.train, self.cfg.seq_len, seed, global_batch, micro_batch, dp_rank=dp_rank,
-                           dp_size=dp_size, num_workers=self.cfg.num_workers, pin_memory=pin_memory)
+    def loader(self, seed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int, pin_memory: bool = False) -> BatchLoader:
+        return BatchLoader(
+            self.train,
+            self.cfg.seq_len,
+            seed,
+            global_batch,
+            micro_batch,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            num_workers=self.cfg.num_workers,
+            pin_memory=pin_memory,
+        )
 
     def validation_batches(self, batch_size: int, num_batches: int) -> list[torch.Tensor]:
         return validation_batches(open_split(self.prepared, "validation"), self.cfg.seq_len, batch_size, num_batches)

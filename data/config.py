@@ -1,6 +1,7 @@
 """Typed config of the data pipeline. A field's rule (range or choices) is its metadata, which
 zeroforge.trainer.validate checks before anything runs: "min"/"max" inclusive, "above"/"below"
 exclusive, "choices", and "each" for every element of a list."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

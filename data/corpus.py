@@ -1,4 +1,5 @@
 """Document sources: the embedded corpus (Python's own standard library) and `datasets` sources."""
+
 from __future__ import annotations
 
 import glob
@@ -19,9 +20,7 @@ _FILE_BUILDERS = ("json", "parquet", "text", "csv", "arrow")
 
 def embedded_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(
-        p for p in root.rglob("*.py") if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts)
-    )
+    return sorted(p for p in root.rglob("*.py") if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts))
 
 
 def is_validation(key: str, fraction: float) -> bool:
@@ -62,8 +61,7 @@ def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
         yield key, text
     if documents == 0:
         raise DataError(
-            f"data source {describe_source(cfg)} yielded no documents; expected at least one "
-            f"non-empty text in field {cfg.text_field!r}."
+            f"data source {describe_source(cfg)} yielded no documents; expected at least one non-empty text in field {cfg.text_field!r}."
         )
 
 
@@ -120,15 +118,11 @@ def row_text(cfg: DataConfig, row: dict, field: str, key: str) -> str:
     """The document text of a row, or a DataError naming the document (by key) and the field."""
     if field not in row:
         raise DataError(
-            f"data source {describe_source(cfg)}: document {key} has no field "
-            f"{field!r} (data.text_field); its fields are {sorted(row)}."
+            f"data source {describe_source(cfg)}: document {key} has no field {field!r} (data.text_field); its fields are {sorted(row)}."
         )
     text = row[field]
     if not isinstance(text, str):
-        raise DataError(
-            f"data source {describe_source(cfg)}: field {field!r} of document "
-            f"{key} is {type(text).__name__}, expected text."
-        )
+        raise DataError(f"data source {describe_source(cfg)}: field {field!r} of document {key} is {type(text).__name__}, expected text.")
     return text
 
 

@@ -4,6 +4,7 @@ Each document becomes [BOS] + tokens + [EOS] (BOS only where the tokenizer puts 
 text itself). Batches go through the fast tokenizer's Rust batch encoder; the results come back
 in submission order, so the output does not depend on the number of workers.
 """
+
 from __future__ import annotations
 
 import collections

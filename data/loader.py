@@ -8,6 +8,7 @@ them back in step order. The only state is consumed_samples (with the seed, seq_
 fingerprint it refers to), so a resume is exact on any world size that divides the global batch
 and any number of workers.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional, Union
@@ -113,10 +114,7 @@ class _RankSteps(IterableDataset):
 def check_batch_split(global_batch: int, micro_batch: int, dp_size: int) -> None:
     """Every rank takes whole micro-batches of an equal slice of each global batch."""
     if global_batch % dp_size or (global_batch // dp_size) % micro_batch:
-        raise DataError(
-            f"global batch {global_batch} must split into {dp_size} ranks of whole micro-batches "
-            f"of {micro_batch}."
-        )
+        raise DataError(f"global batch {global_batch} must split into {dp_size} ranks of whole micro-batches of {micro_batch}.")
 
 
 class BatchLoader:
@@ -159,7 +157,10 @@ class BatchLoader:
         if self.num_workers == 0:
             return iter(steps)
         loader = DataLoader(
-            steps, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            steps,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             prefetch_factor=2,
         )
         return iter(loader)
@@ -188,8 +189,9 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state; refuses one saved for other data, seq_len or seed."""
         now = self.state_dict()
-        differs = [f"{key}: saved {state.get(key)!r}, now {now[key]!r}" for key in ("fingerprint", "seq_len", "seed")
-                   if state.get(key) != now[key]]
+        differs = [
+            f"{key}: saved {state.get(key)!r}, now {now[key]!r}" for key in ("fingerprint", "seq_len", "seed") if state.get(key) != now[key]
+        ]
         if differs:
             raise DataError("the saved data state belongs to other data; " + "; ".join(differs) + ".")
         self.consumed_samples = int(state["consumed_samples"])
@@ -212,12 +214,11 @@ def validation_batches(store: Source, seq_len: int, batch_size: int, num_batches
     for s, n in zip(stores, available):
         if n < 1:
             raise DataError(
-                f"{s.prepared}: the {s.split} split has {len(s)} tokens, fewer than one sample of "
-                f"data.seq_len + 1 = {seq_len + 1}."
+                f"{s.prepared}: the {s.split} split has {len(s)} tokens, fewer than one sample of data.seq_len + 1 = {seq_len + 1}."
             )
     count = min(sum(available), batch_size * num_batches)
     sources, draws = MixtureSchedule(weights, names).assign(0, count)
-    rows = np.stack([
-        stores[s].read((k % available[s]) * seq_len, seq_len + 1) for s, k in zip(sources.tolist(), draws.tolist())
-    ]).astype(np.int64)
+    rows = np.stack([stores[s].read((k % available[s]) * seq_len, seq_len + 1) for s, k in zip(sources.tolist(), draws.tolist())]).astype(
+        np.int64
+    )
     return list(torch.from_numpy(rows).split(batch_size))

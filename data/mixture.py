@@ -5,6 +5,7 @@ That greedy rule is smooth weighted round robin: with integer weights it repeats
 their sum, so the source of any draw, and how many draws each source had before it, are found in
 O(1) from g alone. Data order stays a pure function of (seed, epoch, global sample index).
 """
+
 from __future__ import annotations
 
 import math

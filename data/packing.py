@@ -14,6 +14,7 @@ resume the block's documents are read again from its first (at most S texts), pe
 and only the document holding the position is tokenized again, so the position stays small
 whatever the documents' length.
 """
+
 from __future__ import annotations
 
 import collections
@@ -63,8 +64,16 @@ class _Tokens:
 class PartitionWindows:
     """Windows of seq_len + 1 tokens of one partition's train documents, from `position` on."""
 
-    def __init__(self, documents: PartitionDocuments, partition: int, encoder: DocumentEncoder, seq_len: int,
-                 shuffle_window: int, seed: int, position: dict):
+    def __init__(
+        self,
+        documents: PartitionDocuments,
+        partition: int,
+        encoder: DocumentEncoder,
+        seq_len: int,
+        shuffle_window: int,
+        seed: int,
+        position: dict,
+    ):
         self.documents, self.partition, self.encoder = documents, partition, encoder
         self.seq_len, self.block_size, self.seed = seq_len, max(shuffle_window, 1), seed
         self.next_block = _Block(position["epoch"], position["place"], position["block"])
@@ -81,8 +90,13 @@ class PartitionWindows:
         if not self.buffer:
             self._fill()
         head = self.buffer[0]
-        return {"epoch": head.block.epoch, "place": head.block.place, "block": head.block.number,
-                "index": head.index, "offset": head.offset}
+        return {
+            "epoch": head.block.epoch,
+            "place": head.block.place,
+            "block": head.block.number,
+            "index": head.index,
+            "offset": head.offset,
+        }
 
     def windows(self, count: int) -> np.ndarray:
         """The next `count` windows, [count, seq_len + 1], and moves past them."""

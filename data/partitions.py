@@ -25,6 +25,7 @@ before r}. A reader built with it reads on exactly there, and reopens the shard 
 through datasets' own state (which skips the files and row groups in front) instead of reading
 every row before it. Rows are read _ROWS_PER_READ at a time, and one state is kept per batch.
 """
+
 from __future__ import annotations
 
 import collections
@@ -178,8 +179,9 @@ class _Feed:
     after epoch. It starts at the earliest of its partitions' starts; a partition takes nothing
     from in front of its own."""
 
-    def __init__(self, layout: SourceLayout, shards: list[int], queues: dict[int, collections.deque],
-                 starts: dict[int, tuple[int, Optional[dict]]]):
+    def __init__(
+        self, layout: SourceLayout, shards: list[int], queues: dict[int, collections.deque], starts: dict[int, tuple[int, Optional[dict]]]
+    ):
         self.layout, self.shards, self.queues = layout, shards, queues
         self.starts = {p: _order(*starts[p]) for p in queues}
         self.epoch, place = min((starts[p] for p in queues), key=lambda start: _order(*start))

@@ -2,6 +2,7 @@
 
 `zeroforge prepare [overrides]`, or called by the launcher and trainer (cached by fingerprint).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -247,8 +248,13 @@ class _Progress:
         self.last = time.perf_counter()
         elapsed = max(self.last - self.start, 1e-9)
         log.info(
-            "%s: %d documents, %d tokens in %.1fs (%.0f documents/s, %.0f tokens/s)", what, self.documents,
-            self.tokens, elapsed, self.documents / elapsed, self.tokens / elapsed,
+            "%s: %d documents, %d tokens in %.1fs (%.0f documents/s, %.0f tokens/s)",
+            what,
+            self.documents,
+            self.tokens,
+            elapsed,
+            self.documents / elapsed,
+            self.tokens / elapsed,
         )
 
 
@@ -267,7 +273,10 @@ def _build(cfg: DataConfig, build: Path) -> None:
     workers = cfg.prepare_workers or default_workers()
     resumed = sum(len(w.shards) for w in writers.values())
     log.info(
-        "preparing %s into %s with %d workers%s", describe_source(cfg), build, workers,
+        "preparing %s into %s with %d workers%s",
+        describe_source(cfg),
+        build,
+        workers,
         f", continuing after {resumed} complete shards" if resumed else "",
     )
 

@@ -1,4 +1,5 @@
 """Read-only access to prepared token shards."""
+
 from __future__ import annotations
 
 import json

@@ -35,6 +35,7 @@ load_state_dict() takes that whole state on every rank, and each rank picks its 
 resume on any world size that divides P continues exactly, and a state for another partition
 count, shuffle window or data is refused naming both.
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,8 +70,7 @@ def check_streamable(cfg: DataConfig) -> None:
         )
     if cfg.mixture:
         raise DataError(
-            f"data.mode=stream reads one source; found data.mixture with {len(cfg.mixture)} sources: "
-            "use data.mode=prepared for mixtures."
+            f"data.mode=stream reads one source; found data.mixture with {len(cfg.mixture)} sources: use data.mode=prepared for mixtures."
         )
 
 
@@ -81,8 +81,14 @@ def stream_manifest(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, layout:
     them by name, so that a mismatch names both numbers."""
     tok_hash = tokenizer_hash(tokenizer)
     parts = [
-        "stream", STREAM_FORMAT, source_fingerprint(cfg), layout.shards, cfg.text_field, cfg.validation_fraction,
-        cfg.max_documents, tok_hash,
+        "stream",
+        STREAM_FORMAT,
+        source_fingerprint(cfg),
+        layout.shards,
+        cfg.text_field,
+        cfg.validation_fraction,
+        cfg.max_documents,
+        tok_hash,
     ]
     return {
         "fingerprint": hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest(),
@@ -100,8 +106,18 @@ class _StreamSteps(IterableDataset):
     step, its partitions' rows, their row numbers in the rank's batch, their positions after the
     step, as JSON text, which the DataLoader hands back from a worker as it is)."""
 
-    def __init__(self, layout: SourceLayout, tokenizer: PreTrainedTokenizerBase, seq_len: int, shuffle_window: int,
-                 seed: int, positions: dict[int, dict], first_sample: int, global_batch: int, dp_size: int):
+    def __init__(
+        self,
+        layout: SourceLayout,
+        tokenizer: PreTrainedTokenizerBase,
+        seq_len: int,
+        shuffle_window: int,
+        seed: int,
+        positions: dict[int, dict],
+        first_sample: int,
+        global_batch: int,
+        dp_size: int,
+    ):
         super().__init__()
         self.layout, self.tokenizer, self.seq_len = layout, tokenizer, seq_len
         self.shuffle_window, self.seed, self.positions = shuffle_window, seed, positions
@@ -123,8 +139,7 @@ class _StreamSteps(IterableDataset):
         documents = PartitionDocuments(self.layout, {p: document_start(self.positions[p]) for p in mine})
         encoder = DocumentEncoder(self.tokenizer, np.dtype(np.int64))
         packers = {
-            p: PartitionWindows(documents, p, encoder, self.seq_len, self.shuffle_window, self.seed, self.positions[p])
-            for p in mine
+            p: PartitionWindows(documents, p, encoder, self.seq_len, self.shuffle_window, self.seed, self.positions[p]) for p in mine
         }
         partitions = self.layout.partitions
         for step in itertools.count():
@@ -171,8 +186,17 @@ class StreamLoader:
 
     def _start(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, str] | str]:
         self._step = 0
-        steps = _StreamSteps(self.layout, self.tokenizer, self.seq_len, self.shuffle_window, self.seed,
-                             copy.deepcopy(self.positions), self.consumed_samples, self.global_batch, self.dp_size)
+        steps = _StreamSteps(
+            self.layout,
+            self.tokenizer,
+            self.seq_len,
+            self.shuffle_window,
+            self.seed,
+            copy.deepcopy(self.positions),
+            self.consumed_samples,
+            self.global_batch,
+            self.dp_size,
+        )
         if self.num_workers == 0:
             return iter(steps)
         loader = DataLoader(steps, batch_size=None, num_workers=self.num_workers, multiprocessing_context="spawn")
@@ -232,8 +256,7 @@ class StreamLoader:
         now = self.state_dict()
         keys = ("partitions", "shuffle_window", "source", "tokenizer_hash", "seq_len", "seed", "fingerprint")
         names = {"partitions": "data.stream_partitions", "shuffle_window": "data.stream_shuffle_window"}
-        differs = [f"{names.get(key, key)}: saved {state.get(key)!r}, now {now[key]!r}" for key in keys
-                   if state.get(key) != now[key]]
+        differs = [f"{names.get(key, key)}: saved {state.get(key)!r}, now {now[key]!r}" for key in keys if state.get(key) != now[key]]
         if differs:
             raise DataError("the saved data state belongs to other data or another order; " + "; ".join(differs) + ".")
         missing = [p for p in self.partitions if state["positions"][p] is None]
@@ -259,10 +282,20 @@ class StreamData:
         self.layout = SourceLayout(cfg)
         self.manifest = stream_manifest(cfg, self.tokenizer, self.layout)
 
-    def loader(self, seed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-               pin_memory: bool = False) -> StreamLoader:
-        return StreamLoader(self.cfg, self.tokenizer, self.manifest, self.layout, seed, global_batch, micro_batch,
-                            dp_rank, dp_size, self.cfg.num_workers, pin_memory)
+    def loader(self, seed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int, pin_memory: bool = False) -> StreamLoader:
+        return StreamLoader(
+            self.cfg,
+            self.tokenizer,
+            self.manifest,
+            self.layout,
+            seed,
+            global_batch,
+            micro_batch,
+            dp_rank,
+            dp_size,
+            self.cfg.num_workers,
+            pin_memory,
+        )
 
     def validation_batches(self, batch_size: int, num_batches: int) -> list[torch.Tensor]:
         return stream_validation_batches(self.layout, self.tokenizer, self.cfg.seq_len, batch_size, num_batches)

@@ -1,4 +1,5 @@
 """Tokenizers: the embedded byte-level BPE trained on the corpus, or any AutoTokenizer."""
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,7 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as err:
         raise DataError(
-            f"tokenizer {str(name_or_path)!r} could not be loaded; expected a hub name or a directory "
-            f"with tokenizer files ({err})."
+            f"tokenizer {str(name_or_path)!r} could not be loaded; expected a hub name or a directory with tokenizer files ({err})."
         ) from None
     if tok.eos_token is None:
         raise DataError(f"tokenizer {str(name_or_path)!r} has no EOS token; documents need one as separator.")

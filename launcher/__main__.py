@@ -5,6 +5,7 @@ slurm/pretrain.sh with sbatch. Either way the processes it starts read the confi
 (frozen in run.dir/job.yaml), so --config-dir, hydra.searchpath and a config passed by path reach
 every rank. With Hydra's `-m`, every sweep point is its own job and run directory.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """The `zeroforge` command: `zeroforge <command> [hydra options] [overrides]` runs that entry
 point exactly as `python -m <its module>` would."""
+
 from __future__ import annotations
 
 import runpy

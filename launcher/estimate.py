@@ -1,5 +1,6 @@
 """One configuration's plan: its memory per GPU and per node, and its time, from the config and
 the topology (launcher/memory.py counts the parts)."""
+
 from __future__ import annotations
 
 import math
@@ -24,6 +25,7 @@ from zeroforge.launcher.memory import (
 from zeroforge.launcher.model_shape import ModelShape, model_shape
 from zeroforge.trainer.loss import resolve_loss
 from zeroforge.trainer.topology import Topology, accelerator_is_cuda
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -110,7 +112,6 @@ class MemoryPlan:
     def total_time_s(self) -> Optional[float]:
         step = self.step_time_s
         return None if step is None else step * self.steps
-
 
 
 def _peak_tflops(cfg: DictConfig) -> Optional[float]:

@@ -1,5 +1,6 @@
 """The fix search: the cheapest changes of ZeRO stage, checkpointing, micro batch, nodes, offload,
 loss and construction that make a job fit, each recomputed as its own plan."""
+
 from __future__ import annotations
 
 import itertools
@@ -92,7 +93,8 @@ def fixes(cfg: DictConfig, plan: MemoryPlan, limit: int = 4) -> list[tuple[str, 
     """The cheapest changes that make the job fit, each recomputed; none that turns a superset of
     the knobs of one already listed."""
     fitting = [
-        (cost, setup) for cost, setup in _candidates(cfg, plan.topology, plan.setup)
+        (cost, setup)
+        for cost, setup in _candidates(cfg, plan.topology, plan.setup)
         if memory_plan(cfg, plan.topology, plan.model, setup).fits
     ]
     chosen: list[Setup] = []
@@ -103,4 +105,3 @@ def fixes(cfg: DictConfig, plan: MemoryPlan, limit: int = 4) -> list[tuple[str, 
         if len(chosen) == limit:
             break
     return [(_overrides(plan.setup, s), memory_plan(cfg, plan.topology, plan.model, s)) for s in chosen]
-

@@ -8,6 +8,7 @@ checks the config against the allocation, prepares the data (once, so that ranks
 build it), freezes the config into run.dir/job.yaml for the ranks, and writes the per-node
 settings as shell `export` lines to the file named by $ZF_JOB_ENV, which the script then sources.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,7 +82,9 @@ def first_config(cfg: DictConfig, env: Mapping[str, str]) -> DictConfig:
     if changed:
         log.warning(
             "requeued job: the config files changed since the job first started (%s); it goes on with the "
-            "config it started with, frozen in %s", ", ".join(changed), job_config,
+            "config it started with, frozen in %s",
+            ", ".join(changed),
+            job_config,
         )
     return frozen
 

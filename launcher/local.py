@@ -1,4 +1,5 @@
 """Local launch: validate, prepare the data, write the run directory, run torchrun, run the harness."""
+
 from __future__ import annotations
 
 import logging
@@ -23,10 +24,18 @@ log = logging.getLogger("zeroforge")
 def torchrun_command(cfg: DictConfig, job_config: Sequence[str]) -> list[str]:
     """The training command: torchrun (with the ranks' exit codes), the trainer on the frozen config."""
     return [
-        sys.executable, "-m", "zeroforge.launcher.torchrun",
+        sys.executable,
+        "-m",
+        "zeroforge.launcher.torchrun",
         # --standalone picks a free rendezvous port, so two local runs never collide.
-        "--standalone", "--nnodes", "1", "--nproc_per_node", str(cfg.cluster.nproc_per_node),
-        "-m", "zeroforge.trainer.train", *job_config,
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(cfg.cluster.nproc_per_node),
+        "-m",
+        "zeroforge.trainer.train",
+        *job_config,
     ]
 
 

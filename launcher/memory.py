@@ -25,6 +25,7 @@ the rank's optimizer partition, 12N / D, and at ZeRO 0-2 the whole module into h
 parameter on rank 0). A node needs its ranks' sum at the highest of these, checked against
 cluster.host_memory_gb.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -140,7 +141,6 @@ class HostMemory:
         return max(phases, key=phases.get)
 
 
-
 def model_states(params: int, largest_layer: int, setup: Setup, dp: int, e: int, sub_group: float = DS_SUB_GROUP_SIZE) -> ModelStates:
     """The model states per GPU, as in the table at the top of this module."""
     n = params
@@ -180,8 +180,15 @@ def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
 
 
 def activation_bytes(
-    shape: ModelShape, micro_batch: int, seq_len: int, e: int, checkpointing: bool, eager: bool,
-    loss: str = "plain", chunk_tokens: int = 1024, liger_kernels: bool = False,
+    shape: ModelShape,
+    micro_batch: int,
+    seq_len: int,
+    e: int,
+    checkpointing: bool,
+    eager: bool,
+    loss: str = "plain",
+    chunk_tokens: int = 1024,
+    liger_kernels: bool = False,
 ) -> Activations:
     """What a Llama-shaped decoder (RMSNorm, gated MLP, fused attention) keeps for its backward.
 
@@ -244,8 +251,17 @@ def buffer_bytes(zero_extra: dict, setup: Setup, params: int, dp: int, e: int) -
     return adam + e * bucket * (2 if zero_extra.get("overlap_comm", False) else 1)
 
 
-def host_memory(shape: ModelShape, setup: Setup, states: ModelStates, device_total: float, dp: int, e: int,
-                ranks_per_node: int, on_gpus: bool, sub_group: float) -> HostMemory:
+def host_memory(
+    shape: ModelShape,
+    setup: Setup,
+    states: ModelStates,
+    device_total: float,
+    dp: int,
+    e: int,
+    ranks_per_node: int,
+    on_gpus: bool,
+    sub_group: float,
+) -> HostMemory:
     """Host memory per rank, as in HostMemory's fields. On the CPU accelerator the device figures
     are host memory, held from start-up on."""
     n = shape.params
@@ -278,4 +294,3 @@ def host_memory(shape: ModelShape, setup: Setup, states: ModelStates, device_tot
         save_rank0=rank0 if setup.async_save else 0.0,
         export=e * shape.largest_layer,
     )
-

@@ -1,4 +1,5 @@
 """A model's shape as the planner needs it, counted on the meta device without a weight."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ class ModelShape:
     layers: int
     heads: int
     flops_per_token: float
-
 
 
 def model_shape(cfg: DictConfig) -> ModelShape:
@@ -78,4 +78,3 @@ def planned_vocab_size(cfg: DictConfig) -> int:
             f"loaded ({err}); set model.vocab_size"
         ) from err
     return resolve_vocab_size(cfg.model, len(tokenizer))
-

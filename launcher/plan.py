@@ -6,6 +6,7 @@ which refuses a job that cannot fit (unless `launcher.force=true`) and names cha
 The plan itself is counted in launcher/estimate.py (parts in launcher/memory.py), the changes
 that would make a job fit in launcher/fixes.py; this module reports them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,7 +85,9 @@ def refusal(cfg: DictConfig, plan: MemoryPlan) -> str:
         lines.append("Changes that fit, cheapest first:")
         lines += [f"  {overrides}  ->  {_gib(p.total)} per GPU, {_gib(p.host.per_node)} host per node" for overrides, p in found]
     else:
-        lines.append(f"No change of ZeRO stage, checkpointing, micro batch, offload, loss or (on Slurm) up to {2**MAX_NODE_DOUBLINGS}x the nodes fits.")
+        lines.append(
+            f"No change of ZeRO stage, checkpointing, micro batch, offload, loss or (on Slurm) up to {2**MAX_NODE_DOUBLINGS}x the nodes fits."
+        )
     lines.append("Or launcher.force=true to launch anyway (zeroforge plan prints the whole plan)")
     return "\n".join(lines)
 
@@ -100,9 +103,14 @@ def check_fits(cfg: DictConfig, topology: Topology) -> MemoryPlan:
     else:
         log.info(
             "plan: %s per GPU (%s), %s host memory per node (%s), %s per step, %s to %.3g tokens at %.0f%% MFU",
-            _gib(plan.total), "fits" if plan.gpu_fits else "GPU memory unknown", _gib(plan.host.per_node),
-            "fits" if plan.host_fits else "host memory unknown", _duration(plan.step_time_s),
-            _duration(plan.total_time_s), plan.tokens_per_step * plan.steps, 100 * plan.assumed_mfu,
+            _gib(plan.total),
+            "fits" if plan.gpu_fits else "GPU memory unknown",
+            _gib(plan.host.per_node),
+            "fits" if plan.host_fits else "host memory unknown",
+            _duration(plan.step_time_s),
+            _duration(plan.total_time_s),
+            plan.tokens_per_step * plan.steps,
+            100 * plan.assumed_mfu,
         )
     return plan
 
@@ -114,8 +122,12 @@ def _stage_table(cfg: DictConfig, plan: MemoryPlan) -> list[str]:
     ]
     for stage, offload in [(0, False), (1, False), (2, False), (3, False), (3, True)]:
         off, on = (
-            memory_plan(cfg, plan.topology, plan.model, replace(plan.setup, stage=stage, offload_optimizer=offload,
-                                           offload_params=offload, activation_checkpointing=ckpt))
+            memory_plan(
+                cfg,
+                plan.topology,
+                plan.model,
+                replace(plan.setup, stage=stage, offload_optimizer=offload, offload_params=offload, activation_checkpointing=ckpt),
+            )
             for ckpt in (False, True)
         )
         verdict = " / ".join("?" if p.fits is None else "yes" if p.fits else "no" for p in (off, on))
@@ -148,13 +160,17 @@ def _host_table(plan: MemoryPlan) -> list[str]:
 def format_plan(cfg: DictConfig, plan: MemoryPlan) -> str:
     m = plan.model
     verdict = (
-        "GPU memory unknown (set cluster.gpu_memory_gb): not checked" if plan.gpu_fits is None
-        else f"fits in {_gib(plan.gpu_memory)}" if plan.gpu_fits
+        "GPU memory unknown (set cluster.gpu_memory_gb): not checked"
+        if plan.gpu_fits is None
+        else f"fits in {_gib(plan.gpu_memory)}"
+        if plan.gpu_fits
         else f"DOES NOT FIT in {_gib(plan.gpu_memory)}"
     )
     host_verdict = (
-        "host memory unknown (set cluster.host_memory_gb): not checked" if plan.host_fits is None
-        else f"fits in {_gib(plan.host_memory)} per node" if plan.host_fits
+        "host memory unknown (set cluster.host_memory_gb): not checked"
+        if plan.host_fits is None
+        else f"fits in {_gib(plan.host_memory)} per node"
+        if plan.host_fits
         else f"DOES NOT FIT in {_gib(plan.host_memory)} per node"
     )
     inference = plan.inference_weights + plan.kv_cache
@@ -209,4 +225,3 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -1,4 +1,5 @@
 """What every launch does before any rank starts, so that mistakes surface before GPUs are held."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """`zeroforge prepare [overrides]` (or `python -m zeroforge.launcher.prepare`): tokenize and shard
 the configured data ahead of training, into data.cache_dir; training finds it by fingerprint."""
+
 from __future__ import annotations
 
 from omegaconf import DictConfig

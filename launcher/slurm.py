@@ -3,6 +3,7 @@
 The job gets the config the launcher composed, frozen in run.dir/job.yaml (trainer/rundir.py), so
 it runs what was validated here even when the user's config files change while it waits.
 """
+
 from __future__ import annotations
 
 import logging
@@ -95,8 +96,7 @@ def submit(cfg: DictConfig) -> int:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
         raise ConfigError(
-            f"cluster={cfg.cluster.name} submits with sbatch, which is not on PATH; run this on a "
-            "Slurm login node, or use cluster=local."
+            f"cluster={cfg.cluster.name} submits with sbatch, which is not on PATH; run this on a Slurm login node, or use cluster=local."
         ) from None
     if result.returncode != 0:
         raise ConfigError(f"sbatch refused the job (exit code {result.returncode}): {result.stderr.strip()}")

@@ -6,6 +6,7 @@ bury the one paragraph a rank printed for a user's mistake (exit code 2) and hid
 what happened: 2 when a rank refused the job, 75 when the ranks stopped to be requeued, else the
 failed rank's own code.
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Shared test set-up: CPU DeepSpeed, no wandb, one prepared copy of the embedded corpus."""
+
 from __future__ import annotations
 
 import json
@@ -71,9 +72,16 @@ def train_losses(run_dir: Path) -> list[float]:
 def exact_overrides(data_cache: Path, run_dir: Path, stage: int) -> list[str]:
     """20 logged fp32 steps of the smoke run: the reference for runs that must match exactly."""
     return [
-        "experiment=smoke", f"data.cache_dir={data_cache}", "logging.wandb.mode=disabled", f"run.dir={run_dir}",
-        f"deepspeed=zero{stage}", "train.precision=fp32", "eval.every=0", "checkpoint.every=0",
-        "logging.every=1", "train.steps=20",
+        "experiment=smoke",
+        f"data.cache_dir={data_cache}",
+        "logging.wandb.mode=disabled",
+        f"run.dir={run_dir}",
+        f"deepspeed=zero{stage}",
+        "train.precision=fp32",
+        "eval.every=0",
+        "checkpoint.every=0",
+        "logging.every=1",
+        "train.steps=20",
     ]
 
 
@@ -128,8 +136,12 @@ def smoke_run_overrides(data_cache: Path, run_dir: Path) -> list[str]:
     """The smoke run (20 steps, validation, samples and checkpoints every 10) under 2-rank ZeRO-3,
     in fp32 so that the numbers compared across loaders are exact, with wandb offline."""
     return [
-        "experiment=smoke", f"data.cache_dir={data_cache}", f"run.dir={run_dir}", "deepspeed=zero3",
-        "train.precision=fp32", "logging.wandb.mode=offline",
+        "experiment=smoke",
+        f"data.cache_dir={data_cache}",
+        f"run.dir={run_dir}",
+        "deepspeed=zero3",
+        "train.precision=fp32",
+        "logging.wandb.mode=offline",
     ]
 
 
@@ -157,9 +169,16 @@ class UserProject:
         return self.venv / "bin"
 
 
-USER_EXPERIMENT = {"run": {"name": "mine"}, "train": {"steps": 6, "micro_batch_size": 4, "global_batch_size": 8},
-                   "optim": {"lr": 0.0123, "warmup_steps": 2}, "data": {"seq_len": 64}, "logging": {"every": 1},
-                   "eval": {"every": 0, "batches": 2}, "checkpoint": {"every": 0}, "generate": {"max_new_tokens": 8}}
+USER_EXPERIMENT = {
+    "run": {"name": "mine"},
+    "train": {"steps": 6, "micro_batch_size": 4, "global_batch_size": 8},
+    "optim": {"lr": 0.0123, "warmup_steps": 2},
+    "data": {"seq_len": 64},
+    "logging": {"every": 1},
+    "eval": {"every": 0, "batches": 2},
+    "checkpoint": {"every": 0},
+    "generate": {"max_new_tokens": 8},
+}
 
 
 @pytest.fixture(scope="session")
@@ -175,16 +194,24 @@ def user_project(tmp_path_factory) -> UserProject:
         shutil.copytree(REPO / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"), str(source)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=600)
     (Path(next((venv / "lib").glob("python*/site-packages"))) / "zeroforge-test-deps.pth").write_text(
         "\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n"
     )
     wheel = next((root / "dist").glob("zeroforge-*.whl"))
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     project = root / "project"
     (project / "myconf" / "experiment").mkdir(parents=True)
     for module in ("data", "trainer", "launcher"):

@@ -1,4 +1,5 @@
 """bench/gpu.py --sweep --dry-run: the runs the GPU sweep would make, planned without a GPU."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,10 @@ def test_the_sweep_dry_run_plans_every_variant_within_the_gpu(tmp_path: Path) ->
     out = tmp_path / "gpu_sweep.json"
     result = subprocess.run(
         [sys.executable, "bench/gpu.py", "--sweep", "--dry-run", "--gpu-memory-gb", "80", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     runs = json.loads(out.read_text())["runs"]

@@ -1,5 +1,6 @@
 """zeroforge installed as a wheel (not editable), driven from a user's own project directory: its
 own data.py, trainer.py and launcher.py, and its experiment config through --config-dir."""
+
 from __future__ import annotations
 
 import os
@@ -20,15 +21,30 @@ def _zeroforge(user: UserProject, *args: str, timeout: float = 900) -> subproces
 
 
 def test_the_wheel_runs_a_users_experiment_on_two_ranks_from_their_project(user_project: UserProject, data_cache: Path) -> None:
-    where = subprocess.run([str(user_project.bin / "python"), "-c", "import zeroforge.launcher, zeroforge.trainer.config as c; print(zeroforge.launcher.__file__); print(c.CONF_DIR)"],
-                           cwd=user_project.project, capture_output=True, text=True, timeout=300)
+    where = subprocess.run(
+        [
+            str(user_project.bin / "python"),
+            "-c",
+            "import zeroforge.launcher, zeroforge.trainer.config as c; print(zeroforge.launcher.__file__); print(c.CONF_DIR)",
+        ],
+        cwd=user_project.project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert where.returncode == 0, where.stderr[-3000:]
     assert all(line.startswith(str(user_project.venv)) for line in where.stdout.split()), where.stdout  # the wheel's code and conf/
 
     run_dir = user_project.project / "runs" / "mine"
     result = _zeroforge(
-        user_project, "launch", "experiment=mine", "--config-dir", "myconf", "cluster.nproc_per_node=2",
-        f"data.cache_dir={data_cache}", "logging.wandb.mode=disabled",
+        user_project,
+        "launch",
+        "experiment=mine",
+        "--config-dir",
+        "myconf",
+        "cluster.nproc_per_node=2",
+        f"data.cache_dir={data_cache}",
+        "logging.wandb.mode=disabled",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     written = OmegaConf.load(run_dir / "config.yaml")

@@ -3,6 +3,7 @@
 Checked twice: every import statement in the source (those inside functions too), and every
 module imported for real in a fresh interpreter where the higher packages cannot be imported.
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,7 +35,7 @@ def _imported(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_no_module_imports_a_higher_layer(layer: str) -> None:
-    higher = {f"zeroforge.{name}" for name in LAYERS[LAYERS.index(layer) + 1:]}
+    higher = {f"zeroforge.{name}" for name in LAYERS[LAYERS.index(layer) + 1 :]}
     bare = set(LAYERS)  # the old top-level names, which would collide with a user's modules
     offences = [
         f"{path.relative_to(REPO)} imports {name}"
@@ -65,6 +66,6 @@ print("imported", layer)
 
 @pytest.mark.parametrize("layer", ["data", "trainer"])
 def test_every_module_imports_without_the_layers_above(layer: str) -> None:
-    blocked = [f"zeroforge.{name}" for name in LAYERS[LAYERS.index(layer) + 1:]]
+    blocked = [f"zeroforge.{name}" for name in LAYERS[LAYERS.index(layer) + 1 :]]
     result = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT, layer, *blocked], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and f"imported {layer}" in result.stdout, result.stderr[-3000:]

@@ -1,4 +1,5 @@
 """The README's main command, end to end: `zeroforge launch` with the defaults."""
+
 from __future__ import annotations
 
 import os
@@ -35,6 +36,6 @@ def test_default_launch_trains_exports_evaluates_and_samples(data_cache: Path, t
     samples = [s.strip("\n") for s in result.stdout.split("----- sample -----")[1:]]
     prompts = ["import os\n", "def ", "class "]
     assert len(samples) == len(prompts)
-    generated = [s[len(p):] for s, p in zip(samples, prompts) if s.startswith(p)]
+    generated = [s[len(p) :] for s, p in zip(samples, prompts) if s.startswith(p)]
     assert len(generated) == len(prompts), samples
     assert sum(word in " ".join(generated) for word in PYTHON_WORDS) >= 3, generated

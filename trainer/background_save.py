@@ -6,6 +6,7 @@ from a background thread while training goes on. The commit (checksums, manifest
 `latest`) still happens on the main thread, after the writes finished: trainer/checkpoint.py
 does it at the next step boundary, so a checkpoint is never visible before it is complete.
 """
+
 from __future__ import annotations
 
 import copy

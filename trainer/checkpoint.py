@@ -5,6 +5,7 @@ hashed (each rank a share), rank 0 writes manifest.json, renames the directory t
 only then moves the `latest` pointer (write, fsync, rename, fsync the directory). A checkpoint
 whose manifest does not verify is never loaded: loading falls back to the newest one that does.
 """
+
 from __future__ import annotations
 
 import copy
@@ -129,7 +130,9 @@ class Checkpointer:
         entries: dict[str, dict] = {}
         for part in gather({str(path.relative_to(job.tmp)): entry for path, entry in written.items()}, dist):
             entries.update(part)
-        files = from_rank_zero(sorted(str(p.relative_to(job.tmp)) for p in job.tmp.rglob("*") if p.is_file()) if dist.is_main else None, dist)
+        files = from_rank_zero(
+            sorted(str(p.relative_to(job.tmp)) for p in job.tmp.rglob("*") if p.is_file()) if dist.is_main else None, dist
+        )
         mine, problem = {}, None
         try:
             for name in _my_share([f for f in files if f not in entries], dist):
@@ -196,7 +199,8 @@ def apply_retention(root: Path, keep_last: int, keep_every: Optional[int]) -> li
     committed = committed_checkpoints(root)
     latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
     doomed = [
-        path for i, path in enumerate(committed)
+        path
+        for i, path in enumerate(committed)
         if i >= keep_last and path.name != latest and not (keep_every and _step_of(path) % keep_every == 0)
     ]
     newest = _step_of(committed[0]) if committed else 0
@@ -283,8 +287,16 @@ def _abandon_newer_than(root: Path, chosen: Path, dist: DistInfo) -> None:
 
 
 MODEL_KEYS = (
-    "model_type", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-    "max_position_embeddings", "vocab_size", "tie_word_embeddings", "extra",
+    "model_type",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "vocab_size",
+    "tie_word_embeddings",
+    "extra",
 )
 
 
@@ -334,7 +346,11 @@ def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size
             if data[key] != cfg.data[name]:
                 problems.append(f"data.{name}: checkpoint {data[key]}, now {cfg.data[name]}")
     if problems:
-        raise ConfigError(f"cannot resume from {path}: the run differs in " + "; ".join(problems) + ". Use another run.dir for a new run, or checkpoint.resume=never.")
+        raise ConfigError(
+            f"cannot resume from {path}: the run differs in "
+            + "; ".join(problems)
+            + ". Use another run.dir for a new run, or checkpoint.resume=never."
+        )
     if run["world_size"] == world_size or cfg.deepspeed.stage == 0:
         return False  # without ZeRO every rank holds the whole optimizer state: any world size loads it
     if cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params:
@@ -393,8 +409,12 @@ def gathered_tensors(model: torch.nn.Module, dist: DistInfo) -> Iterator[tuple[s
 
 
 def export_hf(
-    engine: DeepSpeedEngine, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, dist: DistInfo,
-    meta: dict[str, Any], shard_bytes: int,
+    engine: DeepSpeedEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    dist: DistInfo,
+    meta: dict[str, Any],
+    shard_bytes: int,
 ) -> Path:
     """Write config, sharded safetensors weights and tokenizer from the training engine; the
     directory appears complete or not at all. Every rank must call it. Rank 0 writes each tensor as
@@ -413,8 +433,13 @@ def export_hf(
 
 
 def write_export(
-    config: PretrainedConfig, specs: list[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
-    tokenizer: PreTrainedTokenizerBase, out: Path, meta: dict[str, Any], shard_bytes: int,
+    config: PretrainedConfig,
+    specs: list[TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    meta: dict[str, Any],
+    shard_bytes: int,
 ) -> None:
     """Write into out.tmp, then swap it in: `out` is always a complete export, old or new. The
     weights (`tensors`, in the order of `specs`) go to disk one at a time as HF's sharded

@@ -7,6 +7,7 @@ Hydra checks every key and type; a field's rule (range or choices) is its metada
 "above"/"below" exclusive, "choices" (with "ignore_case"), and "each" for every element of a list. Rules between
 fields live in validate().
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -70,7 +71,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     # sdpa picks its flash backend on a GPU in bf16 without a padding mask; flash_attention_2
     # needs the flash-attn package (and reads packed position ids, see data.reset_position_ids).
-    attn_implementation: str = field(default="sdpa", metadata={"choices": ["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"choices": ["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]}
+    )
     activation_checkpointing: bool = False
     # off (default: exact), regional (recommended on GPUs: every decoder block compiled in place,
     # one compilation shared by all blocks) or full (the whole model through DeepSpeed).

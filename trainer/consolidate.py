@@ -8,6 +8,7 @@ memory-mapped and read one tensor at a time (the optimizer moments stored beside
 never read), and pages once read leave the process: reading a checkpoint holds about one
 parameter, not the model.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -81,8 +82,14 @@ def _deepspeed_globals() -> Iterator[None]:
         from numpy.core.multiarray import _reconstruct
 
     allowed = [
-        np.dtype, np.ndarray, np.dtypes.UInt32DType, _reconstruct,
-        TorchVersion, ZeroStageEnum, LossScaler, fragment_address,
+        np.dtype,
+        np.ndarray,
+        np.dtypes.UInt32DType,
+        _reconstruct,
+        TorchVersion,
+        ZeroStageEnum,
+        LossScaler,
+        fragment_address,
     ]
     with torch.serialization.safe_globals(allowed):
         yield
@@ -167,9 +174,7 @@ def _zero3_weights(step_dir: Path, model_files: list[Path]) -> CheckpointWeights
     optim_files = _ranked(step_dir, _ZERO3_OPTIM)
     world = len(model_files)
     if len(optim_files) != world:
-        raise ConfigError(
-            f"checkpoint {step_dir}: expected {world} ZeRO-3 optimizer files (one a rank), found {len(optim_files)}."
-        )
+        raise ConfigError(f"checkpoint {step_dir}: expected {world} ZeRO-3 optimizer files (one a rank), found {len(optim_files)}.")
     meta = _load(model_files[0])
     flats = [_load(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim_files]
     # Where each parameter's slices lie: in its sub-group's flat fp32 partition, at the same offset
@@ -190,7 +195,8 @@ def _zero3_weights(step_dir: Path, model_files: list[Path]) -> CheckpointWeights
     buffers = {k: v for k, v in meta["module"].items() if k in meta["buffer_names"]}
     specs = [  # in the module's own order; tied weights are stored once, under their source's name
         TensorSpec(name, located[name][2] if name in located else tuple(buffers[name].shape), trained)
-        for name in meta["module"] if name not in meta["shared_params"] and (name in located or name in buffers)
+        for name in meta["module"]
+        if name not in meta["shared_params"] and (name in located or name in buffers)
     ]
 
     def read(name: str, dtype: torch.dtype) -> torch.Tensor:

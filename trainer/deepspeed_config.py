@@ -1,4 +1,5 @@
 """DeepSpeed's config, generated from the Hydra config: batch sizes and everything else live there."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """Process-group set-up: torchrun's environment, or a single process when there is none."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Wrapping the plain model for training: the loss forward, Liger kernels, activation
 checkpointing, the (fused) optimizer, the DeepSpeed engine and compile."""
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,12 @@ def apply_liger_kernels(model: torch.nn.Module) -> None:
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(
-        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+        model=model,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
     )
 
 
@@ -96,8 +102,16 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, topology: Topology, lo
     optim = cfg.optim
     # With ZeRO-Offload DeepSpeed builds its CPU Adam from the generated config instead.
     fused = fused_adamw(cfg, topology)
-    optimizer = None if cfg.deepspeed.offload_optimizer else SkippableAdamW(
-        groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused,
+    optimizer = (
+        None
+        if cfg.deepspeed.offload_optimizer
+        else SkippableAdamW(
+            groups,
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            fused=fused,
+        )
     )
     with zero3_startup() if cfg.deepspeed.stage == 3 else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(
@@ -119,17 +133,18 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, topology: Topology, lo
                 "graphs (it trains as eager does, with little of the compiled speed); ZeRO 0-2 compile without breaks"
             )
     log.info(
-        "loss %s%s | AdamW %s | compile %s | attention %s%s", loss,
+        "loss %s%s | AdamW %s | compile %s | attention %s%s",
+        loss,
         f" ({cfg.train.loss_chunk_tokens} tokens a chunk)" if loss == "chunked" else "",
         "DeepSpeed's CPU Adam (offload)" if optimizer is None else "fused" if fused else "foreach/for-loop",
-        compile_mode, cfg.model.attn_implementation, " | Liger kernels" if cfg.model.liger_kernels else "",
+        compile_mode,
+        cfg.model.attn_implementation,
+        " | Liger kernels" if cfg.model.liger_kernels else "",
     )
     return engine
 
 
-def causal_lm_loss(
-    model: torch.nn.Module, tokens: torch.Tensor, boundaries: Optional[DocumentBoundaries] = None
-) -> torch.Tensor:
+def causal_lm_loss(model: torch.nn.Module, tokens: torch.Tensor, boundaries: Optional[DocumentBoundaries] = None) -> torch.Tensor:
     """Mean next-token loss of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:].
 
     With boundaries, positions restart per document and/or the pair after each EOS is left out.
@@ -151,8 +166,13 @@ def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:
 
 
 def train_step(
-    engine: DeepSpeedEngine, micro_batches: list[torch.Tensor], device: str, measure_grad_norm: bool,
-    guard: FaultGuard, step: int, boundaries: Optional[DocumentBoundaries] = None,
+    engine: DeepSpeedEngine,
+    micro_batches: list[torch.Tensor],
+    device: str,
+    measure_grad_norm: bool,
+    guard: FaultGuard,
+    step: int,
+    boundaries: Optional[DocumentBoundaries] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], float, bool]:
     """One optimizer step over this rank's micro-batches: (local mean loss, grad norm, lr used,
     whether the update was skipped; see trainer/faults.py).

@@ -1,5 +1,6 @@
 """What every entry point shares: a user's mistake ends in one clear paragraph and exit code 2,
 never a traceback, whether Hydra finds it while composing or zeroforge while checking or running."""
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,19 @@ T = TypeVar("T")
 USER_ERROR_EXIT_CODE = 2
 
 # Hydra's options that take a value as the next argument (`--config-dir DIR`); `--opt=value` is one.
-_VALUE_OPTIONS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
-                  "--package", "-p", "--experimental-rerun"}
+_VALUE_OPTIONS = {
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--experimental-rerun",
+}
 _INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
@@ -40,7 +52,9 @@ def run_entry_point(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except (ConfigError, DataError, StartupAborted) as err:
-        user_error("configuration error" if isinstance(err, ConfigError) else "data error" if isinstance(err, DataError) else "stopped", err)
+        user_error(
+            "configuration error" if isinstance(err, ConfigError) else "data error" if isinstance(err, DataError) else "stopped", err
+        )
     except TrainingDiverged as diverged:
         print(f"zeroforge: training stopped: {diverged}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -88,6 +102,7 @@ def entry_point(task: Callable[[DictConfig], Optional[int]]) -> Callable[[], Non
     def hydra_task(cfg: DictConfig) -> None:
         nonlocal started
         started = True
+
         def checked() -> Optional[int]:
             broken = check_fields(cfg)
             if broken:

@@ -1,4 +1,5 @@
 """Held-out loss and perplexity of an export or a checkpoint: `zeroforge evaluate [overrides]`."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,7 +55,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     log.info(
         "%s: held-out loss %.4f | perplexity %.2f | %d tokens | %.0f tokens/s",
-        loaded.source, loss, result["perplexity"], tokens, result["tokens_per_s"],
+        loaded.source,
+        loss,
+        result["perplexity"],
+        tokens,
+        result["tokens_per_s"],
     )
     if cfg.eval.tasks:
         tasks = run_lm_eval(loaded, list(cfg.eval.tasks), cfg.eval.batch_size, cfg.eval.tasks_limit)
@@ -69,7 +74,8 @@ def run_lm_eval(loaded: LoadedModel, tasks: list[str], batch_size: int, limit: O
     if importlib.util.find_spec("lm_eval") is None:
         log.warning(
             "eval.tasks=%s not run: lm-evaluation-harness is not installed (pip install 'zeroforge[eval]' "
-            "or pip install lm-eval); the held-out perplexity above does not need it.", tasks,
+            "or pip install lm-eval); the held-out perplexity above does not need it.",
+            tasks,
         )
         return None
     import lm_eval

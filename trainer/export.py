@@ -1,5 +1,6 @@
 """`zeroforge export checkpoint=<dir>`: a committed DeepSpeed checkpoint as an HF export
 (safetensors, config, tokenizer), with no engine or ranks and without reading the optimizer state."""
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,7 @@ def export(cfg: DictConfig) -> Path:
     e = cfg.export
     if not e.checkpoint:
         raise ConfigError(
-            "no checkpoint to export: expected checkpoint=<run.dir>/checkpoints/step_<N> "
-            "(or <run.dir>/checkpoints for its latest)."
+            "no checkpoint to export: expected checkpoint=<run.dir>/checkpoints/step_<N> (or <run.dir>/checkpoints for its latest)."
         )
     before = rss_bytes()
     source = open_checkpoint(e.checkpoint)
@@ -42,7 +42,10 @@ def export(cfg: DictConfig) -> Path:
     log.info(
         "export: peak host memory %d MiB, %d MiB above the %d MiB the process held before it "
         "(bound: 2 x the largest tensor in fp32, %d MiB, + 64 MiB)",
-        peak_rss_bytes() >> 20, (peak_rss_bytes() - before) >> 20, before >> 20, export_peak_bound(largest) >> 20,
+        peak_rss_bytes() >> 20,
+        (peak_rss_bytes() - before) >> 20,
+        before >> 20,
+        export_peak_bound(largest) >> 20,
     )
     return out
 

@@ -1,5 +1,6 @@
 """Loading a model for evaluation and generation: an HF export (ours or any causal LM directory),
 or a DeepSpeed checkpoint of a run, consolidated on the fly (trainer/consolidate.py)."""
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,14 @@ def open_checkpoint(path: str | Path) -> CheckpointSource:
     model_cfg = OmegaConf.create(manifest["run"]["model"])
     config = hf_config(model_cfg, resolve_vocab_size(model_cfg, len(tokenizer)), tokenizer.eos_token_id)
     return CheckpointSource(
-        step_dir, manifest["step"], manifest["run"]["tokens"], config, model_cfg.attn_implementation, tokenizer,
-        prepared, consolidate.checkpoint_weights(step_dir),
+        step_dir,
+        manifest["step"],
+        manifest["run"]["tokens"],
+        config,
+        model_cfg.attn_implementation,
+        tokenizer,
+        prepared,
+        consolidate.checkpoint_weights(step_dir),
     )
 
 
@@ -137,7 +144,8 @@ def filled_model(
     problems = {"missing": sorted(set(targets) - found), "unexpected": sorted(found - set(targets))}
     problems["mismatched"] = sorted(
         f"{s.name}: {list(s.shape)} vs {list(targets[s.name].shape)}"
-        for s in weights.specs if s.name in targets and tuple(targets[s.name].shape) != s.shape
+        for s in weights.specs
+        if s.name in targets and tuple(targets[s.name].shape) != s.shape
     )
     problems = {k: v for k, v in problems.items() if v}
     if problems:

@@ -7,6 +7,7 @@ judge the global gradient norm. A skipped step leaves weights and Adam moments u
 batch is consumed. After train.max_consecutive_skips skipped steps in a row the run stops with
 TrainingDiverged, before any checkpoint, so no checkpoint holds what went wrong.
 """
+
 from __future__ import annotations
 
 import logging

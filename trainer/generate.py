@@ -5,6 +5,7 @@ decoded with the KV cache (greedy at temperature 0, otherwise sampled); with
 generate.draft_model_path, a smaller model with the same tokenizer drafts tokens that the model
 verifies (assisted decoding: the same output, fewer forwards of the large model).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,13 +46,15 @@ def read_prompts(g: DictConfig) -> list[str]:
     else:
         path = Path(g.prompts_file)
         if not path.is_file():
-            raise ConfigError(f"generate.prompts_file={path}: no such file; expected one prompt a line, or jsonl with a \"prompt\" field.")
+            raise ConfigError(f'generate.prompts_file={path}: no such file; expected one prompt a line, or jsonl with a "prompt" field.')
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         if path.suffix == ".jsonl":
             try:
                 prompts = [json.loads(line)["prompt"] for line in lines]
             except (ValueError, KeyError, TypeError) as err:
-                raise ConfigError(f"generate.prompts_file={path}: expected a JSON object with a \"prompt\" field on every line ({err!r}).") from None
+                raise ConfigError(
+                    f'generate.prompts_file={path}: expected a JSON object with a "prompt" field on every line ({err!r}).'
+                ) from None
         else:
             prompts = lines
         source = f"generate.prompts_file={path}"
@@ -122,11 +125,9 @@ def decode(
     for group in groups:
         enc = tokenizer(group, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
         started = time.perf_counter()
-        out = model.generate(
-            **enc, generation_config=config, tokenizer=tokenizer, assistant_model=assistant, synced_gpus=synced_gpus
-        )
+        out = model.generate(**enc, generation_config=config, tokenizer=tokenizer, assistant_model=assistant, synced_gpus=synced_gpus)
         seconds = time.perf_counter() - started
-        for prompt, row in zip(group, out[:, enc["input_ids"].shape[1]:].tolist()):
+        for prompt, row in zip(group, out[:, enc["input_ids"].shape[1] :].tolist()):
             samples.append(_sample(prompt, row, tokenizer, stop, seconds))
     return samples
 
@@ -173,17 +174,29 @@ def generate(cfg: DictConfig) -> list[Sample]:
         memory = {k: memory[k] + draft_memory[k] for k in memory}
     log.info(
         "%s | %s | memory: weights %.1f MB + KV cache %.1f MB (batch %d x %d tokens)%s",
-        loaded.source, str(dtype).removeprefix("torch."), memory["weights"] / 1e6, memory["kv_cache"] / 1e6,
-        batch, longest + g.max_new_tokens, f" | draft {g.draft_model_path}" if assistant is not None else "",
+        loaded.source,
+        str(dtype).removeprefix("torch."),
+        memory["weights"] / 1e6,
+        memory["kv_cache"] / 1e6,
+        batch,
+        longest + g.max_new_tokens,
+        f" | draft {g.draft_model_path}" if assistant is not None else "",
     )
 
     torch.manual_seed(g.seed)
     samples: list[Sample] = []
     for start in range(0, len(prompts), g.batch_size):
         samples += decode(
-            model, tokenizer, prompts[start : start + g.batch_size], g.max_new_tokens,
-            temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
-            stop=list(g.stop), assistant=assistant,
+            model,
+            tokenizer,
+            prompts[start : start + g.batch_size],
+            g.max_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            repetition_penalty=g.repetition_penalty,
+            stop=list(g.stop),
+            assistant=assistant,
         )
     for s in samples:
         print(f"----- sample -----\n{s.prompt}{s.text}\n", flush=True)

@@ -1,4 +1,5 @@
 """Host memory of this process: its peak, and glibc handing freed memory back to the system."""
+
 from __future__ import annotations
 
 import ctypes
@@ -70,5 +71,8 @@ def log_startup(dist: DistInfo, seconds: float, how: str, before: int) -> None:
     peaks, befores = zip(*gather((peak_rss_bytes(), before), dist))
     log.info(
         "start-up: model and engine in %.1f s (%s) | peak host memory per rank: %s MiB (before the model: %s MiB)",
-        seconds, how, ", ".join(str(p >> 20) for p in peaks), ", ".join(str(b >> 20) for b in befores),
+        seconds,
+        how,
+        ", ".join(str(p >> 20) for p in peaks),
+        ", ".join(str(b >> 20) for b in befores),
     )

@@ -1,4 +1,5 @@
 """Rank-aware logging, set up once: rank 0 prints info, every rank prints warnings and errors."""
+
 from __future__ import annotations
 
 import logging

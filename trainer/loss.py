@@ -17,6 +17,7 @@ instance's forward computes the loss with its (then gathered) weight. Without `l
 both forwards are the class's own, so evaluation, generation and export see the plain model.
 Nothing is wrapped: parameter names, state dicts and checkpoints are the plain model's.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,9 +35,21 @@ log = logging.getLogger("zeroforge")
 # Model types whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`
 # (checked in their transformers modeling code): no logit scaling or soft-capping after the
 # output layer, which the chunked loss would leave out. Others train with the plain loss.
-LINEAR_HEAD_MODEL_TYPES = frozenset({
-    "llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "olmo3", "phi3", "gemma", "starcoder2", "smollm3",
-})
+LINEAR_HEAD_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "olmo",
+        "olmo2",
+        "olmo3",
+        "phi3",
+        "gemma",
+        "starcoder2",
+        "smollm3",
+    }
+)
 
 
 def resolve_loss(loss: str, model_type: str) -> str:
@@ -80,13 +93,17 @@ def _scale_(grad: torch.Tensor, factor: torch.Tensor, rows: int = 8192) -> None:
         grad.mul_(factor)
         return
     for start in range(0, grad.shape[0], rows):
-        part = grad[start:start + rows]
+        part = grad[start : start + rows]
         part.copy_(part.float().mul_(factor))
 
 
 def _chunked_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-    need_hidden: bool, need_weight: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    need_hidden: bool,
+    need_weight: bool,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(mean loss, d loss / d hidden, d loss / d weight); a gradient is None where not needed.
 

@@ -1,5 +1,6 @@
 """Metrics: throughput, step and data-wait time, MFU, and the sinks (console, metrics.jsonl,
 wandb, a progress line) that rank 0 writes."""
+
 from __future__ import annotations
 
 import json
@@ -240,10 +241,16 @@ class MetricsLogger:
         log.info(
             "step %d | loss %s | lr %.2e | grad_norm %s | %.0f tokens/s (%.0f per GPU) | %.3f s/step, %.0f%% waiting for data"
             " | mfu %s | mem %.2f GB",
-            step, "skipped" if loss_value is None else f"{loss_value:.4f}", lr,
-            "n/a" if grad_norm is None else f"{grad_norm:.3f}", times["tokens_per_s"], times["tokens_per_s_per_gpu"],
-            times["step_time_s"], 100 * times["data_wait_share"],
-            "n/a" if record["mfu"] is None else f"{record['mfu']:.1%}", record["mem_gb"],
+            step,
+            "skipped" if loss_value is None else f"{loss_value:.4f}",
+            lr,
+            "n/a" if grad_norm is None else f"{grad_norm:.3f}",
+            times["tokens_per_s"],
+            times["tokens_per_s_per_gpu"],
+            times["step_time_s"],
+            100 * times["data_wait_share"],
+            "n/a" if record["mfu"] is None else f"{record['mfu']:.1%}",
+            record["mem_gb"],
         )
         self.progress.update(step, self._tokens_per_s)
         return record

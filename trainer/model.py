@@ -1,4 +1,5 @@
 """The model: a plain transformers causal LM built from config. Wrapping happens in engine.py."""
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,14 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> P
 
 # What must agree between model.init_from and the configured model for its weights to fit.
 SHAPE_KEYS = (
-    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "vocab_size", "tie_word_embeddings",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
 )
 
 
@@ -60,7 +67,8 @@ def check_init_from(cfg: ModelConfig, vocab_size: int, data_tokenizer_hash: str)
     ours = hf_config(cfg, vocab_size)
     problems = [
         f"{key}: {cfg.init_from} has {getattr(theirs, key, None)!r}, model={cfg.name} has {getattr(ours, key)!r}"
-        for key in SHAPE_KEYS if getattr(theirs, key, None) != getattr(ours, key)
+        for key in SHAPE_KEYS
+        if getattr(theirs, key, None) != getattr(ours, key)
     ]
     if tokenizer_hash(load_tokenizer(cfg.init_from)) != data_tokenizer_hash:
         problems.append(f"tokenizer: the data was not tokenized with {cfg.init_from}'s tokenizer (set data.tokenizer={cfg.init_from})")

@@ -36,6 +36,7 @@ the backward); and, while registering gradient hooks, every parameter gathered i
 (transient, twice the largest parameter on gloo). zero3_startup() removes the four that are waste:
 see there (the bf16 pair alone took 110M parameters on 2 ranks from 1014 to 909 MiB per rank).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -196,8 +197,12 @@ def zero3_startup() -> Iterator[None]:
             self.fp16_partitioned_groups_flat = lp_flat
 
     def states_without_an_unused_buffer(self: Stage3) -> None:
-        if (steps_to_create_states or offloaded_or_swapped(self) or getattr(self, "use_muon", False)
-                or isinstance(self.optimizer, torch.optim.Adagrad)):
+        if (
+            steps_to_create_states
+            or offloaded_or_swapped(self)
+            or getattr(self, "use_muon", False)
+            or isinstance(self.optimizer, torch.optim.Adagrad)
+        ):
             init_states(self)
 
     def hooks_without_gathering(self: Stage3) -> None:
@@ -246,7 +251,8 @@ def load_hf_weights(model: PreTrainedModel, source: str) -> None:
     problems = [f"{name} is missing" for name in params if name not in shapes]
     problems += [
         f"{name}: {source} has {list(shapes[name])}, the model has {list(full_shape(t))}"
-        for name, t in [*params.items(), *buffers.items()] if name in shapes and tuple(shapes[name]) != tuple(full_shape(t))
+        for name, t in [*params.items(), *buffers.items()]
+        if name in shapes and tuple(shapes[name]) != tuple(full_shape(t))
     ]
     if problems:
         raise ConfigError(f"model.init_from={source}: its weights do not fit the model: " + "; ".join(problems) + ".")
@@ -275,11 +281,14 @@ def build_for_training(cfg: DictConfig, topology: Topology, vocab_size: int, eos
     ds_config = deepspeed_config(cfg, topology)
     if not m.init_from:
         return build_partitioned(lambda: build_model(m, vocab_size, eos_id), ds_config)
-    log.info("weights from %s (model.init_from), each rank reading its own shard; the optimizer and the data position start fresh", m.init_from)
+    log.info(
+        "weights from %s (model.init_from), each rank reading its own shard; the optimizer and the data position start fresh", m.init_from
+    )
     config = AutoConfig.from_pretrained(m.init_from)
     model = build_partitioned(
         lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=m.attn_implementation),
-        ds_config, initialize=False,
+        ds_config,
+        initialize=False,
     )
     load_hf_weights(model, m.init_from)
     return model

@@ -9,6 +9,7 @@ kills its workers 30 s after a SIGTERM), and torchrun turns every worker's exit 
 slurm/pretrain.sh asks through a file instead (STOP_FILE in the run directory), and the trainer
 answers through another (REQUEUE_FILE), written only once the checkpoint has committed.
 """
+
 from __future__ import annotations
 
 import json

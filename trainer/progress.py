@@ -3,6 +3,7 @@
 Everywhere else (other ranks, files, pipes, Slurm logs) the plain log lines are the whole output:
 a redrawn line would only fill a log file with carriage returns.
 """
+
 from __future__ import annotations
 
 import os

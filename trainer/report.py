@@ -3,6 +3,7 @@
 Reads `metrics.jsonl` as the trainer writes it, so it works on a run that is still training: a
 last line cut off mid-write is left out.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,14 @@ def plot(train: list[dict], val: list[dict], title: str, out: Path) -> None:
     matplotlib.use("Agg")  # files only: no display on a login node or in CI
     import matplotlib.pyplot as plt
 
-    panels = [("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"),
-              ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("mem_gb", "peak memory (GB)")]
+    panels = [
+        ("loss", "loss"),
+        ("lr", "learning rate"),
+        ("grad_norm", "gradient norm"),
+        ("tokens_per_s", "tokens/s"),
+        ("mfu", "MFU"),
+        ("mem_gb", "peak memory (GB)"),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (key, label) in zip(axes.flat, panels):
         points = [(r["step"], r[key]) for r in train if r.get(key) is not None and math.isfinite(r[key])]

@@ -1,4 +1,5 @@
 """The run directory: what a run needs to be understood later, written before it starts."""
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,7 @@ from zeroforge.trainer.config import Config, ConfigError
 
 def git_commit() -> Optional[str]:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
@@ -84,7 +83,10 @@ def write_job_config(cfg: DictConfig) -> list[str]:
     values["run"]["dir"] = str(run_dir)
     document = {
         "defaults": [
-            "zeroforge_schema", {"override hydra/job_logging": "none"}, {"override hydra/hydra_logging": "none"}, "_self_",
+            "zeroforge_schema",
+            {"override hydra/job_logging": "none"},
+            {"override hydra/hydra_logging": "none"},
+            "_self_",
         ],
         "hydra": {"run": {"dir": "."}, "output_subdir": None, "job": {"chdir": False}},
         **_escaped(OmegaConf.to_container(OmegaConf.create(values), resolve=True)),

@@ -7,6 +7,7 @@ tensor goes to disk as soon as it is given, so none is kept (the host holds one 
 whatever the shard size). Read, for model.init_from under ZeRO-3, by flat ranges of a tensor, so a
 rank reads its own slice of each weight and nothing else.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,16 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # safetensors' names for torch dtypes (its format specification).
 _DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -84,9 +93,7 @@ class ShardedWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, spec = self._queue[self._next]
         if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(
-                f"expected {spec.name} {list(spec.shape)} {spec.dtype} next, got {name} {list(tensor.shape)} {tensor.dtype}"
-            )
+            raise ValueError(f"expected {spec.name} {list(spec.shape)} {spec.dtype} next, got {name} {list(tensor.shape)} {tensor.dtype}")
         if self._file is None:
             self._file = open(self.out / self.files[shard], "wb")
             self._file.write(_header(self.shards[shard]))

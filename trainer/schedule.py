@@ -1,4 +1,5 @@
 """Learning-rate schedules as pure functions of the optimizer step."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ once and hands it to the plan and the pre-flight checks, and every rank derives 
 `train()` and passes it down. Nothing else multiplies nodes by processes, divides the global
 batch or decides which accelerator and precision the job runs in (as torchtitan's ParallelDims).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

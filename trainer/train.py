@@ -2,6 +2,7 @@
 
 Entry points: `zeroforge train [overrides]`, `torchrun --nproc_per_node N -m zeroforge.trainer.train`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,8 +81,15 @@ def train(cfg: DictConfig) -> dict:
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     log.info(
         "%s: %.2fM parameters | world size %d | ZeRO-%d | %s | micro batch %d x grad accum %d x dp %d = %d",
-        cfg.model.name, num_params / 1e6, dist.world_size, cfg.deepspeed.stage, topology.precision,
-        cfg.train.micro_batch_size, topology.grad_accum, topology.dp_size, cfg.train.global_batch_size,
+        cfg.model.name,
+        num_params / 1e6,
+        dist.world_size,
+        cfg.deepspeed.stage,
+        topology.precision,
+        cfg.train.micro_batch_size,
+        topology.grad_accum,
+        topology.dp_size,
+        cfg.train.global_batch_size,
     )
 
     state = {"step": 0, "tokens": 0, "data": {"consumed_samples": 0}}
@@ -91,7 +99,11 @@ def train(cfg: DictConfig) -> dict:
         if len(state["rng"]) == dist.world_size:  # on another world size, ranks keep their fresh seeds
             set_rng_state(state["rng"][dist.rank])
     loader = train_data.loader(
-        cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size, dist.rank, topology.dp_size,
+        cfg.seed,
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        dist.rank,
+        topology.dp_size,
         pin_memory=topology.device == "cuda",
     )
     if resume_from is not None:
@@ -138,7 +150,10 @@ def train(cfg: DictConfig) -> dict:
             if cfg.eval.sample_prompts:
                 # Every rank decodes (under ZeRO-3 each forward gathers from all ranks); rank 0 writes.
                 samples = decode(
-                    engine.module, tokenizer, list(cfg.eval.sample_prompts), cfg.eval.sample_max_new_tokens,
+                    engine.module,
+                    tokenizer,
+                    list(cfg.eval.sample_prompts),
+                    cfg.eval.sample_max_new_tokens,
                     synced_gpus=cfg.deepspeed.stage == 3 and dist.world_size > 1,
                 )
                 metrics.samples(step, [{"prompt": s.prompt, "text": s.text} for s in samples])
@@ -158,7 +173,10 @@ def train(cfg: DictConfig) -> dict:
     stop.close()
     if step == cfg.train.steps:
         export_hf(
-            engine, tokenizer, cfg.checkpoint.export_dir, dist,
+            engine,
+            tokenizer,
+            cfg.checkpoint.export_dir,
+            dist,
             {"step": step, "tokens": metrics.tokens, "prepared_data": str(train_data.prepared.resolve()) if train_data.prepared else None},
             shard_bytes=int(cfg.export.shard_size_gb * 2**30),
         )

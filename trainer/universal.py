@@ -6,6 +6,7 @@ saved it. DeepSpeed's ds_to_universal rewrites it per parameter, which any world
 <checkpoint>/universal under a temporary name; later ones reuse it. Retention removes it with
 its checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,12 +46,18 @@ def _convert(path: Path, target: Path) -> None:
     # A process of its own: the converter runs worker pools and holds every shard in memory.
     result = subprocess.run(
         [
-            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-            "--output_folder", str(scratch),
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(path),
+            "--output_folder",
+            str(scratch),
             # Our checkpoints carry no tensor-parallel layout, which is all the converter looks for there.
             "--inject_missing_state",
         ],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise RuntimeError(f"ds_to_universal exited with {result.returncode}: {result.stderr.strip()[-2000:]}")

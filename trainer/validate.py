@@ -6,6 +6,7 @@ metadata in trainer/config.py and data/config.py), the rules between fields belo
 shape (its transformers config is built, weightless) and DeepSpeed's own check of the
 zero_optimization section generated from the config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,11 @@ from zeroforge.trainer.topology import Topology, accelerator_is_cuda, job_is_on_
 log = logging.getLogger("zeroforge")
 
 # Degrees above 1 are refused until each parallelism lands (its issue).
-_NOT_YET = {"sequence": "Ulysses sequence parallelism (issue 21)", "tensor": "tensor parallelism (AutoTP)",
-            "expert": "expert parallelism (issue 22)"}
+_NOT_YET = {
+    "sequence": "Ulysses sequence parallelism (issue 21)",
+    "tensor": "tensor parallelism (AutoTP)",
+    "expert": "expert parallelism (issue 22)",
+}
 
 
 def _rule_problems(value: Any, rule: dict[str, Any]) -> Optional[str]:
@@ -41,10 +45,14 @@ def _rule_problems(value: Any, rule: dict[str, Any]) -> Optional[str]:
         choices = [str(c).upper() for c in rule["choices"]] if rule.get("ignore_case") else rule["choices"]
         found = str(value).upper() if rule.get("ignore_case") else value
         return None if found in choices else f"one of {list(rule['choices'])}"
-    ok = all((
-        "min" not in rule or value >= rule["min"], "max" not in rule or value <= rule["max"],
-        "above" not in rule or value > rule["above"], "below" not in rule or value < rule["below"],
-    ))
+    ok = all(
+        (
+            "min" not in rule or value >= rule["min"],
+            "max" not in rule or value <= rule["max"],
+            "above" not in rule or value > rule["above"],
+            "below" not in rule or value < rule["below"],
+        )
+    )
     return None if ok else _describe(rule)
 
 
@@ -90,7 +98,9 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        problems.append(f"model.model_type={m.model_type!r} has no causal LM model in transformers; expected a decoder such as llama, qwen2 or gpt2")
+        problems.append(
+            f"model.model_type={m.model_type!r} has no causal LM model in transformers; expected a decoder such as llama, qwen2 or gpt2"
+        )
         return
     for ours, theirs in [
         ("hidden_size", "hidden_size"),
@@ -179,7 +189,9 @@ def _check_zero_section(cfg: DictConfig, cuda: bool, problems: list[str]) -> Non
     except ValidationError as err:
         for e in err.errors():
             key = ".".join(str(part) for part in e["loc"])
-            problems.append(f"deepspeed.zero_extra.{key}: {e['msg'].lower()} (found {e['input']!r}; see DeepSpeed's zero_optimization options)")
+            problems.append(
+                f"deepspeed.zero_extra.{key}: {e['msg'].lower()} (found {e['input']!r}; see DeepSpeed's zero_optimization options)"
+            )
 
 
 def _check_parallel(cfg: DictConfig, world_size: int, problems: list[str]) -> None:

@@ -5,6 +5,7 @@ Each rank takes `steps` steps of its rows; after `state_at` steps the ranks' sta
 into the job's state with the trainer's own gather, as its checkpoint does. Rank 0 writes
 {"batches": every step's global batch (rows in sample order), "state": that state}.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,7 @@ def main() -> None:
     out, steps, state_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     info = distributed.init_distributed("cpu")
     data = StreamData(compose_config(sys.argv[4:]).data)
-    loader = data.loader(seed=0, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, dp_rank=info.rank,
-                         dp_size=info.world_size)
+    loader = data.loader(seed=0, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, dp_rank=info.rank, dp_size=info.world_size)
     batches, state = [], None
     for step in range(1, steps + 1):
         rows = torch.cat(loader.next_batch())

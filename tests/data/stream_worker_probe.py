@@ -6,6 +6,7 @@ windows started the tokenizer's thread pool (the condition under which the libra
 forked child), and the worker's thread count before and after one batch encode (the pool starts at
 its first use, unless the library turned it off in the worker).
 """
+
 from __future__ import annotations
 
 import json

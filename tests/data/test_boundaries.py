@@ -1,4 +1,5 @@
 """Document boundaries in packed windows: restarted positions, cu_seqlens, no loss across a boundary."""
+
 from __future__ import annotations
 
 import math
@@ -11,10 +12,12 @@ from zeroforge.trainer.engine import causal_lm_loss
 
 EOS = 0
 # Two windows of seq_len 6 (+1): documents end with EOS; the first row starts mid-document.
-TOKENS = torch.tensor([
-    [3, 4, EOS, 2, 2, EOS, 4],
-    [1, 2, 3, 4, 1, 2, EOS],
-])
+TOKENS = torch.tensor(
+    [
+        [3, 4, EOS, 2, 2, EOS, 4],
+        [1, 2, 3, 4, 1, 2, EOS],
+    ]
+)
 
 
 class _Recorder(torch.nn.Module):

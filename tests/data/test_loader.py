@@ -1,4 +1,5 @@
 """The sampler: order is a pure function of (seed, epoch, index); ranks split each global batch."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,8 +57,9 @@ def test_resume_from_consumed_samples_is_exact_on_another_world_size(data_cache:
     assert state["consumed_samples"] == 32 and state["seed"] == 5 and state["seq_len"] == 32
     assert state["fingerprint"] == store.manifest["fingerprint"]
     expected = torch.cat(straight.next_batch())
-    resumed = BatchLoader(store, 32, seed=5, global_batch=8, micro_batch=4, dp_rank=0, dp_size=1,
-                          consumed_samples=state["consumed_samples"])
+    resumed = BatchLoader(
+        store, 32, seed=5, global_batch=8, micro_batch=4, dp_rank=0, dp_size=1, consumed_samples=state["consumed_samples"]
+    )
     assert torch.equal(torch.cat(resumed.next_batch())[:4], expected)
 
 
@@ -89,8 +91,10 @@ def _counting(tmp_path: Path, **kw) -> TokenStore:
 
 
 def _ranks(store: TokenStore, dp_size: int, state: Optional[dict] = None, num_workers: int = 0) -> list[BatchLoader]:
-    loaders = [BatchLoader(store, SEQ, seed=11, global_batch=16, micro_batch=2, dp_rank=r, dp_size=dp_size,
-                           num_workers=num_workers) for r in range(dp_size)]
+    loaders = [
+        BatchLoader(store, SEQ, seed=11, global_batch=16, micro_batch=2, dp_rank=r, dp_size=dp_size, num_workers=num_workers)
+        for r in range(dp_size)
+    ]
     for loader in loaders:
         if state is not None:
             loader.load_state_dict(state)  # before the first batch: the iterator starts here
@@ -182,5 +186,4 @@ def test_a_state_for_other_data_is_refused_naming_both(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"fingerprint: saved 'f{64}', now 'e{64}'"):
         loader.load_state_dict(state)
     with pytest.raises(DataError, match=r"seq_len: saved 8, now 4"):
-        BatchLoader(_counting(tmp_path), 4, seed=11, global_batch=16, micro_batch=2, dp_rank=0,
-                    dp_size=1).load_state_dict(state)
+        BatchLoader(_counting(tmp_path), 4, seed=11, global_batch=16, micro_batch=2, dp_rank=0, dp_size=1).load_state_dict(state)

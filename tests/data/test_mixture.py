@@ -1,4 +1,5 @@
 """Mixtures: the lag rule, shares within 1% over 10,000 samples, prepared sources blended in the loader."""
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,7 @@ def _mixture(tmp_path: Path) -> Mixture:
     # Source b's tokens start at 10**6 so every row says which source it came from.
     a = counting_store(tmp_path / "a", 401, shard_tokens=64)
     b = counting_store(tmp_path / "b", 10**6 + 801, shard_tokens=10**6 + 801)
-    b.shards[0] = b.shards[0][10**6:]
+    b.shards[0] = b.shards[0][10**6 :]
     b.starts = np.cumsum([0, 801])
     return Mixture([a, b], [0.25, 0.75], ["a", "b"], {"fingerprint": "m" * 64})
 
@@ -81,10 +82,12 @@ def test_prepared_mixture_trains_and_validates_from_both_sources(tmp_path: Path,
     tokenizer = prepare(compose_config([f"data.cache_dir={data_cache}"]).data) / "tokenizer"
     for name, word in (("code", "def"), ("prose", "the")):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{word} {i} " * 20}) + "\n" for i in range(60)))
-    parts = ", ".join(f"{{name: {n}, source: json, data_files: [{tmp_path}/{n}.jsonl], weight: {w}}}"
-                      for n, w in (("code", 0.7), ("prose", 0.3)))
-    cfg = compose_config([f"data.cache_dir={tmp_path / 'c'}", f"data.tokenizer={tokenizer}", f"data.mixture=[{parts}]",
-                          "data.validation_fraction=0.2"]).data
+    parts = ", ".join(
+        f"{{name: {n}, source: json, data_files: [{tmp_path}/{n}.jsonl], weight: {w}}}" for n, w in (("code", 0.7), ("prose", 0.3))
+    )
+    cfg = compose_config(
+        [f"data.cache_dir={tmp_path / 'c'}", f"data.tokenizer={tokenizer}", f"data.mixture=[{parts}]", "data.validation_fraction=0.2"]
+    ).data
     out = prepare(cfg)
     train = open_split(out, "train")
     assert isinstance(train, Mixture) and train.names == ["code", "prose"] and train.weights == [0.7, 0.3]

@@ -1,4 +1,5 @@
 """Preparing corpora into shards: the embedded default, local files, and the errors a user can cause."""
+
 from __future__ import annotations
 
 import json
@@ -67,9 +68,12 @@ def test_validation_split_is_a_pure_function_of_the_key() -> None:
     held = [k for k in keys if is_validation(k, 0.1)]
     assert 800 < len(held) < 1200
     # The same in another interpreter with another string-hash seed: no dependence on hash().
-    code = "from zeroforge.data.corpus import is_validation; print([k for k in (f'doc-{i}' for i in range(10000)) if is_validation(k, 0.1)])"
-    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+    code = (
+        "from zeroforge.data.corpus import is_validation; print([k for k in (f'doc-{i}' for i in range(10000)) if is_validation(k, 0.1)])"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True
+    )
     assert other.stdout.strip() == str(held)
 
 
@@ -83,8 +87,13 @@ def test_local_jsonl_with_an_autotokenizer(tmp_path: Path, data_cache: Path) -> 
     rows = [{"content": f"def function_{i}(a, b):\n    return a * {i} + b\n"} for i in range(200)]
     _write_jsonl(tmp_path / "docs.jsonl", rows)
     cfg = _data_cfg(
-        "data.name=local", "data.source=json", f"data.data_files=[{tmp_path}/*.jsonl]", "data.text_field=content",
-        f"data.tokenizer={tokenizer_dir}", f"data.cache_dir={tmp_path / 'cache'}", "data.validation_fraction=0.2",
+        "data.name=local",
+        "data.source=json",
+        f"data.data_files=[{tmp_path}/*.jsonl]",
+        "data.text_field=content",
+        f"data.tokenizer={tokenizer_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.validation_fraction=0.2",
         "data.shard_tokens=500",
     )
     out = prepare(cfg)
@@ -128,8 +137,13 @@ def test_missing_field_and_non_text_values_are_named(tmp_path: Path) -> None:
 def test_truncated_shard_is_detected(tmp_path: Path, data_cache: Path) -> None:
     tokenizer_dir = prepare(_data_cfg(f"data.cache_dir={data_cache}")) / "tokenizer"
     (tmp_path / "t.txt").write_text("\n".join(f"line {i} of text" for i in range(300)))
-    cfg = _data_cfg("data.source=text", f"data.data_files=[{tmp_path}/t.txt]", f"data.tokenizer={tokenizer_dir}",
-                    f"data.cache_dir={tmp_path}/c", "data.validation_fraction=0.3")
+    cfg = _data_cfg(
+        "data.source=text",
+        f"data.data_files=[{tmp_path}/t.txt]",
+        f"data.tokenizer={tokenizer_dir}",
+        f"data.cache_dir={tmp_path}/c",
+        "data.validation_fraction=0.3",
+    )
     out = prepare(cfg)
     shard = out / load_manifest(out)["splits"]["train"]["shards"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:-2])
@@ -162,8 +176,14 @@ def _docs_cfg(tmp_path: Path, data_cache: Path, cache: str, *overrides: str):
         _write_jsonl(tmp_path / "docs.jsonl", rows)
     tokenizer_dir = prepare(_data_cfg(f"data.cache_dir={data_cache}")) / "tokenizer"
     return _data_cfg(
-        "data.name=docs", "data.source=json", f"data.data_files=[{tmp_path}/docs.jsonl]", f"data.tokenizer={tokenizer_dir}",
-        f"data.cache_dir={tmp_path / cache}", "data.shard_tokens=400", "data.validation_fraction=0.2", *overrides,
+        "data.name=docs",
+        "data.source=json",
+        f"data.data_files=[{tmp_path}/docs.jsonl]",
+        f"data.tokenizer={tokenizer_dir}",
+        f"data.cache_dir={tmp_path / cache}",
+        "data.shard_tokens=400",
+        "data.validation_fraction=0.2",
+        *overrides,
     )
 
 
@@ -191,8 +211,9 @@ def test_workers_never_run_the_callers_main_module(tmp_path: Path, data_cache: P
         "    f.write('ran\\n')\n"
         f"print(prepare(OmegaConf.create({OmegaConf.to_yaml(cfg)!r})))\n"
     )
-    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "runs").read_text() == "ran\n"
     assert _files(Path(done.stdout.strip())) == _files(prepare(_docs_cfg(tmp_path, data_cache, "one", "data.prepare_workers=1")))
@@ -241,8 +262,9 @@ def test_interrupted_prepare_resumes_after_its_last_complete_shard(
     monkeypatch.setattr(zeroforge.data.prepare, "iter_documents", real_documents)
     encoded: list[int] = []
     real_call = zeroforge.data.encode.DocumentEncoder.__call__
-    monkeypatch.setattr(zeroforge.data.encode.DocumentEncoder, "__call__",
-                        lambda self, texts: encoded.append(len(texts)) or real_call(self, texts))
+    monkeypatch.setattr(
+        zeroforge.data.encode.DocumentEncoder, "__call__", lambda self, texts: encoded.append(len(texts)) or real_call(self, texts)
+    )
     resumed = prepare(_docs_cfg(tmp_path, data_cache, "interrupted", "data.prepare_workers=1"))
     # Only the documents after the last recorded shard of their split were tokenized again.
     split_of = {i: "validation" if is_validation(str(i), 0.2) else "train" for i in range(300)}
@@ -269,8 +291,13 @@ def test_a_tokenizer_changed_in_place_is_refused(tmp_path: Path, data_cache: Pat
     tokenizer_dir = tmp_path / "tok"
     shutil.copytree(prepare(_data_cfg(f"data.cache_dir={data_cache}")) / "tokenizer", tokenizer_dir)
     _write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i}"} for i in range(50)])
-    cfg = _data_cfg("data.source=json", f"data.data_files=[{tmp_path}/docs.jsonl]", f"data.tokenizer={tokenizer_dir}",
-                    f"data.cache_dir={tmp_path}/c", "data.validation_fraction=0.3")
+    cfg = _data_cfg(
+        "data.source=json",
+        f"data.data_files=[{tmp_path}/docs.jsonl]",
+        f"data.tokenizer={tokenizer_dir}",
+        f"data.cache_dir={tmp_path}/c",
+        "data.validation_fraction=0.3",
+    )
     out = prepare(cfg)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tok.add_tokens(["document number"])

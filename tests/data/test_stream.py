@@ -1,5 +1,6 @@
 """Streaming mode: partitions packed on the fly, the same global batches on every world size, after
 any stops, ranks and workers."""
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,14 @@ def corpus(tmp_path_factory) -> Corpus:
 def _overrides(corpus: Corpus, *extra: str, layout: str = "shards") -> list[str]:
     files = ",".join(str(f) for f in corpus.files) if layout == "shards" else str(corpus.single)
     return [
-        "data.mode=stream", "data.source=json", f"data.data_files=[{files}]", f"data.tokenizer={corpus.tokenizer}",
-        f"data.seq_len={SEQ}", "data.validation_fraction=0.1", f"data.stream_partitions={PARTITIONS}", *extra,
+        "data.mode=stream",
+        "data.source=json",
+        f"data.data_files=[{files}]",
+        f"data.tokenizer={corpus.tokenizer}",
+        f"data.seq_len={SEQ}",
+        "data.validation_fraction=0.1",
+        f"data.stream_partitions={PARTITIONS}",
+        *extra,
     ]
 
 
@@ -68,12 +75,18 @@ def _cfg(corpus: Corpus, *overrides: str, layout: str = "shards"):
     return compose_config(_overrides(corpus, *overrides, layout=layout)).data
 
 
-def _loaders(corpus: Corpus, dp_size: int, state: Optional[dict] = None, *overrides: str,
-             layout: str = "shards", global_batch: int = GLOBAL, micro_batch: int = 2) -> list[StreamLoader]:
+def _loaders(
+    corpus: Corpus,
+    dp_size: int,
+    state: Optional[dict] = None,
+    *overrides: str,
+    layout: str = "shards",
+    global_batch: int = GLOBAL,
+    micro_batch: int = 2,
+) -> list[StreamLoader]:
     """The loaders of every rank of a world of dp_size (data/ needs no process group)."""
     data = StreamData(_cfg(corpus, *overrides, layout=layout))
-    loaders = [data.loader(seed=0, global_batch=global_batch, micro_batch=micro_batch, dp_rank=r, dp_size=dp_size)
-               for r in range(dp_size)]
+    loaders = [data.loader(seed=0, global_batch=global_batch, micro_batch=micro_batch, dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
     for loader in loaders:
         if state is not None:
             loader.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint manifest holds it
@@ -184,8 +197,9 @@ def test_global_batches_are_the_same_on_1_2_and_4_ranks_and_resume_on_another(co
 
 def test_two_gloo_ranks_give_the_same_global_batches_and_their_state_resumes_on_1_and_4(corpus: Corpus, tmp_path: Path) -> None:
     out = tmp_path / "ranks.json"
-    result = run_module("tests.data.stream_ranks_probe", [str(out), "8", "4", *_overrides(corpus)], cwd=REPO,
-                        launcher=TORCHRUN, timeout=300)
+    result = run_module(
+        "tests.data.stream_ranks_probe", [str(out), "8", "4", *_overrides(corpus)], cwd=REPO, launcher=TORCHRUN, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = json.loads(out.read_text())
     straight = _steps(_loaders(corpus, 1), 8)
@@ -227,9 +241,7 @@ def test_a_stream_worker_tokenizes_on_threads_after_the_training_process_has(cor
     # A forked worker would inherit a tokenizer thread pool the library then turns off (after the
     # validation windows used it here): one core for the whole stream.
     env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}  # the library's default
-    result = run_module(
-        "tests.data.stream_worker_probe", _overrides(corpus, "data.num_workers=1"), cwd=REPO, env=env, timeout=300
-    )
+    result = run_module("tests.data.stream_worker_probe", _overrides(corpus, "data.num_workers=1"), cwd=REPO, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     threads = json.loads(result.stdout.strip().splitlines()[-1])
     assert threads["parent_started_pool"] and threads["after"] > threads["before"], threads
@@ -238,8 +250,9 @@ def test_a_stream_worker_tokenizes_on_threads_after_the_training_process_has(cor
 @pytest.mark.parametrize("layout", ["shards", "document"])
 def test_validation_holds_out_documents_by_the_hash_of_the_training_keys(corpus: Corpus, layout: str) -> None:
     if layout == "shards":
-        held = [t for shard, rows in enumerate(corpus.texts) for row, t in enumerate(rows)
-                if t.strip() and is_validation(f"{shard}:{row}", 0.1)]
+        held = [
+            t for shard, rows in enumerate(corpus.texts) for row, t in enumerate(rows) if t.strip() and is_validation(f"{shard}:{row}", 0.1)
+        ]
     else:
         rows = [t for texts in corpus.texts for t in texts]
         held = [t for row, t in enumerate(rows) if t.strip() and is_validation(str(row), 0.1)]
@@ -275,17 +288,27 @@ def test_a_state_from_another_partition_count_or_one_rank_alone_is_refused(corpu
     state = _state(four)
     # The trainer refuses such a checkpoint before it builds the model, naming both numbers.
     data = StreamData(_cfg(corpus))
-    (tmp_path / "manifest.json").write_text(json.dumps({"run": {
-        "data": state, "tokenizer_hash": data.manifest["tokenizer_hash"], "world_size": 2,
-        "model": OmegaConf.to_container(compose_config([]).model, resolve=True),
-    }}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "run": {
+                    "data": state,
+                    "tokenizer_hash": data.manifest["tokenizer_hash"],
+                    "world_size": 2,
+                    "model": OmegaConf.to_container(compose_config([]).model, resolve=True),
+                }
+            }
+        )
+    )
     cfg = compose_config(_overrides(corpus, "data.stream_partitions=8", "data.stream_shuffle_window=2"))
     with pytest.raises(ConfigError, match=r"data.stream_partitions: checkpoint 4, now 8; data.stream_shuffle_window: checkpoint 0, now 2"):
         check_resumable(tmp_path, cfg, data.manifest, world_size=2)
     other = StreamData(_cfg(corpus, "data.stream_partitions=8")).loader(seed=0, global_batch=GLOBAL, micro_batch=2, dp_rank=0, dp_size=1)
     with pytest.raises(DataError, match=r"data.stream_partitions: saved 4, now 8"):
         other.load_state_dict(state)
-    shuffled = StreamData(_cfg(corpus, "data.stream_shuffle_window=3")).loader(seed=0, global_batch=GLOBAL, micro_batch=2, dp_rank=0, dp_size=1)
+    shuffled = StreamData(_cfg(corpus, "data.stream_shuffle_window=3")).loader(
+        seed=0, global_batch=GLOBAL, micro_batch=2, dp_rank=0, dp_size=1
+    )
     with pytest.raises(DataError, match=r"data.stream_shuffle_window: saved 0, now 3"):
         shuffled.load_state_dict(state)
     with pytest.raises(DataError, match=r"no position for partition\(s\) \[1, 3\] of rank 0: it is one rank's state_dict"):
@@ -356,10 +379,21 @@ def test_max_documents_counts_the_first_documents_of_a_one_file_source(corpus: C
 def _run_args(corpus: Corpus, run_dir: Path) -> list[str]:
     files = ",".join(str(f) for f in corpus.files)
     return [
-        "experiment=smoke", "logging.wandb.mode=disabled", f"run.dir={run_dir}", "deepspeed=zero0",
-        "train.precision=fp32", "eval.every=0", "logging.every=1", "train.steps=6", "checkpoint.every=3",
-        "data.mode=stream", "data.source=json", f"data.data_files=[{files}]", f"data.tokenizer={corpus.tokenizer}",
-        "data.validation_fraction=0.1", f"data.stream_partitions={PARTITIONS}",
+        "experiment=smoke",
+        "logging.wandb.mode=disabled",
+        f"run.dir={run_dir}",
+        "deepspeed=zero0",
+        "train.precision=fp32",
+        "eval.every=0",
+        "logging.every=1",
+        "train.steps=6",
+        "checkpoint.every=3",
+        "data.mode=stream",
+        "data.source=json",
+        f"data.data_files=[{files}]",
+        f"data.tokenizer={corpus.tokenizer}",
+        "data.validation_fraction=0.1",
+        f"data.stream_partitions={PARTITIONS}",
     ]
 
 
@@ -374,8 +408,7 @@ def test_training_on_a_stream_resumes_on_another_world_size_with_the_same_losses
     one process resumes: the losses are one process's all the way."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _ok(run_module("zeroforge.trainer.train", _run_args(corpus, straight), cwd=REPO))
-    _ok(run_module("zeroforge.trainer.train", [*_run_args(corpus, resumed), "train.exit_interval=3"], cwd=REPO,
-                   launcher=TORCHRUN))
+    _ok(run_module("zeroforge.trainer.train", [*_run_args(corpus, resumed), "train.exit_interval=3"], cwd=REPO, launcher=TORCHRUN))
     saved = json.loads((resumed / "checkpoints" / "step_0000003" / "manifest.json").read_text())["run"]["data"]
     assert saved["consumed_samples"] == 3 * 8 and saved["partitions"] == PARTITIONS
     assert all(p["place"] is not None for p in saved["positions"])  # both ranks' partitions, all moved on

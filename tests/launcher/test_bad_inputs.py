@@ -6,6 +6,7 @@ The commands run in this process (`zeroforge.launcher.cli.main`, exactly what th
 calls), so that the table stays fast; tests/launcher/test_user_errors.py runs some of the same
 mistakes as separate processes, through torchrun too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,11 @@ CONFIG_MISTAKES = [
     ("launch", ["model.hidden_size=0"], ["model.hidden_size must be at least 1, found 0"]),
     ("launch", ["model.hidden_size=130"], ["model.hidden_size=130 must be divisible by model.num_heads=4"]),
     ("launch", ["model.num_kv_heads=3"], ["model.num_heads=4 must be divisible by model.num_kv_heads=3"]),
-    ("launch", ["model.model_type=nosuch"], ["model.model_type='nosuch'", "not a causal LM config", "Unrecognized model identifier: nosuch"]),
+    (
+        "launch",
+        ["model.model_type=nosuch"],
+        ["model.model_type='nosuch'", "not a causal LM config", "Unrecognized model identifier: nosuch"],
+    ),
     ("launch", ["model.hidden_size=100"], ["model.hidden_size=100", "RoPE requires an even rotary dimension"]),
     ("launch", ["model.attn_implementation=fast"], ["model.attn_implementation must be one of", "'sdpa'", "found 'fast'"]),
     ("launch", ["model.max_position_embeddings=32"], ["data.seq_len=128 must be between 1 and", "model.max_position_embeddings=32"]),
@@ -52,13 +57,25 @@ CONFIG_MISTAKES = [
     ("launch", ["deepspeed=zero5"], ["deepspeed/zero5", "zero3"]),
     ("launch", ["deepspeed.stage=5"], ["deepspeed.stage must be one of [0, 1, 2, 3], found 5"]),
     ("launch", ["deepspeed=zero2", "deepspeed.offload_params=true"], ["deepspeed.offload_params needs ZeRO stage 3, found stage 2"]),
-    ("launch", ["+deepspeed.zero_extra.overlap_commm=true"], ["deepspeed.zero_extra.overlap_commm", "extra inputs are not permitted", "found True"]),
-    ("launch", ["+deepspeed.zero_extra.reduce_bucket_size=big"], ["deepspeed.zero_extra.reduce_bucket_size", "valid integer", "found 'big'"]),
+    (
+        "launch",
+        ["+deepspeed.zero_extra.overlap_commm=true"],
+        ["deepspeed.zero_extra.overlap_commm", "extra inputs are not permitted", "found True"],
+    ),
+    (
+        "launch",
+        ["+deepspeed.zero_extra.reduce_bucket_size=big"],
+        ["deepspeed.zero_extra.reduce_bucket_size", "valid integer", "found 'big'"],
+    ),
     # cluster
     ("launch", ["cluster=nosuch"], ["cluster/nosuch", "h100"]),
     ("launch", ["cluster.nodes=2"], ["cluster=local runs on this machine alone, but cluster.nodes=2", "expected 1"]),
     ("launch", ["cluster.nproc_per_node=0"], ["cluster.nproc_per_node must be at least 1, found 0"]),
-    ("launch", ["cluster=slurm", "cluster.nproc_per_node=1", "cluster.time=00:05:00"], ["cluster.time=00:05:00 (300 s) must be longer than cluster.warning_s=300"]),
+    (
+        "launch",
+        ["cluster=slurm", "cluster.nproc_per_node=1", "cluster.time=00:05:00"],
+        ["cluster.time=00:05:00 (300 s) must be longer than cluster.warning_s=300"],
+    ),
     ("launch", ["cluster.gpu_memory_gb=-1"], ["cluster.gpu_memory_gb must be above 0, found -1.0"]),
     # logging
     ("launch", ["logging.every=0"], ["logging.every must be at least 1, found 0"]),
@@ -70,13 +87,20 @@ CONFIG_MISTAKES = [
     ("launch", ["train.steps=0"], ["train.steps must be at least 1, found 0"]),
     ("launch", ["train.steps=many"], ["train.steps", "many"]),
     ("launch", ["train.stepz=3"], ["Could not override 'train.stepz'", "Key 'stepz' not in 'TrainConfig'"]),
-    ("launch", ["train.global_batch_size=10", "train.micro_batch_size=4", "cluster.nproc_per_node=2"],
-     ["train.global_batch_size=10 must be a positive multiple of", "data-parallel size (2) = 8"]),
+    (
+        "launch",
+        ["train.global_batch_size=10", "train.micro_batch_size=4", "cluster.nproc_per_node=2"],
+        ["train.global_batch_size=10 must be a positive multiple of", "data-parallel size (2) = 8"],
+    ),
     ("launch", ["train.spike_zscore=-1"], ["train.spike_zscore must be above 0, found -1.0"]),
     ("launch", ["train.exit_interval=0"], ["train.exit_interval must be at least 1, found 0"]),
     # checkpoint
     ("launch", ["checkpoint.keep_last=0"], ["checkpoint.keep_last must be at least 1, found 0"]),
-    ("launch", ["checkpoint.resume=/no/such/checkpoint"], ["checkpoint.resume must be auto, never or a checkpoint directory", "'/no/such/checkpoint'"]),
+    (
+        "launch",
+        ["checkpoint.resume=/no/such/checkpoint"],
+        ["checkpoint.resume must be auto, never or a checkpoint directory", "'/no/such/checkpoint'"],
+    ),
     ("launch", ["run.dir=${nope}"], ["the config does not resolve", "Interpolation key 'nope' not found", "run.dir"]),
     # eval and generate
     ("launch", ["eval.batches=0"], ["eval.batches must be at least 1, found 0"]),
@@ -120,7 +144,9 @@ def refuse(data_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monk
 
 
 @pytest.mark.parametrize("command,overrides,expected", CONFIG_MISTAKES, ids=[" ".join([c, *o]) for c, o, _ in CONFIG_MISTAKES])
-def test_a_config_mistake_is_refused_with_its_key_expectation_and_value(refuse, command: str, overrides: list[str], expected: list[str]) -> None:
+def test_a_config_mistake_is_refused_with_its_key_expectation_and_value(
+    refuse, command: str, overrides: list[str], expected: list[str]
+) -> None:
     output = refuse(command, overrides)
     for text in expected:
         assert text in output, f"{text!r} not in:\n{output[-2000:]}"
@@ -153,7 +179,10 @@ def test_a_run_directory_of_another_run_is_refused(refuse, tmp_path: Path) -> No
 # the checkpoint's manifest (the trainer checks the same again). The run is the 2-rank ZeRO-3
 # smoke run with checkpoints at steps 10 and 20.
 RESUME_MISTAKES = [
-    (["model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=2"], ["cannot resume from", "model.hidden_size: checkpoint 128, now 64"]),
+    (
+        ["model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=2"],
+        ["cannot resume from", "model.hidden_size: checkpoint 128, now 64"],
+    ),
     (["data.seq_len=32"], ["cannot resume from", "data.seq_len: checkpoint 64, now 32"]),
     (["seed=7"], ["cannot resume from", "seed (the data order): checkpoint 1234, now 7"]),
     (["data.max_documents=300"], ["cannot resume from", "data fingerprint: checkpoint", "tokenizer: checkpoint"]),

@@ -1,4 +1,5 @@
 """Every config group composes, and a bad config is refused with the numbers that are wrong."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,16 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
 def test_required_keys_exist() -> None:
     cfg = compose_config()
     for key in [
-        "run.dir", "seed", "train.steps", "train.micro_batch_size", "train.global_batch_size",
-        "data.seq_len", "logging.every", "checkpoint.every", "eval.every", "cluster.nodes",
+        "run.dir",
+        "seed",
+        "train.steps",
+        "train.micro_batch_size",
+        "train.global_batch_size",
+        "data.seq_len",
+        "logging.every",
+        "checkpoint.every",
+        "eval.every",
+        "cluster.nodes",
         "cluster.nproc_per_node",
     ]:
         node = cfg

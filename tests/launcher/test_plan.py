@@ -1,5 +1,6 @@
 """The pre-flight plan: its figures against DeepSpeed's estimators and against what a real engine
 and model hold on the CPU, its refusals, and its wiring into the launch path."""
+
 from __future__ import annotations
 
 import gc
@@ -24,8 +25,14 @@ from zeroforge.trainer.validate import job_topology
 
 # A model a few times the tiny one, so that DeepSpeed's printed GB figures have digits to compare.
 SMALL = ["model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=8", "model.intermediate_size=1536"]
-H100 = ["cluster=h100", "cluster.gpu_memory_gb=80", "model.vocab_size=128256", "data.seq_len=8192",
-        "train.micro_batch_size=1", "train.global_batch_size=512"]
+H100 = [
+    "cluster=h100",
+    "cluster.gpu_memory_gb=80",
+    "model.vocab_size=128256",
+    "data.seq_len=8192",
+    "train.micro_batch_size=1",
+    "train.global_batch_size=512",
+]
 
 
 def _plan(overrides: list[str]):
@@ -34,11 +41,19 @@ def _plan(overrides: list[str]):
 
 
 def _hardware(nodes: int, gpus: int, stage: int, offload: str) -> list[str]:
-    offloads = {"none": [], "optimizer": ["deepspeed.offload_optimizer=true"],
-                "both": ["deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"]}
+    offloads = {
+        "none": [],
+        "optimizer": ["deepspeed.offload_optimizer=true"],
+        "both": ["deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"],
+    }
     return [
-        "model.vocab_size=4096", "train.precision=bf16", f"cluster.nodes={nodes}", f"cluster.nproc_per_node={gpus}",
-        f"deepspeed.stage={stage}", f"train.global_batch_size={64 * nodes * gpus}", *offloads[offload],
+        "model.vocab_size=4096",
+        "train.precision=bf16",
+        f"cluster.nodes={nodes}",
+        f"cluster.nproc_per_node={gpus}",
+        f"deepspeed.stage={stage}",
+        f"train.global_batch_size={64 * nodes * gpus}",
+        *offloads[offload],
     ]
 
 
@@ -69,8 +84,12 @@ def test_model_states_within_5_percent_of_deepspeed_estimators(
         params, largest = stage3.model_to_params(tiny_model)
         assert largest == plan.model.largest_layer
         _, theirs, _ = stage3.estimate_zero3_model_states_mem_needs(
-            params, largest, num_gpus_per_node=gpus, num_nodes=nodes,
-            cpu_offload=offload != "none", cpu_offload_params=offload == "both",
+            params,
+            largest,
+            num_gpus_per_node=gpus,
+            num_nodes=nodes,
+            cpu_offload=offload != "none",
+            cpu_offload_params=offload == "both",
         )
         if offload == "none":
             ours -= 2 * params / (nodes * gpus)
@@ -183,11 +202,18 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
     from zeroforge.trainer.validate import validate
 
     bucket = 200_000
-    cfg = compose_config([
-        "model.vocab_size=4096", "train.precision=fp32", f"deepspeed.stage={stage}", "train.micro_batch_size=2",
-        "train.global_batch_size=2", "data.seq_len=64", f"+deepspeed.zero_extra.reduce_bucket_size={bucket}",
-        f"run.dir={tmp_path}",
-    ])
+    cfg = compose_config(
+        [
+            "model.vocab_size=4096",
+            "train.precision=fp32",
+            f"deepspeed.stage={stage}",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=2",
+            "data.seq_len=64",
+            f"+deepspeed.zero_extra.reduce_bucket_size={bucket}",
+            f"run.dir={tmp_path}",
+        ]
+    )
     plan = estimate(cfg, job_topology(cfg))
     gc.collect()  # the engines of earlier stages must be gone, or their addresses come back as new
     before = _storages()
@@ -204,15 +230,23 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
     assert measured == pytest.approx(expected, rel=0.03)
 
 
-@pytest.mark.parametrize("attn,checkpointing,loss", [
-    ("sdpa", False, "plain"), ("sdpa", True, "plain"), ("eager", False, "plain"),
-    ("sdpa", False, "chunked"), ("sdpa", True, "chunked"),
-])
+@pytest.mark.parametrize(
+    "attn,checkpointing,loss",
+    [
+        ("sdpa", False, "plain"),
+        ("sdpa", True, "plain"),
+        ("eager", False, "plain"),
+        ("sdpa", False, "chunked"),
+        ("sdpa", True, "chunked"),
+    ],
+)
 def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool, loss: str) -> None:
     """Every tensor autograd saves for the backward of the real model (fp32, CPU), weighed by a
     saved-tensors hook, against the estimate; within 5%. The chunked loss runs as the trainer
     wires it (trainer/loss.py), at 4 chunks of 128 tokens."""
-    cfg = compose_config(["model.vocab_size=4096", f"model.attn_implementation={attn}", f"train.loss={loss}", "train.loss_chunk_tokens=128"])
+    cfg = compose_config(
+        ["model.vocab_size=4096", f"model.attn_implementation={attn}", f"train.loss={loss}", "train.loss_chunk_tokens=128"]
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model, 4096)
     model.config.use_cache = False
@@ -233,13 +267,25 @@ def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool, lo
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         causal_lm_loss(model, tokens)
     expected = activation_bytes(
-        model_shape(cfg), micro, seq, 4, checkpointing, eager=attn == "eager", loss=loss, chunk_tokens=cfg.train.loss_chunk_tokens,
+        model_shape(cfg),
+        micro,
+        seq,
+        4,
+        checkpointing,
+        eager=attn == "eager",
+        loss=loss,
+        chunk_tokens=cfg.train.loss_chunk_tokens,
     ).saved
     assert sum(saved.values()) == pytest.approx(expected, rel=0.05)
 
 
 def test_plan_cli_prints_the_table() -> None:
-    result = run_module("zeroforge.launcher.plan", [*H100, "model=llama-8b", "deepspeed=zero3", "model.activation_checkpointing=true"], cwd=REPO, timeout=120)
+    result = run_module(
+        "zeroforge.launcher.plan",
+        [*H100, "model=llama-8b", "deepspeed=zero3", "model.activation_checkpointing=true"],
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "llama-8b: 8.030B parameters" in out and "verdict: fits in 80.0 GiB" in out
@@ -250,9 +296,16 @@ def test_launch_refuses_before_preparing_data(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     result = run_module(
         "zeroforge.launcher",
-        ["model=llama-1b", "cluster.gpu_memory_gb=8", "data.seq_len=2048", f"data.cache_dir={cache}",
-         f"run.dir={tmp_path / 'run'}", "logging.wandb.mode=disabled"],
-        cwd=REPO, timeout=120,
+        [
+            "model=llama-1b",
+            "cluster.gpu_memory_gb=8",
+            "data.seq_len=2048",
+            f"data.cache_dir={cache}",
+            f"run.dir={tmp_path / 'run'}",
+            "logging.wandb.mode=disabled",
+        ],
+        cwd=REPO,
+        timeout=120,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-2000:]
@@ -260,16 +313,25 @@ def test_launch_refuses_before_preparing_data(tmp_path: Path) -> None:
     assert not cache.exists(), "the data was prepared before the plan refused the job"
 
 
-EIGHT_B_8192 = ["cluster=h100", "model=llama-8b", "deepspeed=zero3", "model.vocab_size=128256", "data.seq_len=8192",
-                "train.global_batch_size=512"]
+EIGHT_B_8192 = [
+    "cluster=h100",
+    "model=llama-8b",
+    "deepspeed=zero3",
+    "model.vocab_size=128256",
+    "data.seq_len=8192",
+    "train.global_batch_size=512",
+]
 
 
 def test_the_chunked_loss_fits_llama_8b_at_8192_tokens_where_the_plain_loss_does_not() -> None:
     """8 x 80 GiB, ZeRO-3: with activation checkpointing, micro batch 2 fits with either loss, micro
     batch 4 only with the chunked one (the plain loss's fp32 logits of 32,768 tokens are 16 GiB,
     and their gradient as much again); without checkpointing neither fits micro batch 2."""
+
     def plan(loss: str, micro: int, ckpt: bool):
-        return _plan([*EIGHT_B_8192, f"train.loss={loss}", f"train.micro_batch_size={micro}", f"model.activation_checkpointing={str(ckpt).lower()}"])[1]
+        return _plan(
+            [*EIGHT_B_8192, f"train.loss={loss}", f"train.micro_batch_size={micro}", f"model.activation_checkpointing={str(ckpt).lower()}"]
+        )[1]
 
     assert plan("plain", 2, True).fits and plan("chunked", 2, True).fits
     assert not plan("plain", 4, True).fits and plan("chunked", 4, True).fits
@@ -300,8 +362,14 @@ def test_best_micro_batch_is_the_largest_that_fits() -> None:
     assert not estimate(bigger, job_topology(bigger)).fits
 
 
-LLAMA_70B_8_NODES = ["model=llama-70b", "deepspeed=zero3", "cluster=h100", "cluster.nodes=8", "model.activation_checkpointing=true",
-                     *H100[2:]]
+LLAMA_70B_8_NODES = [
+    "model=llama-70b",
+    "deepspeed=zero3",
+    "cluster=h100",
+    "cluster.nodes=8",
+    "model.activation_checkpointing=true",
+    *H100[2:],
+]
 
 
 def test_plan_cli_prints_host_memory_per_node_and_refuses_too_little() -> None:

@@ -1,4 +1,5 @@
 """`zeroforge launch` on a Slurm cluster kind: the sbatch command comes from the cluster config."""
+
 from __future__ import annotations
 
 import os
@@ -16,25 +17,46 @@ H100_1B = ["cluster=h100", "model=llama-1b", "train.global_batch_size=512"]
 
 def test_sbatch_command_carries_the_placement_and_the_frozen_config(tmp_path: Path) -> None:
     overrides = [
-        *H100_1B, "cluster.nodes=2", "cluster.partition=gpu", "cluster.account=proj", "cluster.qos=high",
-        "cluster.constraint=h100", "cluster.exclude='node[07-08]'", "cluster.time=2-00:00:00", "cluster.warning_s=600",
-        "cluster.sbatch_args=[--exclusive]", "launcher.dry_run=true", f"run.dir={tmp_path / 'run'}",
+        *H100_1B,
+        "cluster.nodes=2",
+        "cluster.partition=gpu",
+        "cluster.account=proj",
+        "cluster.qos=high",
+        "cluster.constraint=h100",
+        "cluster.exclude='node[07-08]'",
+        "cluster.time=2-00:00:00",
+        "cluster.warning_s=600",
+        "cluster.sbatch_args=[--exclusive]",
+        "launcher.dry_run=true",
+        f"run.dir={tmp_path / 'run'}",
     ]
     cmd = sbatch_command(compose_config(overrides), job_config_options(tmp_path / "run"))
     script_at = cmd.index(str(SCRIPT))
     assert cmd[:script_at] == [
-        "sbatch", "--job-name=default", "--nodes=2", "--gpus-per-node=8", "--time=2-00:00:00",
-        "--signal=B:USR1@600", f"--output={tmp_path / 'run'}/logs/slurm-%j.out", "--account=proj",
-        "--partition=gpu", "--qos=high", "--constraint=h100", "--exclude=node[07-08]", "--exclusive",
+        "sbatch",
+        "--job-name=default",
+        "--nodes=2",
+        "--gpus-per-node=8",
+        "--time=2-00:00:00",
+        "--signal=B:USR1@600",
+        f"--output={tmp_path / 'run'}/logs/slurm-%j.out",
+        "--account=proj",
+        "--partition=gpu",
+        "--qos=high",
+        "--constraint=h100",
+        "--exclude=node[07-08]",
+        "--exclusive",
     ]
     # The job composes the config the launcher froze in run.dir, absolute, from any working directory.
-    assert cmd[script_at + 1:] == ["--config-path", str(tmp_path / "run"), "--config-name", "job"]
+    assert cmd[script_at + 1 :] == ["--config-path", str(tmp_path / "run"), "--config-name", "job"]
 
 
 def test_dry_run_prints_the_command_and_the_script_and_submits_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_module(
-        "zeroforge.launcher", [*H100_1B, "cluster.nodes=4", "launcher.dry_run=true", f"run.dir={run_dir}"], cwd=tmp_path,
+        "zeroforge.launcher",
+        [*H100_1B, "cluster.nodes=4", "launcher.dry_run=true", f"run.dir={run_dir}"],
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     command = shlex.split(next(line for line in result.stdout.splitlines() if line.startswith("sbatch ")))
@@ -45,7 +67,8 @@ def test_dry_run_prints_the_command_and_the_script_and_submits_nothing(tmp_path:
 
 def test_a_sweep_submits_one_job_per_point_each_in_its_own_run_directory(tmp_path: Path) -> None:
     result = run_module(
-        "zeroforge.launcher", ["-m", *H100_1B, "optim.lr=1e-3,2e-3", "launcher.dry_run=true", f"run.dir={tmp_path / 'sweep'}"],
+        "zeroforge.launcher",
+        ["-m", *H100_1B, "optim.lr=1e-3,2e-3", "launcher.dry_run=true", f"run.dir={tmp_path / 'sweep'}"],
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,7 +92,8 @@ def test_slurm_time_limits_in_seconds() -> None:
 def test_a_time_limit_within_the_warning_is_refused_before_submitting(tmp_path: Path) -> None:
     # Slurm would send the stop warning as the job starts, and the job would die with an empty log.
     result = run_module(
-        "zeroforge.launcher", [*H100_1B, "cluster.time=00:05:00", "launcher.dry_run=true", f"run.dir={tmp_path / 'run'}"],
+        "zeroforge.launcher",
+        [*H100_1B, "cluster.time=00:05:00", "launcher.dry_run=true", f"run.dir={tmp_path / 'run'}"],
         cwd=REPO,
     )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
@@ -101,7 +125,12 @@ def test_the_job_composes_the_scripts_arguments_on_its_allocation() -> None:
     # The generic Slurm cluster unless the arguments choose one; the node count is the allocation's.
     assert job_arguments(["model=llama-1b"], env) == ["cluster=slurm", "model=llama-1b", "cluster.nodes=4"]
     assert job_arguments(["cluster=h100", "--config-dir", "myconf", "experiment=mine"], env) == [
-        "cluster=h100", "--config-dir", "myconf", "experiment=mine", "cluster.nodes=4"]
+        "cluster=h100",
+        "--config-dir",
+        "myconf",
+        "experiment=mine",
+        "cluster.nodes=4",
+    ]
     # The launcher's frozen config already holds its cluster.
     frozen = ["--config-path", "/runs/x", "--config-name", "job"]
     assert job_arguments(frozen, env) == [*frozen, "cluster.nodes=4"]
@@ -122,7 +151,8 @@ def test_a_launch_validates_once_per_process(tmp_path: Path) -> None:
     """The launcher derives the topology once and hands it to the plan and the checks."""
     result = run_module(
         "zeroforge.launcher",
-        [*H100_1B, "launcher.dry_run=true", "logging.level=DEBUG", f"run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+        [*H100_1B, "launcher.dry_run=true", "logging.level=DEBUG", f"run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     validated = [line for line in result.stdout.splitlines() if "config validated" in line]

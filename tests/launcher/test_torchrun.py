@@ -1,6 +1,7 @@
 """`python -m zeroforge.launcher.torchrun`: torchrun that ends with the ranks' own exit code, so a
 mistake the ranks find reaches the user as their one paragraph and exit code 2, not torchrun's
 ChildFailedError traceback and 1."""
+
 from __future__ import annotations
 
 import shutil

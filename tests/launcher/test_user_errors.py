@@ -1,4 +1,5 @@
 """Bad input through the real entry points: one clear paragraph before training, never a traceback."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ def test_unknown_config_key(base: list[str]) -> None:
 
 def test_indivisible_global_batch(base: list[str]) -> None:
     _fails_clearly(
-        "zeroforge.launcher", [*base, "train.global_batch_size=10", "train.micro_batch_size=4", "cluster.nproc_per_node=2"],
-        "zeroforge: configuration error: train.global_batch_size=10", "data-parallel size (2) = 8",
+        "zeroforge.launcher",
+        [*base, "train.global_batch_size=10", "train.micro_batch_size=4", "cluster.nproc_per_node=2"],
+        "zeroforge: configuration error: train.global_batch_size=10",
+        "data-parallel size (2) = 8",
     )
 
 
@@ -47,8 +50,10 @@ def test_tokenizer_larger_than_the_model(module: str, base: list[str]) -> None:
 
 def test_missing_corpus(base: list[str], tmp_path: Path) -> None:
     _fails_clearly(
-        "zeroforge.launcher", [*base, "data.source=json", f"data.data_files=[{tmp_path}/absent/*.jsonl]"],
-        "zeroforge: data error", "absent/*.jsonl",
+        "zeroforge.launcher",
+        [*base, "data.source=json", f"data.data_files=[{tmp_path}/absent/*.jsonl]"],
+        "zeroforge: data error",
+        "absent/*.jsonl",
     )
 
 
@@ -57,7 +62,8 @@ def test_empty_corpus(base: list[str], tmp_path: Path) -> None:
     _fails_clearly(
         "zeroforge.launcher",
         [*base, "data.source=json", f"data.data_files=[{tmp_path}/empty.jsonl]", f"data.cache_dir={tmp_path}/cache"],
-        "zeroforge: data error", "yielded no documents",
+        "zeroforge: data error",
+        "yielded no documents",
     )
 
 
@@ -75,8 +81,13 @@ def test_run_directory_of_another_run_is_refused(base: list[str], tmp_path: Path
 
 @pytest.mark.slow
 def test_rank_zero_failure_stops_every_rank_promptly(base: list[str], tmp_path: Path) -> None:
-    args = [*base, "experiment=smoke", "data.source=json", f"data.data_files=[{tmp_path}/absent/*.jsonl]",
-            f"data.cache_dir={tmp_path}/cache"]
+    args = [
+        *base,
+        "experiment=smoke",
+        "data.source=json",
+        f"data.data_files=[{tmp_path}/absent/*.jsonl]",
+        f"data.cache_dir={tmp_path}/cache",
+    ]
     result = run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=TORCHRUN, timeout=180)
     output = result.stdout + result.stderr
     assert result.returncode != 0

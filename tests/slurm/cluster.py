@@ -5,6 +5,7 @@ directory with free ports, so the tests need no root-owned state and never meet 
 Both nodes are this host (NodeAddr=127.0.0.1) and declare 8 GPUs backed by plain files: jobs ask
 for GPUs as on a real cluster, and train on the CPU (DS_ACCELERATOR=cpu).
 """
+
 from __future__ import annotations
 
 import os
@@ -52,16 +53,20 @@ class SlurmCluster:
         (munge / "munge.key").write_bytes(os.urandom(1024))
         (munge / "munge.key").chmod(0o600)
         self._run(
-            _binary("munged"), "--force", f"--socket={munge}/munge.socket", f"--key-file={munge}/munge.key",
-            f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed",
+            _binary("munged"),
+            "--force",
+            f"--socket={munge}/munge.socket",
+            f"--key-file={munge}/munge.key",
+            f"--pid-file={munge}/munged.pid",
+            f"--log-file={munge}/munged.log",
+            f"--seed-file={munge}/munged.seed",
         )
         for i in range(8):
             (root / "dev" / f"nvidia{i}").touch()
         ctld, node, n1, n2 = _free_ports(4)
         host = socket.gethostname()
         nodes = "\n".join(
-            f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=2 RealMemory=4000 "
-            "Gres=gpu:8 State=UNKNOWN"
+            f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=2 RealMemory=4000 Gres=gpu:8 State=UNKNOWN"
             for name, port in (("n1", n1), ("n2", n2))
         )
         (root / "slurm.conf").write_text(f"""\

@@ -1,5 +1,6 @@
 """The Slurm cluster fixture: started once per session, skipped (with the reason) only where
 Debian's slurm packages are absent; CI sets ZEROFORGE_REQUIRE_SLURM=1 so that a skip fails."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """`sbatch slurm/pretrain.sh` and `zeroforge launch cluster=slurm` on a real two-node Slurm."""
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,13 @@ def test_two_nodes_train_exactly_like_local_torchrun(
 ) -> None:
     on_slurm = tmp_path / "slurm"
     job_id = _submit(
-        slurm_cluster, tmp_path, "--nodes=2", f"--output={tmp_path}/slurm-%j.out", str(SCRIPT),
-        *exact_overrides(data_cache, on_slurm, 2), *ONE_CPU_RANK_PER_NODE,
+        slurm_cluster,
+        tmp_path,
+        "--nodes=2",
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SCRIPT),
+        *exact_overrides(data_cache, on_slurm, 2),
+        *ONE_CPU_RANK_PER_NODE,
     )
     job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
@@ -66,11 +72,21 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster: SlurmClu
     submitted = run_module(
         "zeroforge.launcher",
         [
-            "experiment=smoke", "cluster=slurm", "cluster.nodes=2", *ONE_CPU_RANK_PER_NODE,
-            f"data.cache_dir={data_cache}", f"run.dir={run_dir}", "logging.wandb.mode=offline",
-            f"train.steps={steps}", "eval.every=0", "checkpoint.every=0", "logging.every=1",
+            "experiment=smoke",
+            "cluster=slurm",
+            "cluster.nodes=2",
+            *ONE_CPU_RANK_PER_NODE,
+            f"data.cache_dir={data_cache}",
+            f"run.dir={run_dir}",
+            "logging.wandb.mode=offline",
+            f"train.steps={steps}",
+            "eval.every=0",
+            "checkpoint.every=0",
+            "logging.every=1",
         ],
-        cwd=REPO, env=slurm_cluster.env, timeout=300,
+        cwd=REPO,
+        env=slurm_cluster.env,
+        timeout=300,
     )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
@@ -107,7 +123,9 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster: SlurmClu
     assert {p.name.rsplit("-", 1)[1] for p in attempts} == {(run_dir / "wandb_id").read_text().strip()}
 
 
-def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(slurm_cluster: SlurmCluster, data_cache: Path, tmp_path: Path) -> None:
+def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(
+    slurm_cluster: SlurmCluster, data_cache: Path, tmp_path: Path
+) -> None:
     # The second node hangs where its torchrun would start (as a node with a stuck filesystem or a
     # wrong network would): the first must give up after cluster.rendezvous_timeout_s and
     # --kill-on-bad-exit must end the whole job, instead of both holding their nodes until the
@@ -124,9 +142,16 @@ def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(slurm_c
     shim.chmod(0o755)
     timeout_s = 20
     job_id = _submit(
-        slurm_cluster, tmp_path, "--nodes=2", "--time=10", f"--output={tmp_path}/slurm-%j.out", str(SCRIPT),
-        *exact_overrides(data_cache, tmp_path / "run", 0), *ONE_CPU_RANK_PER_NODE,
-        f"cluster.rendezvous_timeout_s={timeout_s}", path=shim.parent,
+        slurm_cluster,
+        tmp_path,
+        "--nodes=2",
+        "--time=10",
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SCRIPT),
+        *exact_overrides(data_cache, tmp_path / "run", 0),
+        *ONE_CPU_RANK_PER_NODE,
+        f"cluster.rendezvous_timeout_s={timeout_s}",
+        path=shim.parent,
     )
     job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
@@ -143,20 +168,36 @@ def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(slurm_c
         time.sleep(1)
 
 
-def test_sbatch_runs_a_users_experiment_from_the_wheel_through_config_dir(slurm_cluster: SlurmCluster, user_project: UserProject, data_cache: Path) -> None:
+def test_sbatch_runs_a_users_experiment_from_the_wheel_through_config_dir(
+    slurm_cluster: SlurmCluster, user_project: UserProject, data_cache: Path
+) -> None:
     # The wheel's own pretrain.sh, submitted by hand from the user's project with Hydra's option
     # among the overrides; the job finds the venv's python (sbatch passes PATH on), composes the
     # arguments on cluster=slurm and freezes them in run.dir/job.yaml for the ranks.
-    where = subprocess.run([str(user_project.bin / "python"), "-c", "from zeroforge.launcher.slurm import SCRIPT; print(SCRIPT)"],
-                           capture_output=True, text=True, timeout=300)
+    where = subprocess.run(
+        [str(user_project.bin / "python"), "-c", "from zeroforge.launcher.slurm import SCRIPT; print(SCRIPT)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     script = Path(where.stdout.strip())
     assert script.is_relative_to(user_project.venv), where.stdout + where.stderr
     run_dir = user_project.project / "runs" / "mine-on-slurm"
     run_dir.parent.mkdir(exist_ok=True)  # Slurm writes the log there, and makes no directory
     job_id = _submit(
-        slurm_cluster, user_project.project, "--nodes=2", f"--output={run_dir.parent}/slurm-%j.out", str(script),
-        "experiment=mine", "--config-dir", "myconf", *ONE_CPU_RANK_PER_NODE, f"data.cache_dir={data_cache}",
-        f"run.dir={run_dir}", "logging.wandb.mode=disabled", path=user_project.bin,
+        slurm_cluster,
+        user_project.project,
+        "--nodes=2",
+        f"--output={run_dir.parent}/slurm-%j.out",
+        str(script),
+        "experiment=mine",
+        "--config-dir",
+        "myconf",
+        *ONE_CPU_RANK_PER_NODE,
+        f"data.cache_dir={data_cache}",
+        f"run.dir={run_dir}",
+        "logging.wandb.mode=disabled",
+        path=user_project.bin,
     )
     job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
     log = (run_dir.parent / f"slurm-{job_id}.out").read_text()

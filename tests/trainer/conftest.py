@@ -1,4 +1,5 @@
 """Models the evaluation and generation tests share: tiny random ones, and one trained smoke run."""
+
 from __future__ import annotations
 
 import json

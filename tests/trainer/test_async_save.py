@@ -1,5 +1,6 @@
 """checkpoint.async_save: files written in the background, committed after the next step, and
 a run resumed from them continues exactly."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """The entry points' shared behaviour: Hydra's options may come after overrides, and a config
 composed from anywhere reaches the ranks frozen in run.dir/job.yaml."""
+
 from __future__ import annotations
 
 import shlex
@@ -18,7 +19,17 @@ from zeroforge.trainer.rundir import JOB_CONFIG, write_job_config
 
 def test_hydra_options_go_before_the_overrides() -> None:
     args = ["cluster=slurm", "--config-dir", "./myconf", "experiment=mine", "-m", "--cfg=job", "--info", "defaults", "a=1"]
-    assert hydra_arguments(args) == ["--config-dir", "./myconf", "-m", "--cfg=job", "--info", "defaults", "cluster=slurm", "experiment=mine", "a=1"]
+    assert hydra_arguments(args) == [
+        "--config-dir",
+        "./myconf",
+        "-m",
+        "--cfg=job",
+        "--info",
+        "defaults",
+        "cluster=slurm",
+        "experiment=mine",
+        "a=1",
+    ]
     assert hydra_arguments(["--info", "a=1"]) == ["--info", "a=1"]  # --info's topic is optional
     # A relative --config-path is the user's directory, not one inside zeroforge's package.
     here = str(Path("myconf").absolute())
@@ -62,5 +73,9 @@ def test_configs_from_a_search_path_or_a_primary_config_by_path_are_composed(
     )
     run_dir = f"run.dir={tmp_path / 'run'}"
     assert _dry_run_job_name(capsys, monkeypatch, ["--config-dir", str(tmp_path / "myconf"), "experiment=mine", run_dir]) == "mine"
-    assert _dry_run_job_name(capsys, monkeypatch, [f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "experiment=mine", run_dir]) == "mine"
-    assert _dry_run_job_name(capsys, monkeypatch, ["--config-path", str(tmp_path / "myconf"), "--config-name", "myrun", run_dir]) == "bypath"
+    assert (
+        _dry_run_job_name(capsys, monkeypatch, [f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "experiment=mine", run_dir]) == "mine"
+    )
+    assert (
+        _dry_run_job_name(capsys, monkeypatch, ["--config-path", str(tmp_path / "myconf"), "--config-name", "myrun", run_dir]) == "bypath"
+    )

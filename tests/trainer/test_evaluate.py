@@ -1,5 +1,6 @@
 """Evaluation: the perplexity of an export or a checkpoint is the trainer's, lm-eval is optional,
 and the training loop's sanity samples reach samples.jsonl and wandb."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,9 +25,7 @@ def _val_loss(run_dir: Path, step: int) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_path,step", [("export", 20), ("checkpoints", 20), ("checkpoints/step_0000010", 10)])
-def test_perplexity_equals_the_trainers_on_the_same_sequences(
-    model_path: str, step: int, zero3_smoke_run: Path, data_cache: Path
-) -> None:
+def test_perplexity_equals_the_trainers_on_the_same_sequences(model_path: str, step: int, zero3_smoke_run: Path, data_cache: Path) -> None:
     cfg = compose_config([*smoke_run_overrides(data_cache, zero3_smoke_run), f"eval.model_path={zero3_smoke_run / model_path}"])
     result = evaluate(cfg)
     expected = _val_loss(zero3_smoke_run, step)

@@ -1,4 +1,5 @@
 """The export is a plain HF model: it loads with Auto classes and computes what training computed."""
+
 from __future__ import annotations
 
 import json
@@ -99,8 +100,15 @@ def test_checkpoints_of_every_stage_load_as_the_export(stage: int, precision: st
 
     run_dir = tmp_path / "run"
     args = [
-        "experiment=smoke", f"data.cache_dir={data_cache}", f"run.dir={run_dir}", "logging.wandb.mode=disabled",
-        f"deepspeed=zero{stage}", f"train.precision={precision}", "train.steps=3", "eval.every=0", "checkpoint.every=0",
+        "experiment=smoke",
+        f"data.cache_dir={data_cache}",
+        f"run.dir={run_dir}",
+        "logging.wandb.mode=disabled",
+        f"deepspeed=zero{stage}",
+        f"train.precision={precision}",
+        "train.steps=3",
+        "eval.every=0",
+        "checkpoint.every=0",
     ]
     result = run_module("zeroforge.trainer.train", args, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,6 +1,7 @@
 """Bad steps on the real DeepSpeed engine: skipped with weights untouched, counted, and a run that
 keeps failing stops. The faults are injected by a forward hook that scales the final norm's output,
 which scales the logits (the output layer is linear) whichever loss computes them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,10 +27,17 @@ class Run:
     """One process, a real engine, and a switch that poisons the next forward passes' logits."""
 
     def __init__(self, stage: int, data_cache: Path, dist: distributed.DistInfo, overrides: tuple[str, ...]):
-        cfg = compose_config([
-            "experiment=smoke", f"data.cache_dir={data_cache}", f"deepspeed=zero{stage}", "train.precision=fp32",
-            "logging.wandb.mode=disabled", "train.global_batch_size=4", *overrides,
-        ])
+        cfg = compose_config(
+            [
+                "experiment=smoke",
+                f"data.cache_dir={data_cache}",
+                f"deepspeed=zero{stage}",
+                "train.precision=fp32",
+                "logging.wandb.mode=disabled",
+                "train.global_batch_size=4",
+                *overrides,
+            ]
+        )
         plan = validate(cfg, 1, cuda=False)
         self.dist = dist
         prepared = prepare(cfg.data)
@@ -40,8 +48,14 @@ class Run:
         self.engine = build_engine(model, cfg, plan)
         self.guard = FaultGuard(cfg.train, self.engine.basic_optimizer, stage)
         self.loader = BatchLoader(
-            TokenStore(prepared, "train"), cfg.data.seq_len, cfg.seed, cfg.train.global_batch_size,
-            cfg.train.micro_batch_size, dp_rank=0, dp_size=1, consumed_samples=0,
+            TokenStore(prepared, "train"),
+            cfg.data.seq_len,
+            cfg.seed,
+            cfg.train.global_batch_size,
+            cfg.train.micro_batch_size,
+            dp_rank=0,
+            dp_size=1,
+            consumed_samples=0,
         )
         self.step_count = 0
 

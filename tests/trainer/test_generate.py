@@ -1,5 +1,6 @@
 """Generation: greedy equals a plain forward loop, the cache and a draft model change nothing but
 speed, sampling is reproducible, and bad input is refused with a clear message."""
+
 from __future__ import annotations
 
 import json
@@ -75,20 +76,32 @@ def test_speculative_decoding_gives_the_target_greedy_output(tiny_export: Path, 
     # Through the entry point's function, with its config (prompts from a file: they hold newlines).
     prompts, output = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    cfg = compose_config(_overrides(
-        tiny_export, f"generate.draft_model_path={draft_export}", "generate.temperature=0",
-        f"generate.max_new_tokens={NEW}", f"generate.prompts_file={prompts}", f"generate.output={output}",
-    ))
+    cfg = compose_config(
+        _overrides(
+            tiny_export,
+            f"generate.draft_model_path={draft_export}",
+            "generate.temperature=0",
+            f"generate.max_new_tokens={NEW}",
+            f"generate.prompts_file={prompts}",
+            f"generate.output={output}",
+        )
+    )
     assert [s.tokens for s in generate(cfg)] == expected
     assert [json.loads(line)["tokens"] for line in output.read_text().splitlines()] == expected
 
 
 def test_sampling_is_reproducible_from_the_seed(tiny_export: Path) -> None:
     def sampled(seed: int) -> list[list[int]]:
-        cfg = compose_config(_overrides(
-            tiny_export, "generate.temperature=1.0", "generate.top_k=50", "generate.top_p=0.9",
-            f"generate.seed={seed}", f"generate.max_new_tokens={NEW}",
-        ))
+        cfg = compose_config(
+            _overrides(
+                tiny_export,
+                "generate.temperature=1.0",
+                "generate.top_k=50",
+                "generate.top_p=0.9",
+                f"generate.seed={seed}",
+                f"generate.max_new_tokens={NEW}",
+            )
+        )
         return [s.tokens for s in generate(cfg)]
 
     assert sampled(0) == sampled(0)
@@ -116,10 +129,15 @@ def test_prompts_file_and_jsonl_output(kind: str, tiny_export: Path, tmp_path: P
     lines = [json.dumps({"prompt": p}) for p in prompts] if kind == "jsonl" else prompts
     path.write_text("\n".join(lines) + "\n\n")
     output = tmp_path / "out" / "samples.jsonl"
-    cfg = compose_config(_overrides(
-        tiny_export, f"generate.prompts_file={path}", f"generate.output={output}", "generate.max_new_tokens=8",
-        "generate.batch_size=1",
-    ))
+    cfg = compose_config(
+        _overrides(
+            tiny_export,
+            f"generate.prompts_file={path}",
+            f"generate.output={output}",
+            "generate.max_new_tokens=8",
+            "generate.batch_size=1",
+        )
+    )
     samples = generate(cfg)
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["prompt"] for r in records] == prompts == [s.prompt for s in samples]

@@ -1,4 +1,5 @@
 """Continued pre-training: model.init_from starts a new run from an export's weights."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,9 @@ def test_a_run_continues_from_an_exports_weights_with_a_fresh_optimizer(single_p
     export = single_process_run / "export"
     run_dir = tmp_path / "continued"
     result = run_module(
-        "zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.steps=4", f"model.init_from={export}"], cwd=REPO,
+        "zeroforge.trainer.train",
+        [*exact_overrides(data_cache, run_dir, 2), "train.steps=4", f"model.init_from={export}"],
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"weights from {export}" in result.stdout

@@ -1,5 +1,6 @@
 """Which kernels a run asks for is decided, and refused when it cannot be had, before any process
 starts: the loss, Liger, flash-attn, and torch's fused AdamW (on CUDA only by default)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,7 +17,9 @@ LIGER = importlib.util.find_spec("liger_kernel") is not None
 FLASH = importlib.util.find_spec("flash_attn") is not None
 
 
-@pytest.mark.parametrize("fused,cuda,expected", [("null", True, True), ("null", False, False), ("false", True, False), ("true", False, True)])
+@pytest.mark.parametrize(
+    "fused,cuda,expected", [("null", True, True), ("null", False, False), ("false", True, False), ("true", False, True)]
+)
 def test_fused_adamw_by_default_on_cuda_only(fused: str, cuda: bool, expected: bool) -> None:
     cfg = compose_config([f"optim.fused={fused}"])
     assert fused_adamw(cfg, validate(cfg, 1, cuda=cuda)) is expected
@@ -47,9 +50,15 @@ def test_the_chunked_loss_is_refused_where_logits_are_not_a_plain_output_layer()
 def test_launch_refuses_flash_attention_2_before_anything_starts(data_cache: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     result = run_module(
-        "zeroforge.launcher", [f"data.cache_dir={cache}", f"run.dir={tmp_path / 'run'}", "logging.wandb.mode=disabled",
-                               "model.attn_implementation=flash_attention_2"],
-        cwd=REPO, timeout=120,
+        "zeroforge.launcher",
+        [
+            f"data.cache_dir={cache}",
+            f"run.dir={tmp_path / 'run'}",
+            "logging.wandb.mode=disabled",
+            "model.attn_implementation=flash_attention_2",
+        ],
+        cwd=REPO,
+        timeout=120,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-2000:]

@@ -1,4 +1,5 @@
 """Rank-aware logging on two real ranks: rank 0 prints info, every rank its warnings, tagged."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """The chunked loss (trainer/loss.py) equals the plain `logits.float()` loss, values and gradients,
 and leaves the model plain: logits, generation, state dict names and deep copies as before."""
+
 from __future__ import annotations
 
 import copy
@@ -47,10 +48,14 @@ def _assert_grads_equal(plain: torch.nn.Module, chunked: torch.nn.Module, tol: f
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("chunk_tokens,boundaries", [
-    (64, None), (7, DocumentBoundaries(EOS, reset_position_ids=True, mask_cross_document_loss=True)),
-    (100_000, DocumentBoundaries(EOS, mask_cross_document_loss=True)),
-])
+@pytest.mark.parametrize(
+    "chunk_tokens,boundaries",
+    [
+        (64, None),
+        (7, DocumentBoundaries(EOS, reset_position_ids=True, mask_cross_document_loss=True)),
+        (100_000, DocumentBoundaries(EOS, mask_cross_document_loss=True)),
+    ],
+)
 def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tied: bool, chunk_tokens: int, boundaries) -> None:
     plain, chunked = _models(tied, chunk_tokens)
     assert installed_loss(plain) == "plain" and installed_loss(chunked) == "chunked"
@@ -145,10 +150,18 @@ def test_through_the_deepspeed_engine_the_losses_equal_the_plain_ones(stage: int
     batches = [_tokens(seed) for seed in range(4)]
     losses = {}
     for loss in ("plain", "chunked"):
-        cfg = compose_config([
-            "train.precision=fp32", f"deepspeed.stage={stage}", "train.micro_batch_size=3", "train.global_batch_size=3",
-            f"train.loss={loss}", "train.loss_chunk_tokens=100", "optim.warmup_steps=1", "optim.lr=1e-2",
-        ])
+        cfg = compose_config(
+            [
+                "train.precision=fp32",
+                f"deepspeed.stage={stage}",
+                "train.micro_batch_size=3",
+                "train.global_batch_size=3",
+                f"train.loss={loss}",
+                "train.loss_chunk_tokens=100",
+                "optim.warmup_steps=1",
+                "optim.lr=1e-2",
+            ]
+        )
         torch.manual_seed(0)
         engine = build_engine(build_model(cfg.model, VOCAB), cfg, validate(cfg, 1, cuda=False))
         losses[loss] = []
@@ -163,12 +176,13 @@ def test_through_the_deepspeed_engine_the_losses_equal_the_plain_ones(stage: int
 
 
 @pytest.mark.slow
-def test_two_ranks_under_zero3_train_like_one_process_with_the_plain_loss(
-    plain_loss_run: Path, data_cache: Path, tmp_path: Path
-) -> None:
+def test_two_ranks_under_zero3_train_like_one_process_with_the_plain_loss(plain_loss_run: Path, data_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_module(
-        "zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 3), "train.loss=chunked"], cwd=REPO, launcher=TORCHRUN,
+        "zeroforge.trainer.train",
+        [*exact_overrides(data_cache, run_dir, 3), "train.loss=chunked"],
+        cwd=REPO,
+        launcher=TORCHRUN,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "world size 2" in result.stdout and "loss chunked" in result.stdout

@@ -22,11 +22,19 @@ def test_mfu_from_known_flops_and_time() -> None:
     assert peak_tflops(989.0, "cpu") == 989.0 and peak_tflops(None, "cpu") is None
 
 
-@pytest.mark.parametrize("name,peak", [
-    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
-    ("NVIDIA H200", 989.0), ("NVIDIA GH200 480GB", 989.0), ("NVIDIA B200", 2250.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA B200", 2250.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_by_device_name(name: str, peak: float) -> None:
     assert peak_for_device(name) == peak
 
@@ -48,8 +56,11 @@ def test_mfu_of_a_known_model_and_step_time() -> None:
 def test_timing_fields_from_known_inputs() -> None:
     # 10 steps of 8192 tokens in 4 s on 2 ranks, 1 s of it waiting for data.
     assert timing(81920, 4.0, 10, 1.0, world_size=2) == {
-        "tokens_per_s": 20480.0, "tokens_per_s_per_gpu": 10240.0, "step_time_s": 0.4,
-        "data_wait_s": 1.0, "data_wait_share": 0.25,
+        "tokens_per_s": 20480.0,
+        "tokens_per_s_per_gpu": 10240.0,
+        "step_time_s": 0.4,
+        "data_wait_s": 1.0,
+        "data_wait_share": 0.25,
     }
 
 
@@ -73,8 +84,9 @@ def test_stopwatch_sums_the_time_inside_blocks_until_a_lap() -> None:
 
 def test_every_record_times_the_steps_since_the_last_one(tmp_path: Path) -> None:
     cfg = compose_config([f"run.dir={tmp_path}", "logging.wandb.mode=disabled", "logging.every=3", "train.steps=6"])
-    topology = Topology(world_size=2, sequence=1, tensor=1, expert=1, micro_batch_size=1, global_batch_size=2,
-                        seq_len=500, device="cpu", precision="fp32")  # 1,000 tokens a step
+    topology = Topology(
+        world_size=2, sequence=1, tensor=1, expert=1, micro_batch_size=1, global_batch_size=2, seq_len=500, device="cpu", precision="fp32"
+    )  # 1,000 tokens a step
     logger = MetricsLogger(cfg, DistInfo(rank=0, world_size=2, local_rank=0), topology, flops_per_token=1e6)
     logger.data_wait.clock = FakeClock(0.25)  # each next_batch() waits 0.25 s
     records = []

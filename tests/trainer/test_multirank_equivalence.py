@@ -1,4 +1,5 @@
 """Two real ranks on gloo under ZeRO 0-3 train exactly like one process with the same global batch."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,6 +1,7 @@
 """ZeRO-3 at scale on 2 CPU ranks: partitioned construction holds a shard per rank at start-up and
 trains exactly like building the whole model; model.init_from loads shard by shard; a ZeRO-3
 checkpoint exports with a bounded host memory."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ from tests.conftest import REPO, TORCHRUN, read_metrics, run_module, train_losse
 
 # llama-125m's shape with a 32,000-token vocabulary (tied): 109.5M parameters, 418 MiB in fp32.
 MODEL_110M = ["model=llama-125m", "model.vocab_size=32000"]
-STARTUP = re.compile(r"start-up: model and engine in [\d.]+ s \((.*?)\) \| peak host memory per rank: ([\d, ]+) MiB \(before the model: ([\d, ]+) MiB\)")
+STARTUP = re.compile(
+    r"start-up: model and engine in [\d.]+ s \((.*?)\) \| peak host memory per rank: ([\d, ]+) MiB \(before the model: ([\d, ]+) MiB\)"
+)
 
 
 def _ok(result) -> str:
@@ -31,9 +34,20 @@ def _startup(output: str) -> tuple[str, list[int], list[int]]:
 
 def _run_110m(data_cache: Path, run_dir: Path, steps: int, deepspeed: list[str]) -> str:
     args = [
-        "experiment=smoke", f"data.cache_dir={data_cache}", "logging.wandb.mode=disabled", f"run.dir={run_dir}",
-        *MODEL_110M, *deepspeed, "train.precision=fp32", "data.seq_len=16", "train.micro_batch_size=1",
-        "train.global_batch_size=2", f"train.steps={steps}", "logging.every=1", "eval.every=0", "checkpoint.every=0",
+        "experiment=smoke",
+        f"data.cache_dir={data_cache}",
+        "logging.wandb.mode=disabled",
+        f"run.dir={run_dir}",
+        *MODEL_110M,
+        *deepspeed,
+        "train.precision=fp32",
+        "data.seq_len=16",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=2",
+        f"train.steps={steps}",
+        "logging.every=1",
+        "eval.every=0",
+        "checkpoint.every=0",
     ]
     return _ok(run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=TORCHRUN, timeout=900))
 
@@ -85,8 +99,10 @@ def test_a_zero3_checkpoint_exports_in_shards_with_bounded_host_memory(partition
     run_dir, _ = partitioned_110m
     out = tmp_path / "export"
     result = run_module(
-        "zeroforge.trainer.export", [f"checkpoint={run_dir / 'checkpoints'}", f"export.output={out}", "export.shard_size_gb=0.1"],
-        cwd=REPO, timeout=600,
+        "zeroforge.trainer.export",
+        [f"checkpoint={run_dir / 'checkpoints'}", f"export.output={out}", "export.shard_size_gb=0.1"],
+        cwd=REPO,
+        timeout=600,
     )
     output = _ok(result)
     shards = sorted(out.glob("model-*-of-*.safetensors"))
@@ -140,7 +156,8 @@ def test_init_from_under_zero3_starts_at_the_hf_models_own_loss(tiny_export: Pat
     cfg = compose_config(args)
     data = open_data(cfg.data)
     micro_batches = [
-        batch for rank in range(2)
+        batch
+        for rank in range(2)
         for batch in data.loader(cfg.seed, cfg.train.global_batch_size, cfg.train.micro_batch_size, rank, 2).next_batch()
     ]
     with torch.no_grad():
@@ -236,8 +253,16 @@ def test_a_bf16_start_up_holds_one_fp32_master_and_no_unused_gradient_buffer(tmp
     process of its own, so that no earlier test's memory is reused or counted."""
     script = tmp_path / "bf16_start_up.py"
     script.write_text(_BF16_START_UP)
-    overrides = [f"run.dir={tmp_path}", "deepspeed=zero3", "train.precision=bf16", "model.vocab_size=32000",
-                 "model.hidden_size=512", "model.intermediate_size=1536", "model.num_heads=8", "model.num_kv_heads=8"]
+    overrides = [
+        f"run.dir={tmp_path}",
+        "deepspeed=zero3",
+        "train.precision=bf16",
+        "model.vocab_size=32000",
+        "model.hidden_size=512",
+        "model.intermediate_size=1536",
+        "model.num_heads=8",
+        "model.num_kv_heads=8",
+    ]
     result = subprocess.run([sys.executable, str(script), *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
     output = _ok(result)
     measured = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
@@ -250,11 +275,11 @@ def test_a_bf16_start_up_holds_one_fp32_master_and_no_unused_gradient_buffer(tmp
 def test_init_from_of_other_tensors_is_refused_before_any_weight_loads(tiny_export: Path, tmp_path: Path, process_group) -> None:
     import deepspeed
     from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from zeroforge.trainer.config import ConfigError
     from zeroforge.trainer.deepspeed_config import deepspeed_config
     from zeroforge.trainer.partitioned import build_partitioned, load_hf_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     doctored = tmp_path / "doctored"
     doctored.mkdir()

@@ -1,4 +1,5 @@
 """A stop signal to one rank: every rank saves the same step, exits to be requeued, resumes exactly."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,6 @@ from tests.conftest import REPO, TORCHRUN, exact_overrides, read_metrics, run_mo
 from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.slow
-
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:

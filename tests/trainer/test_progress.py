@@ -1,4 +1,5 @@
 """The progress line of interactive runs: its ETA, when it is shown, and log lines printed above it."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """`zeroforge report`: the curves of a real run as a PNG, and a summary with the right numbers."""
+
 from __future__ import annotations
 
 import json

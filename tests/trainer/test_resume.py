@@ -1,4 +1,5 @@
 """Checkpoints commit atomically and a resumed run continues exactly where the straight one went."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, TORCHRUN, exact_overrides, read_metrics, run_module, train_losses
 
 pytestmark = pytest.mark.slow
-
 
 
 def _committed_step(run_dir: Path) -> int:

@@ -1,4 +1,5 @@
 """Retention keeps the newest checkpoints, every M-th, and whatever `latest` names."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The run directory's config.yaml records where and with what the run ran."""
+
 from __future__ import annotations
 
 import platform

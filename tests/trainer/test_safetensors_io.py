@@ -1,4 +1,5 @@
 """The streaming safetensors writer and the flat-range reader, against safetensors' own reader."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zeroforge.trainer.safetensors_io import (
-    INDEX_FILE, SINGLE_FILE, ShardedWriter, TensorSpec, plan_shards, read_flat_range, tensor_shapes, weight_files,
+    INDEX_FILE,
+    SINGLE_FILE,
+    ShardedWriter,
+    TensorSpec,
+    plan_shards,
+    read_flat_range,
+    tensor_shapes,
+    weight_files,
 )
 
 
@@ -37,8 +45,13 @@ def test_sharded_files_read_back_exactly_with_an_index(tmp_path: Path) -> None:
     writer = _write(tmp_path, tensors, shard_bytes=16 * 1024)
     assert writer.files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     index = json.loads((tmp_path / INDEX_FILE).read_text())
-    assert index["weight_map"] == {"a.weight": writer.files[0], "a.bias": writer.files[0], "b.weight": writer.files[1],
-                                   "steps": writer.files[2], "scale": writer.files[2]}
+    assert index["weight_map"] == {
+        "a.weight": writer.files[0],
+        "a.bias": writer.files[0],
+        "b.weight": writer.files[1],
+        "steps": writer.files[2],
+        "scale": writer.files[2],
+    }
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     read = {}
     for file in writer.files:

@@ -24,4 +24,3 @@ def test_wsd_is_stable_then_decays_linearly() -> None:
     assert f(5) == f(50) == f(80) == 1.0
     assert f(90) == pytest.approx(0.5)
     assert f(100) == pytest.approx(cfg.min_lr_ratio)
-

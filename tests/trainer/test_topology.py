@@ -1,4 +1,5 @@
 """The topology: derived once from the config and the world size, for the machines that run the job."""
+
 from __future__ import annotations
 
 import pytest

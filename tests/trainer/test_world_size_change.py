@@ -1,4 +1,5 @@
 """A checkpoint saved by one world size resumes on another (DeepSpeed's universal checkpoint)."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ from omegaconf import OmegaConf
 from tests.conftest import REPO, TORCHRUN, exact_overrides, run_module, train_losses
 from zeroforge.trainer.checkpoint import MANIFEST, check_resumable
 from zeroforge.trainer.config import ConfigError, compose_config
-
 
 
 def _ok(result) -> str:
