@@ -47,6 +47,7 @@ def main() -> None:
     from zeroforge.trainer.faults import FaultGuard
     from zeroforge.trainer.model import build_model, resolve_vocab_size
     from zeroforge.trainer.train import seed_everything
+    from zeroforge.trainer.train_state import TrainState
     from zeroforge.trainer.validate import validate
 
     scratch = Path(tempfile.mkdtemp(prefix="zeroforge-bench-ckpt-"))
@@ -62,13 +63,13 @@ def main() -> None:
         *args.overrides,
     ]
     cfg = compose_config(base)
-    plan = validate(cfg, 1)
-    dist = distributed.init_distributed(plan.device)
-    device = "cuda" if plan.device == "cuda" else "cpu"
+    topology = validate(cfg, 1)
+    dist = distributed.init_distributed(topology.device)
+    device = topology.device
     prepared = prepare(cfg.data)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, resolve_vocab_size(cfg.model, load_manifest(prepared)["vocab_size"]))
-    engine = build_engine(model, cfg, plan)
+    engine = build_engine(model, cfg, topology)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     loader = BatchLoader(TokenStore(prepared, "train"), cfg.data.seq_len, cfg.seed, 1, 1, dp_rank=0, dp_size=1)
     step = 0
@@ -81,8 +82,8 @@ def main() -> None:
         return time.perf_counter() - started
 
     one_step()  # optimizer states exist from here on, as in any real save
-    client_state = {"tokens": 0, "data": {}, "tokenizer_hash": "", "world_size": 1, "config": {"model": {}}}
-    sync = Checkpointer(engine, compose_config([*base, f"checkpoint.dir={scratch}/sync"]).checkpoint, dist)
+    identity = {"tokenizer_hash": "", "world_size": 1, "config": {"model": {}}}
+    sync = Checkpointer(engine, compose_config([*base, f"checkpoint.dir={scratch}/sync"]).checkpoint, dist, identity)
     rounds: dict[str, list[float]] = {"bare": [], "sync": [], "async": []}
     step_s: list[float] = []
     size = 0
@@ -92,12 +93,12 @@ def main() -> None:
         rounds["bare"].append(time.perf_counter() - started)
         size = sum(p.stat().st_size for p in (scratch / "bare").rglob("*") if p.is_file())
         shutil.rmtree(scratch / "bare")
-        rounds["sync"].append(sync.save(step + r, client_state))
+        rounds["sync"].append(sync.save(TrainState(step=step + r)))
     asynchronous = Checkpointer(
-        engine, compose_config([*base, f"checkpoint.dir={scratch}/async", "checkpoint.async_save=true"]).checkpoint, dist
+        engine, compose_config([*base, f"checkpoint.dir={scratch}/async", "checkpoint.async_save=true"]).checkpoint, dist, identity
     )
     for _ in range(args.repeats):
-        blocked = asynchronous.save(step, client_state)  # step advances below: each save is a new step_<N>
+        blocked = asynchronous.save(TrainState(step=step))  # step advances below: each save is a new step_<N>
         step_s.append(one_step())
         blocked += asynchronous.commit_pending()
         rounds["async"].append(blocked)

@@ -31,7 +31,7 @@ def _model(path: str | None):
     from zeroforge.data.prepare import prepare
     from zeroforge.data.tokenizer import load_tokenizer
     from zeroforge.trainer.config import compose_config
-    from zeroforge.trainer.export_io import load_model
+    from zeroforge.trainer.inference_model import load_model
     from zeroforge.trainer.model import build_model, resolve_vocab_size
 
     if path:

@@ -178,7 +178,7 @@ def measure(run: dict, gpu_memory_gb: float, seconds: float, warmup: int, extra:
 
     micro = run["micro_batch"]
     cfg = _sweep_config(run["model"], run["overrides"], gpu_memory_gb, micro, extra)
-    plan = validate(cfg, 1)
+    topology = validate(cfg, 1)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     try:
@@ -189,7 +189,7 @@ def measure(run: dict, gpu_memory_gb: float, seconds: float, warmup: int, extra:
         model = build_model(cfg.model, cfg.model.vocab_size)
     params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(model.config, params, cfg.data.seq_len)
-    engine = build_engine(model, cfg, plan)
+    engine = build_engine(model, cfg, topology)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     result = dict(run)
     if check_flash:

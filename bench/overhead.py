@@ -68,7 +68,7 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
     from zeroforge.trainer.validate import validate
 
     cfg = compose_config(overrides)
-    plan = validate(cfg, 1, cuda=False)
+    topology = validate(cfg, 1, cuda=False)
     batches = _batches(cfg, steps)
     model = _model(cfg)
     o = cfg.optim
@@ -78,7 +78,7 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
         lr=o.lr,
         betas=tuple(o.betas),
         eps=o.eps,
-        fused=fused_adamw(cfg, plan),
+        fused=fused_adamw(cfg, topology),
     )
     if kind == "deepspeed":
         import deepspeed
@@ -87,7 +87,7 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
         from zeroforge.trainer.distributed import init_distributed
 
         init_distributed("cpu")
-        model, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, plan))
+        model, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, topology))
 
         def step(micro_batches):
             for b in micro_batches:
@@ -107,7 +107,7 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
         if i == warmup:
             start = time.perf_counter()
         step(micro_batches)
-    return (steps - warmup) * plan.tokens_per_step / (time.perf_counter() - start)
+    return (steps - warmup) * topology.tokens_per_step / (time.perf_counter() - start)
 
 
 def trainer_tokens_per_s(overrides: list[str], steps: int, warmup: int, env: dict) -> float:

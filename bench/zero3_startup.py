@@ -51,8 +51,8 @@ def worker(overrides: list[str]) -> None:
 
     env = distributed.dist_env()
     cfg = compose_config(overrides)
-    plan = validate(cfg, env.world_size)
-    dist = distributed.init_distributed(plan.device)
+    topology = validate(cfg, env.world_size)
+    dist = distributed.init_distributed(topology.device)
     # The model's code (and torch._dynamo, which it imports) is loaded before the measurement, as
     # it is in train() by then: "before" is the process's own memory, the rest the model's.
     with torch.device("meta"):
@@ -60,8 +60,8 @@ def worker(overrides: list[str]) -> None:
     before = rss_bytes()
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    model = build_for_training(cfg, plan, cfg.model.vocab_size, None)
-    build_engine(model, cfg, plan)
+    model = build_for_training(cfg, topology, cfg.model.vocab_size, None)
+    build_engine(model, cfg, topology)
     seconds = time.perf_counter() - started
     rows = distributed.gather({"rank": dist.rank, "s": seconds, "before_mib": before / 2**20, "peak_mib": peak_rss_bytes() / 2**20}, dist)
     if dist.is_main:

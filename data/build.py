@@ -8,7 +8,7 @@ a loader with next_batch(), state_dict() and load_state_dict(), and fixed valida
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -16,7 +16,8 @@ from zeroforge.data.config import DataConfig
 from zeroforge.data.errors import DataError
 from zeroforge.data.loader import BatchLoader, validation_batches
 from zeroforge.data.mixture import open_split
-from zeroforge.data.prepare import prepare
+from zeroforge.data.prepare import prepare, prepared_dir
+from zeroforge.data.shards import load_manifest
 from zeroforge.data.stream import StreamData
 from zeroforge.data.tokenizer import load_tokenizer
 
@@ -57,3 +58,31 @@ def open_data(cfg: DataConfig) -> Union[PreparedData, StreamData]:
     if cfg.mode == "stream":
         return StreamData(cfg)
     raise DataError(f"data.mode={cfg.mode!r}: expected one of {list(MODES)}.")
+
+
+def prepared_manifest(cfg: DataConfig) -> Optional[dict[str, Any]]:
+    """The manifest of data already prepared (as a resumed run's is), read without preparing;
+    None for data not prepared yet, or streamed."""
+    if cfg.mode != "prepared":
+        return None
+    directory = prepared_dir(cfg)
+    return load_manifest(directory) if (directory / "manifest.json").exists() else None
+
+
+def resume_problems(saved: dict[str, Any], manifest: dict[str, Any], cfg: DataConfig, seed: int) -> list[str]:
+    """How a loader's saved global_state() differs from what this run's data gives in the same
+    order (the data itself, seq_len, the seed, a stream's partitions and shuffle): a checkpoint
+    whose data state differs cannot continue the run. Checked before any rank starts, and by the
+    trainer before it loads a checkpoint."""
+    problems = []
+    if saved["fingerprint"] != manifest["fingerprint"]:
+        problems.append(f"data fingerprint: checkpoint {saved['fingerprint'][:12]}, now {manifest['fingerprint'][:12]}")
+    if saved["seq_len"] != cfg.seq_len:
+        problems.append(f"data.seq_len: checkpoint {saved['seq_len']}, now {cfg.seq_len}")
+    if saved["seed"] != seed:
+        problems.append(f"seed (the data order): checkpoint {saved['seed']}, now {seed}")
+    if "partitions" in saved:  # a streamed run's order: its partitions and shuffle
+        for key, name in (("partitions", "stream_partitions"), ("shuffle_window", "stream_shuffle_window")):
+            if saved[key] != getattr(cfg, name):
+                problems.append(f"data.{name}: checkpoint {saved[key]}, now {getattr(cfg, name)}")
+    return problems

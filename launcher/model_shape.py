@@ -56,16 +56,14 @@ def model_shape(cfg: DictConfig) -> ModelShape:
 
 def planned_vocab_size(cfg: DictConfig) -> int:
     """The vocabulary training will use, known before the data is prepared where possible."""
-    import json
-
-    from zeroforge.data.prepare import prepared_dir
+    from zeroforge.data.build import prepared_manifest
     from zeroforge.trainer.model import resolve_vocab_size
 
     if cfg.model.vocab_size is not None:
         return cfg.model.vocab_size
-    manifest = prepared_dir(cfg.data) / "manifest.json"
-    if manifest.exists():
-        return resolve_vocab_size(cfg.model, json.loads(manifest.read_text())["vocab_size"])
+    manifest = prepared_manifest(cfg.data)
+    if manifest is not None:
+        return resolve_vocab_size(cfg.model, manifest["vocab_size"])
     if cfg.data.tokenizer == "embedded":
         return resolve_vocab_size(cfg.model, cfg.data.tokenizer_vocab_size)
     from transformers import AutoTokenizer

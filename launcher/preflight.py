@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from typing import Optional
-
 from omegaconf import DictConfig
 
 from zeroforge.data.build import open_data
-from zeroforge.data.prepare import prepared_dir
 from zeroforge.trainer.checkpoint import check_resumable, newest_checkpoint
 from zeroforge.trainer.model import check_init_from, resolve_vocab_size
 from zeroforge.trainer.rundir import check_run_dir
@@ -32,12 +28,3 @@ def check_continuation(cfg: DictConfig, manifest: dict, topology: Topology) -> N
     resume = newest_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume)
     if resume is not None:
         check_resumable(resume, cfg, manifest, topology.world_size)
-
-
-def prepared_manifest(cfg: DictConfig) -> Optional[dict]:
-    """The manifest of data already prepared (as a resumed run's is), read without preparing;
-    None for data not prepared yet, or streamed."""
-    if cfg.data.mode != "prepared":
-        return None
-    path = prepared_dir(cfg.data) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None

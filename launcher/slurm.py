@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
+from zeroforge.data.build import prepared_manifest
 from zeroforge.launcher.plan import check_fits
-from zeroforge.launcher.preflight import check_continuation, prepared_manifest
+from zeroforge.launcher.preflight import check_continuation
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.rundir import check_run_dir, job_config_options, write_job_config, write_run_dir
 from zeroforge.trainer.validate import job_topology
@@ -79,7 +80,7 @@ def submit(cfg: DictConfig) -> int:
     check_run_dir(cfg)
     # Data is prepared in the job; where it already is (a resume's data always is), the run's
     # continuation is checked now too, rather than after the wait in the queue.
-    manifest = prepared_manifest(cfg)
+    manifest = prepared_manifest(cfg.data)
     if manifest is not None:
         check_continuation(cfg, manifest, topology)
     if cfg.launcher.dry_run:

@@ -1,4 +1,4 @@
-"""Checkpoints that commit atomically, and the plain HF export.
+"""Checkpoints that commit atomically, the resume rules, and loading a checkpoint into the engine.
 
 A save goes through DeepSpeed into step_<N>.tmp; after every rank has written, the files are
 hashed (each rank a share), rank 0 writes manifest.json, renames the directory to step_<N> and
@@ -8,28 +8,26 @@ whose manifest does not verify is never loaded: loading falls back to the newest
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from zeroforge.data.build import resume_problems
 from zeroforge.trainer.background_save import BackgroundWriter, file_entry
-from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.config import CheckpointConfig, ConfigError
 from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero, gather
-from zeroforge.trainer.partitioned import full_shape
-from zeroforge.trainer.safetensors_io import ShardedWriter, TensorSpec
+from zeroforge.trainer.model import model_differences
+from zeroforge.trainer.train_state import TrainState
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -79,15 +77,18 @@ class _InFlight:
 
 
 class Checkpointer:
-    """Saves through DeepSpeed into step_<N>.tmp and commits atomically, then applies retention.
+    """Saves the engine and the TrainState through DeepSpeed into step_<N>.tmp and commits
+    atomically, then applies retention; loads them back for a resume.
 
+    `identity` is what every checkpoint records of the run beside its state (the tokenizer hash,
+    world size, config and library versions), for the resume checks and the harness.
     With checkpoint.async_save the files are written by a background thread
     (trainer/background_save.py) and the commit waits for commit_pending(), which the training
     loop calls after the next step: the loop blocks only for the snapshot.
     """
 
-    def __init__(self, engine: DeepSpeedEngine, cfg: DictConfig, dist: DistInfo):
-        self.engine, self.cfg, self.dist = engine, cfg, dist
+    def __init__(self, engine: DeepSpeedEngine, cfg: CheckpointConfig, dist: DistInfo, identity: dict[str, Any]):
+        self.engine, self.cfg, self.dist, self.identity = engine, cfg, dist, identity
         self.root = Path(cfg.dir)
         self.writer: Optional[BackgroundWriter] = None
         if cfg.async_save:
@@ -95,24 +96,53 @@ class Checkpointer:
             engine.checkpoint_engine = self.writer
         self._in_flight: Optional[_InFlight] = None
 
-    def save(self, step: int, client_state: dict[str, Any]) -> float:
+    def maybe_save(self, state: Callable[[], TrainState], step: int, final: bool = False) -> float:
+        """Save at checkpoint.every's cadence, and whenever `final` (the last step, an exit or a stop
+        request: the process ends next, so the checkpoint also commits at once). `state` is called
+        only for a save (it gathers from every rank). Every rank must call it; returns the seconds
+        the caller was blocked."""
+        if not final and not (self.cfg.every and step % self.cfg.every == 0):
+            return 0.0
+        blocked = self.save(state())
+        return blocked + (self.commit_pending() if final else 0.0)
+
+    def save(self, state: TrainState) -> float:
         """Every rank must call it. Returns the seconds the caller was blocked."""
         started = time.perf_counter()
         self.commit_pending()  # one save in flight at a time
-        final = self.root / step_tag(step)
-        tmp = self.root / (step_tag(step) + ".tmp")
+        final = self.root / step_tag(state.step)
+        tmp = self.root / (step_tag(state.step) + ".tmp")
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         barrier()
+        client_state = {**state.state_dict(), **self.identity}
         self.engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client_state, save_latest=False)
         # What a resume must check before DeepSpeed touches the files (a model of another shape
         # fails inside DeepSpeed's loader, not with a clear message).
         run = {k: client_state[k] for k in ("tokens", "data", "tokenizer_hash", "world_size")}
-        run["model"] = client_state["config"]["model"]
-        self._in_flight = _InFlight(step, tmp, final, run)
+        run["model"] = self.identity["config"]["model"]
+        self._in_flight = _InFlight(state.step, tmp, final, run)
         if self.writer is None:
             self.commit_pending()
         return time.perf_counter() - started
+
+    def load(self, path: Path) -> TrainState:
+        """Load model, optimizer and scheduler state into the engine; returns the TrainState."""
+        engine = self.engine
+        own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in engine.optimizer.param_groups]
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        # DeepSpeed's ZeRO-3 universal loader gives every parameter group the first group's
+        # hyperparameters (norms and biases would start to decay), and one `step` tensor to every
+        # group's Adam state (which torch's AdamW then advances once per group and step).
+        for group, hyperparameters in zip(engine.optimizer.param_groups, own):
+            group.update(hyperparameters)
+        for adam_state in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():
+            if isinstance(adam_state.get("step"), torch.Tensor):
+                adam_state["step"] = adam_state["step"].clone()
+        if client_state is None:
+            raise ConfigError(f"DeepSpeed could not load the checkpoint {path}.")
+        log.info("resumed from %s (step %d)", path, client_state["step"])
+        return TrainState.from_state_dict(client_state)
 
     def commit_pending(self) -> float:
         """Commit the save in flight, once its files are written; every rank must call it.
@@ -286,40 +316,6 @@ def _abandon_newer_than(root: Path, chosen: Path, dist: DistInfo) -> None:
     barrier()
 
 
-MODEL_KEYS = (
-    "model_type",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "vocab_size",
-    "tie_word_embeddings",
-    "extra",
-)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def gathered_rng_states(dist: DistInfo) -> list[dict[str, Any]]:
-    """Every rank's RNG states: rank 0's checkpoint file alone must restore all of them."""
-    return gather(rng_state(), dist)
-
-
 def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size: int) -> bool:
     """Refuse to continue a run as a different one (steps, cadences and such may change).
 
@@ -329,22 +325,10 @@ def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size
     run = json.loads((path / MANIFEST).read_text()).get("run")
     if run is None:
         raise ConfigError(f"cannot resume from {path}: its manifest has no run section (an older format).")
-    saved = run["model"]
-    now = OmegaConf.to_container(cfg.model, resolve=True)
-    problems = [f"model.{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in MODEL_KEYS if saved[k] != now[k]]
-    data = run["data"]
-    if data["fingerprint"] != data_manifest["fingerprint"]:
-        problems.append(f"data fingerprint: checkpoint {data['fingerprint'][:12]}, now {data_manifest['fingerprint'][:12]}")
+    problems = model_differences(run["model"], OmegaConf.to_container(cfg.model, resolve=True))
+    problems += resume_problems(run["data"], data_manifest, cfg.data, cfg.seed)
     if run["tokenizer_hash"] != data_manifest["tokenizer_hash"]:
         problems.append(f"tokenizer: checkpoint {run['tokenizer_hash']}, now {data_manifest['tokenizer_hash']}")
-    if data["seq_len"] != cfg.data.seq_len:
-        problems.append(f"data.seq_len: checkpoint {data['seq_len']}, now {cfg.data.seq_len}")
-    if data["seed"] != cfg.seed:
-        problems.append(f"seed (the data order): checkpoint {data['seed']}, now {cfg.seed}")
-    if "partitions" in data:  # a streamed run's order: its partitions and shuffle
-        for key, name in (("partitions", "stream_partitions"), ("shuffle_window", "stream_shuffle_window")):
-            if data[key] != cfg.data[name]:
-                problems.append(f"data.{name}: checkpoint {data[key]}, now {cfg.data[name]}")
     if problems:
         raise ConfigError(
             f"cannot resume from {path}: the run differs in "
@@ -361,113 +345,3 @@ def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size
         )
     log.info("%s was saved by %d ranks; resuming on %d through DeepSpeed's universal checkpoint", path, run["world_size"], world_size)
     return True
-
-
-def load_checkpoint(engine: DeepSpeedEngine, path: Path) -> dict[str, Any]:
-    """Load model, optimizer and scheduler state into the engine; returns our client state."""
-    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in engine.optimizer.param_groups]
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    # DeepSpeed's ZeRO-3 universal loader gives every parameter group the first group's
-    # hyperparameters (norms and biases would start to decay), and one `step` tensor to every
-    # group's Adam state (which torch's AdamW then advances once per group and step).
-    for group, hyperparameters in zip(engine.optimizer.param_groups, own):
-        group.update(hyperparameters)
-    for state in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()
-    if client_state is None:
-        raise ConfigError(f"DeepSpeed could not load the checkpoint {path}.")
-    log.info("resumed from %s (step %d)", path, client_state["step"])
-    return client_state
-
-
-def export_entries(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """What an export holds, named as the plain model names them: parameters and persistent
-    buffers in state_dict order, a tied weight once, under its first name (as save_pretrained keeps it)."""
-    seen: set[int] = set()
-    entries = []
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            entries.append((name, tensor))
-    return entries
-
-
-def gathered_tensors(model: torch.nn.Module, dist: DistInfo) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-    """The export's tensors (export_entries), each in full on rank 0's host (None elsewhere), one
-    at a time: a ZeRO-3 parameter is gathered from every rank (all of them must iterate) and copied
-    out before it is partitioned again."""
-    import deepspeed
-
-    for name, tensor in export_entries(model):
-        if hasattr(tensor, "ds_id"):
-            with deepspeed.zero.GatheredParameters([tensor]):
-                host = tensor.detach().to("cpu", copy=True) if dist.is_main else None
-        else:
-            host = tensor.detach().to("cpu") if dist.is_main else None
-        yield name, host
-
-
-def export_hf(
-    engine: DeepSpeedEngine,
-    tokenizer: PreTrainedTokenizerBase,
-    out_dir: str | Path,
-    dist: DistInfo,
-    meta: dict[str, Any],
-    shard_bytes: int,
-) -> Path:
-    """Write config, sharded safetensors weights and tokenizer from the training engine; the
-    directory appears complete or not at all. Every rank must call it. Rank 0 writes each tensor as
-    it arrives, so its host holds one parameter at a time, whatever the model's size."""
-    out = Path(out_dir)
-    model = engine.module
-    tensors = gathered_tensors(model, dist)
-    if dist.is_main:
-        specs = [TensorSpec(name, tuple(full_shape(t)), t.dtype) for name, t in export_entries(model)]
-        write_export(model.config, specs, tensors, tokenizer, out, meta, shard_bytes)
-    else:
-        for _ in tensors:
-            pass
-    barrier()
-    return out
-
-
-def write_export(
-    config: PretrainedConfig,
-    specs: list[TensorSpec],
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    tokenizer: PreTrainedTokenizerBase,
-    out: Path,
-    meta: dict[str, Any],
-    shard_bytes: int,
-) -> None:
-    """Write into out.tmp, then swap it in: `out` is always a complete export, old or new. The
-    weights (`tensors`, in the order of `specs`) go to disk one at a time as HF's sharded
-    safetensors; config.json and generation_config.json are what save_pretrained writes."""
-    from transformers import GenerationConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = copy.deepcopy(config)
-    config.dtype = str(next(s.dtype for s in specs if s.dtype.is_floating_point)).removeprefix("torch.")
-    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
-    config.use_cache = True  # training switches the KV cache off; an export is for inference
-    config.save_pretrained(tmp)
-    GenerationConfig.from_model_config(config).save_pretrained(tmp)
-    writer = ShardedWriter(tmp, specs, shard_bytes)
-    for name, tensor in tensors:
-        writer.write(name, tensor)
-    writer.close()
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "zeroforge.json").write_text(json.dumps(meta, indent=2))
-    old = out.with_name(out.name + ".old")
-    if old.exists() and not out.exists():
-        old.rename(out)  # an export replaced half-way by a killed run: the old one is the only copy
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    log.info("exported HF weights (%d file(s)) and tokenizer to %s", len(writer.files), out)

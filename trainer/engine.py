@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +165,17 @@ def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:
     return torch.stack(grads).norm() if grads else None
 
 
+class StepResult(NamedTuple):
+    """One optimizer step: this rank's mean loss and the gradient norm (tensors, so that a GPU is
+    not synchronised on steps that log nothing), the learning rate it used, and whether the update
+    was skipped (trainer/faults.py)."""
+
+    loss: torch.Tensor
+    grad_norm: Optional[torch.Tensor]
+    lr: float
+    skipped: bool
+
+
 def train_step(
     engine: DeepSpeedEngine,
     micro_batches: list[torch.Tensor],
@@ -173,12 +184,8 @@ def train_step(
     guard: FaultGuard,
     step: int,
     boundaries: Optional[DocumentBoundaries] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor], float, bool]:
-    """One optimizer step over this rank's micro-batches: (local mean loss, grad norm, lr used,
-    whether the update was skipped; see trainer/faults.py).
-
-    Loss and norm stay tensors so that a GPU is not synchronised on steps that log nothing.
-    """
+) -> StepResult:
+    """One optimizer step over this rank's micro-batches."""
     engine.train()
     lr = engine.get_lr()[0]  # DeepSpeed advances the scheduler inside the last engine.step()
     total = torch.zeros((), device=device)
@@ -200,7 +207,7 @@ def train_step(
     if reported is not None:
         norm = torch.as_tensor(reported)
     skipped = guard.after_update(step, skipped_by_deepspeed=engine.skipped_steps > skipped_before)
-    return total / len(micro_batches), norm, lr, skipped
+    return StepResult(total / len(micro_batches), norm, lr, skipped)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from zeroforge.data.tokenizer import tokenizer_hash
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.engine import validation_loss
 from zeroforge.trainer.entry import entry_point
-from zeroforge.trainer.export_io import LoadedModel, inference_dtype, load_model, pick_device
+from zeroforge.trainer.inference_model import LoadedModel, inference_dtype, load_model, pick_device
 from zeroforge.trainer.log import setup_logging
 
 log = logging.getLogger("zeroforge")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from zeroforge.trainer.checkpoint import write_export
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.consolidate import run_config
 from zeroforge.trainer.entry import entry_point
-from zeroforge.trainer.export_io import inference_dtype, open_checkpoint
+from zeroforge.trainer.hf_export import write_export
 from zeroforge.trainer.host_memory import peak_rss_bytes, rss_bytes
+from zeroforge.trainer.inference_model import inference_dtype, open_checkpoint
 from zeroforge.trainer.log import setup_logging
 
 log = logging.getLogger("zeroforge")

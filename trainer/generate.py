@@ -22,7 +22,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from zeroforge.data.tokenizer import tokenizer_hash
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.entry import entry_point
-from zeroforge.trainer.export_io import inference_dtype, load_model, pick_device
+from zeroforge.trainer.inference_model import inference_dtype, load_model, pick_device
 from zeroforge.trainer.log import setup_logging
 from zeroforge.trainer.partitioned import full_numel
 

@@ -195,6 +195,8 @@ class MetricsLogger:
         self.tokens = start_tokens
         # train() times loader.next_batch() with it: `with metrics.data_wait: batch = ...`.
         self.data_wait = Stopwatch()
+        # Time inside `with metrics.paused:` (evaluation, checkpoints) is left out of the throughput.
+        self.paused = Stopwatch()
         self._last_time = time.perf_counter()
         self._last_tokens = start_tokens
         self._last_step = start_step
@@ -223,7 +225,8 @@ class MetricsLogger:
         # The slowest rank's wait is the one that holds every rank back at the next collective.
         data_wait = all_reduce_max(torch.tensor(self.data_wait.lap(), device=self.device)).item()
         now = time.perf_counter()
-        times = timing(self.tokens - self._last_tokens, now - self._last_time, step - self._last_step, data_wait, self.world_size)
+        seconds = now - self._last_time - self.paused.lap()
+        times = timing(self.tokens - self._last_tokens, seconds, step - self._last_step, data_wait, self.world_size)
         self._last_time, self._last_tokens, self._last_step = now, self.tokens, step
         self._tokens_per_s = times["tokens_per_s"]
         record = {
@@ -263,10 +266,6 @@ class MetricsLogger:
         """Sanity generations (prompt, text) to samples.jsonl and a wandb table."""
         if self.sinks is not None:
             self.sinks.write_samples(step, rows)
-
-    def exclude_time(self, seconds: float) -> None:
-        """Leave evaluation and checkpoint time out of the training throughput."""
-        self._last_time += seconds
 
     def close(self) -> None:
         self.progress.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -43,17 +45,25 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> P
     )
 
 
-# What must agree between model.init_from and the configured model for its weights to fit.
-SHAPE_KEYS = (
-    "model_type",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "vocab_size",
-    "tie_word_embeddings",
-)
+# The model fields that decide the weights' shapes, each with the transformers config attribute
+# it sets: model.init_from's config must agree on them for its weights to fit.
+WEIGHT_SHAPE = {
+    "model_type": "model_type",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+# The same model, as a checkpoint continues it: the same weights, computed the same way.
+SAME_MODEL = (*WEIGHT_SHAPE, "max_position_embeddings", "extra")
+
+
+def model_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """How the model section a checkpoint recorded differs from this run's (SAME_MODEL)."""
+    return [f"model.{key}: checkpoint {saved[key]!r}, now {now[key]!r}" for key in SAME_MODEL if saved[key] != now[key]]
 
 
 def check_init_from(cfg: ModelConfig, vocab_size: int, data_tokenizer_hash: str) -> None:
@@ -67,7 +77,7 @@ def check_init_from(cfg: ModelConfig, vocab_size: int, data_tokenizer_hash: str)
     ours = hf_config(cfg, vocab_size)
     problems = [
         f"{key}: {cfg.init_from} has {getattr(theirs, key, None)!r}, model={cfg.name} has {getattr(ours, key)!r}"
-        for key in SHAPE_KEYS
+        for key in WEIGHT_SHAPE.values()
         if getattr(theirs, key, None) != getattr(ours, key)
     ]
     if tokenizer_hash(load_tokenizer(cfg.init_from)) != data_tokenizer_hash:

@@ -16,19 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from zeroforge.data.boundaries import DocumentBoundaries
 from zeroforge.data.build import open_data
 from zeroforge.trainer import distributed
-from zeroforge.trainer.checkpoint import (
-    Checkpointer,
-    check_resumable,
-    export_hf,
-    find_resume_checkpoint,
-    gathered_rng_states,
-    load_checkpoint,
-    set_rng_state,
-)
-from zeroforge.trainer.engine import build_engine, train_step, validation_loss
+from zeroforge.trainer.checkpoint import Checkpointer, check_resumable, find_resume_checkpoint
+from zeroforge.trainer.engine import build_engine, train_step
 from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.faults import FaultGuard
-from zeroforge.trainer.generate import decode
+from zeroforge.trainer.hf_export import export_hf
 from zeroforge.trainer.host_memory import log_startup, rss_bytes
 from zeroforge.trainer.log import setup_logging
 from zeroforge.trainer.metrics import MetricsLogger
@@ -36,8 +28,10 @@ from zeroforge.trainer.model import check_init_from, flops_per_token, resolve_vo
 from zeroforge.trainer.partitioned import build_for_training, full_numel
 from zeroforge.trainer.preemption import Preempted, StopRequest
 from zeroforge.trainer.rundir import check_run_dir, library_versions, write_run_dir
+from zeroforge.trainer.train_state import TrainState, gathered_rng_states
 from zeroforge.trainer.universal import universal_checkpoint
 from zeroforge.trainer.validate import validate
+from zeroforge.trainer.validator import Validator
 
 log = logging.getLogger("zeroforge")
 
@@ -92,12 +86,22 @@ def train(cfg: DictConfig) -> dict:
         cfg.train.global_batch_size,
     )
 
-    state = {"step": 0, "tokens": 0, "data": {"consumed_samples": 0}}
+    checkpointer = Checkpointer(
+        engine,
+        cfg.checkpoint,
+        dist,
+        identity={
+            "tokenizer_hash": train_data.manifest["tokenizer_hash"],
+            "world_size": dist.world_size,
+            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            "versions": library_versions(),
+        },
+    )
+    state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(engine, resume_from)
-        guard.skipped = state.get("skipped_steps", 0)
-        if len(state["rng"]) == dist.world_size:  # on another world size, ranks keep their fresh seeds
-            set_rng_state(state["rng"][dist.rank])
+        state = checkpointer.load(resume_from)
+        state.restore_rng(dist)
+    guard.skipped = state.skipped_steps
     loader = train_data.loader(
         cfg.seed,
         cfg.train.global_batch_size,
@@ -107,65 +111,50 @@ def train(cfg: DictConfig) -> dict:
         pin_memory=topology.device == "cuda",
     )
     if resume_from is not None:
-        loader.load_state_dict(state["data"])  # before the first batch: its iterator starts there
+        loader.load_state_dict(state.data)  # before the first batch: its iterator starts there
     boundaries = None
     if cfg.data.reset_position_ids or cfg.data.mask_cross_document_loss:
         boundaries = DocumentBoundaries(tokenizer.eos_token_id, cfg.data.reset_position_ids, cfg.data.mask_cross_document_loss)
-    val_batches = train_data.validation_batches(cfg.eval.batch_size, cfg.eval.batches)
-    metrics = MetricsLogger(cfg, dist, topology, fpt, start_step=state["step"], start_tokens=state["tokens"])
-    checkpointer = Checkpointer(engine, cfg.checkpoint, dist)
+    metrics = MetricsLogger(cfg, dist, topology, fpt, start_step=state.step, start_tokens=state.tokens)
+    validator = Validator(
+        cfg.eval,
+        engine,
+        train_data.validation_batches(cfg.eval.batch_size, cfg.eval.batches),
+        tokenizer,
+        metrics,
+        device,
+        synced_gpus=cfg.deepspeed.stage == 3 and dist.world_size > 1,
+    )
 
-    def checkpoint(step: int, commit_now: bool = False) -> None:
-        client_state = {
-            "step": step,
-            "tokens": metrics.tokens,
-            "data": loader.global_state(distributed.gather(loader.state_dict(), dist)),  # a streaming rank knows only its partitions
-            "rng": gathered_rng_states(dist),
-            "tokenizer_hash": train_data.manifest["tokenizer_hash"],
-            "world_size": dist.world_size,
-            "skipped_steps": guard.skipped,
-            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            "versions": library_versions(),
-        }
-        metrics.exclude_time(checkpointer.save(step, client_state))
-        if commit_now:
-            metrics.exclude_time(checkpointer.commit_pending())
+    def snapshot() -> TrainState:
+        return TrainState(
+            step=step,
+            tokens=metrics.tokens,
+            data=loader.global_state(distributed.gather(loader.state_dict(), dist)),  # a streaming rank knows only its partitions
+            rng=gathered_rng_states(dist),
+            skipped_steps=guard.skipped,
+        )
 
     last: dict = {}
-    step = state["step"]
+    step = state.step
     while step < cfg.train.steps:
         step += 1
         with metrics.data_wait:
             batch = loader.next_batch()
-        loss, grad_norm, lr, skipped = train_step(engine, batch, device, metrics.logs_at(step), guard, step, boundaries)
-        last = metrics.step(step, None if skipped else loss, grad_norm, lr, guard.skipped) or last
-        metrics.exclude_time(checkpointer.commit_pending())  # an async save commits once the next step is done
+        result = train_step(engine, batch, device, metrics.logs_at(step), guard, step, boundaries)
+        last = metrics.step(step, None if result.skipped else result.loss, result.grad_norm, result.lr, guard.skipped) or last
         if cfg.data.mixture and metrics.logs_at(step):
             metrics.write({"step": step, **{f"data_share/{k}": v for k, v in loader.mixture_shares().items()}})
-        if cfg.eval.every and step % cfg.eval.every == 0:
-            started = time.perf_counter()
-            val_loss = validation_loss(engine, val_batches, device)
-            metrics.write({"step": step, "val_loss": val_loss, "val_ppl": float(np.exp(val_loss))})
-            log.info("step %d | validation loss %.4f | perplexity %.2f", step, val_loss, np.exp(val_loss))
-            if cfg.eval.sample_prompts:
-                # Every rank decodes (under ZeRO-3 each forward gathers from all ranks); rank 0 writes.
-                samples = decode(
-                    engine.module,
-                    tokenizer,
-                    list(cfg.eval.sample_prompts),
-                    cfg.eval.sample_max_new_tokens,
-                    synced_gpus=cfg.deepspeed.stage == 3 and dist.world_size > 1,
-                )
-                metrics.samples(step, [{"prompt": s.prompt, "text": s.text} for s in samples])
-            metrics.exclude_time(time.perf_counter() - started)
-        if stop.agreed():
-            checkpoint(step, commit_now=True)
+        stop_requested = stop.agreed()
+        exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
+        with metrics.paused:
+            checkpointer.commit_pending()  # an async save commits once the next step is done
+            validator.maybe_validate(step)
+            checkpointer.maybe_save(snapshot, step, final=stop_requested or exit_now or step == cfg.train.steps)
+        if stop_requested:
             stop.request_requeue(step, "stop requested")
             metrics.close()
             raise Preempted(f"stop requested: saved step {step}; a restart resumes from it")
-        exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
-        if step == cfg.train.steps or exit_now or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            checkpoint(step, commit_now=step == cfg.train.steps or exit_now)
         if exit_now:
             stop.request_requeue(step, "train.exit_interval")
             log.info("step %d: train.exit_interval=%d reached; stopping, a restart resumes here", step, cfg.train.exit_interval)

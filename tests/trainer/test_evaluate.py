@@ -15,8 +15,8 @@ from tests.conftest import read_metrics, smoke_run_overrides
 from tests.trainer.conftest import swap_two_tokens
 from zeroforge.trainer.config import ConfigError, compose_config
 from zeroforge.trainer.evaluate import evaluate
-from zeroforge.trainer.export_io import load_model
 from zeroforge.trainer.generate import decode
+from zeroforge.trainer.inference_model import load_model
 
 
 def _val_loss(run_dir: Path, step: int) -> float:

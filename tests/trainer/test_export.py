@@ -96,7 +96,7 @@ def test_export_entry_point_turns_a_zero3_checkpoint_into_the_same_model(zero3_s
 def test_checkpoints_of_every_stage_load_as_the_export(stage: int, precision: str, data_cache: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from zeroforge.trainer.export_io import load_checkpoint
+    from zeroforge.trainer.inference_model import load_from_checkpoint
 
     run_dir = tmp_path / "run"
     args = [
@@ -112,7 +112,7 @@ def test_checkpoints_of_every_stage_load_as_the_export(stage: int, precision: st
     ]
     result = run_module("zeroforge.trainer.train", args, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    loaded = load_checkpoint(run_dir / "checkpoints", "cpu")
+    loaded = load_from_checkpoint(run_dir / "checkpoints", "cpu")
     export = load_file(run_dir / "export" / "model.safetensors")
     state = loaded.model.state_dict()
     assert loaded.step == 3 and loaded.model.dtype == getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[precision])

@@ -15,10 +15,10 @@ from zeroforge.data.prepare import prepare
 from zeroforge.data.shards import TokenStore
 from zeroforge.data.tokenizer import load_tokenizer
 from zeroforge.trainer import distributed
-from zeroforge.trainer.checkpoint import gathered_tensors
 from zeroforge.trainer.config import ConfigError, compose_config
 from zeroforge.trainer.engine import build_engine, train_step
 from zeroforge.trainer.faults import FaultGuard, TrainingDiverged
+from zeroforge.trainer.hf_export import gathered_tensors
 from zeroforge.trainer.model import build_model, resolve_vocab_size
 from zeroforge.trainer.validate import validate
 

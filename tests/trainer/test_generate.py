@@ -13,8 +13,8 @@ import torch
 from tests.conftest import REPO, run_module
 from tests.trainer.conftest import swap_two_tokens
 from zeroforge.trainer.config import ConfigError, compose_config
-from zeroforge.trainer.export_io import load_model
 from zeroforge.trainer.generate import decode, generate
+from zeroforge.trainer.inference_model import load_model
 
 # Different lengths, so the batch is left-padded.
 PROMPTS = ["import os\n", "def main(argv):\n    return", "class "]

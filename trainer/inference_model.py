@@ -52,7 +52,7 @@ def load_model(path: str | Path, device: str, dtype: torch.dtype = torch.float32
     if (path / "config.json").exists():
         return load_export(path, device, dtype)
     if (path / MANIFEST).exists() or (path / LATEST).exists():
-        return load_checkpoint(path, device, dtype)
+        return load_from_checkpoint(path, device, dtype)
     raise ConfigError(
         f"no model at {path}: expected an export directory with config.json, weights and a tokenizer "
         "(<run.dir>/export), a checkpoint directory <run.dir>/checkpoints/step_<N>, or "
@@ -116,7 +116,7 @@ def open_checkpoint(path: str | Path) -> CheckpointSource:
     )
 
 
-def load_checkpoint(path: str | Path, device: str, dtype: Optional[torch.dtype] = None) -> LoadedModel:
+def load_from_checkpoint(path: str | Path, device: str, dtype: Optional[torch.dtype] = None) -> LoadedModel:
     """The model of a committed checkpoint, built from the shape its manifest recorded, with the
     tokenizer of the data its run trained on. dtype None: the precision the run trained in."""
     source = open_checkpoint(path)
