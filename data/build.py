@@ -2,7 +2,8 @@
 
 Either gives the tokenizer, a manifest (fingerprint, tokenizer hash, vocabulary size: what
 checkpoints and init_from are checked against), the prepared directory (None when streaming),
-a loader with next_batch(), state_dict() and load_state_dict(), and fixed validation batches.
+a loader with next_batch(), state_dict(), global_state(), load_state_dict() and
+mixture_shares(), and fixed validation batches.
 """
 
 from __future__ import annotations

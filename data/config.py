@@ -5,7 +5,9 @@ exclusive, "choices", and "each" for every element of a list."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, cast
+
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -71,3 +73,9 @@ class DataConfig:
     # no loss on the pair from a document's EOS to the next document's first token.
     reset_position_ids: bool = False
     mask_cross_document_loss: bool = False
+
+
+def plain(node: Any, resolve: bool = True) -> dict[str, Any]:
+    """A config section as plain containers (enums as their names): what OmegaConf.to_container
+    gives for a section, typed as the dict it then is."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=resolve, enum_to_str=True))

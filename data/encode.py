@@ -14,7 +14,7 @@ import multiprocessing.pool
 import os
 import sys
 import types
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 # Batches in flight per worker: enough to keep every worker busy, few enough that a corpus
 # larger than memory streams through instead of being read ahead in full.
 IN_FLIGHT_PER_WORKER = 4
+# What a caller tags each batch of texts with, handed back with its encoding.
+Tag = TypeVar("Tag")
 
 
 def uses_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -115,8 +117,8 @@ def default_workers() -> int:
 
 
 def encode_batches(
-    encoder: DocumentEncoder, batches: Iterable[tuple[object, list[str]]], workers: int
-) -> Iterator[tuple[object, tuple[np.ndarray, np.ndarray]]]:
+    encoder: DocumentEncoder, batches: Iterable[tuple[Tag, list[str]]], workers: int
+) -> Iterator[tuple[Tag, tuple[np.ndarray, np.ndarray]]]:
     """(tag, texts) -> (tag, encoded texts), in the order given, with `workers` processes."""
     if workers <= 1:
         for tag, texts in batches:

@@ -148,7 +148,8 @@ class PartitionWindows:
 
     def _fill(self) -> None:
         """Tokenizes the next documents into the buffer."""
-        batch, size = [], 0
+        batch: list = []
+        size = 0
         while len(batch) < _BATCH_DOCUMENTS and size < _BATCH_CHARACTERS:
             if not self.pending:
                 self._add_block()

@@ -13,10 +13,10 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, cast
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from zeroforge.data.config import DataConfig, MixtureSourceConfig
@@ -33,10 +33,10 @@ SPLITS = ("train", "validation")
 _BATCH_DOCUMENTS = 64
 
 
-def component_config(cfg: DataConfig, part: MixtureSourceConfig) -> DictConfig:
+def component_config(cfg: DataConfig, part: MixtureSourceConfig) -> DataConfig:
     """The data section as it would read with only this mixture source in it."""
     fields = {k: getattr(part, k) for k in ("name", "source", "data_files", "subset", "split", "text_field", "max_documents")}
-    return OmegaConf.merge(cfg, fields, {"mixture": []})
+    return cast(DataConfig, OmegaConf.merge(cfg, fields, {"mixture": []}))  # a DictConfig of the schema
 
 
 def fingerprint(cfg: DataConfig) -> str:
@@ -222,7 +222,7 @@ def _tokenizer(cfg: DataConfig, build: Path) -> PreTrainedTokenizerBase:
         return load_tokenizer(saved)
     if cfg.tokenizer == "embedded":
         train_texts = (t for k, t in iter_documents(cfg) if not is_validation(k, cfg.validation_fraction))
-        tokenizer = train_bpe(train_texts, cfg.tokenizer_vocab_size)
+        tokenizer: PreTrainedTokenizerBase = train_bpe(train_texts, cfg.tokenizer_vocab_size)
     else:
         tokenizer = load_tokenizer(cfg.tokenizer)
     tmp = build / "tokenizer.tmp"

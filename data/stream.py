@@ -250,6 +250,10 @@ class StreamLoader:
                     merged["positions"][p] = position
         return merged
 
+    def mixture_shares(self) -> dict[str, float]:
+        """A stream reads one source (data.mixture needs prepared data): no shares to report."""
+        return {}
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from the job's state (global_state()), on any world size that divides the
         partition count; refuses one saved for another partition count, shuffle or data."""

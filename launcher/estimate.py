@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from zeroforge.data.config import plain
 from zeroforge.launcher.memory import (
     CUDA_CONTEXT_GIB,
     DS_SUB_GROUP_SIZE,
@@ -148,7 +149,7 @@ def memory_plan(cfg: DictConfig, topology: Topology, shape: ModelShape, setup: S
     topology = on_nodes(cfg, topology, setup.nodes)
     e = 2 if topology.precision == "bf16" else 4
     seq, dp = topology.seq_len, topology.dp_size
-    zero_extra = OmegaConf.to_container(cfg.deepspeed.zero_extra, resolve=True)
+    zero_extra = plain(cfg.deepspeed.zero_extra)
     sub_group = float(zero_extra.get("sub_group_size", DS_SUB_GROUP_SIZE))
     states = model_states(shape.params, shape.largest_layer, setup, dp, e, sub_group)
     eager = cfg.model.attn_implementation == "eager"

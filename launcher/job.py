@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from zeroforge.data.config import plain
 from zeroforge.launcher.preflight import preflight
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.entry import entry_point
@@ -77,7 +78,7 @@ def first_config(cfg: DictConfig, env: Mapping[str, str]) -> DictConfig:
         return cfg
     frozen = read_job_config(cfg.run.dir)
     frozen.cluster.nodes = cfg.cluster.nodes
-    now, then = (flat(OmegaConf.to_container(c, resolve=True, enum_to_str=True)) for c in (cfg, frozen))
+    now, then = (flat(plain(c)) for c in (cfg, frozen))
     changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
     if changed:
         log.warning(

@@ -138,7 +138,7 @@ class HostMemory:
     @property
     def highest(self) -> str:
         phases = self.phases()
-        return max(phases, key=phases.get)
+        return max(phases, key=lambda phase: phases[phase])
 
 
 def model_states(params: int, largest_layer: int, setup: Setup, dp: int, e: int, sub_group: float = DS_SUB_GROUP_SIZE) -> ModelStates:

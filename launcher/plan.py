@@ -157,22 +157,16 @@ def _host_table(plan: MemoryPlan) -> list[str]:
     return rows
 
 
+def _verdict(fits: Optional[bool], memory: Optional[float], unknown: str, per: str = "") -> str:
+    if fits is None or memory is None:
+        return unknown
+    return f"{'fits in' if fits else 'DOES NOT FIT in'} {_gib(memory)}{per}"
+
+
 def format_plan(cfg: DictConfig, plan: MemoryPlan) -> str:
     m = plan.model
-    verdict = (
-        "GPU memory unknown (set cluster.gpu_memory_gb): not checked"
-        if plan.gpu_fits is None
-        else f"fits in {_gib(plan.gpu_memory)}"
-        if plan.gpu_fits
-        else f"DOES NOT FIT in {_gib(plan.gpu_memory)}"
-    )
-    host_verdict = (
-        "host memory unknown (set cluster.host_memory_gb): not checked"
-        if plan.host_fits is None
-        else f"fits in {_gib(plan.host_memory)} per node"
-        if plan.host_fits
-        else f"DOES NOT FIT in {_gib(plan.host_memory)} per node"
-    )
+    verdict = _verdict(plan.gpu_fits, plan.gpu_memory, "GPU memory unknown (set cluster.gpu_memory_gb): not checked")
+    host_verdict = _verdict(plan.host_fits, plan.host_memory, "host memory unknown (set cluster.host_memory_gb): not checked", " per node")
     inference = plan.inference_weights + plan.kv_cache
     lines = [
         f"{m.name}: {m.params / 1e9:.3f}B parameters (vocabulary {m.vocab_size}), "

@@ -51,12 +51,13 @@ def time_limit_s(value: str) -> Optional[int]:
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
     if match is None:
         return None
-    days, first, second, third = (int(g) if g is not None else None for g in match.groups())
-    if days is not None:
-        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
-    if third is not None:
-        return (first * 60 + second) * 60 + third
-    return first * 60 + (second or 0)
+    days, first, second, third = match.groups()
+    parts = [int(first), int(second or 0), int(third or 0)]
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        return ((int(days) * 24 + parts[0]) * 60 + parts[1]) * 60 + parts[2]
+    if third is not None:  # hours:minutes:seconds
+        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    return parts[0] * 60 + parts[1]  # minutes[:seconds]
 
 
 def check_time_limit(cfg: DictConfig) -> None:

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from zeroforge.data.build import resume_problems
+from zeroforge.data.config import plain
 from zeroforge.trainer.background_save import BackgroundWriter, file_entry
 from zeroforge.trainer.config import CheckpointConfig, ConfigError
 from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero, gather
@@ -325,7 +326,7 @@ def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size
     run = json.loads((path / MANIFEST).read_text()).get("run")
     if run is None:
         raise ConfigError(f"cannot resume from {path}: its manifest has no run section (an older format).")
-    problems = model_differences(run["model"], OmegaConf.to_container(cfg.model, resolve=True))
+    problems = model_differences(run["model"], plain(cfg.model))
     problems += resume_problems(run["data"], data_manifest, cfg.data, cfg.seed)
     if run["tokenizer_hash"] != data_manifest["tokenizer_hash"]:
         problems.append(f"tokenizer: checkpoint {run['tokenizer_hash']}, now {data_manifest['tokenizer_hash']}")

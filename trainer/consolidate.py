@@ -21,7 +21,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, cast
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def _deepspeed_globals() -> Iterator[None]:
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
 
     allowed = [
         np.dtype,
@@ -221,7 +221,7 @@ def run_config(step_dir: Path) -> tuple[DictConfig, Path]:
     """The resolved config.yaml of the run that wrote the checkpoint, and that run's directory."""
     for run_dir in (step_dir.parent.parent, step_dir.parent):
         if (run_dir / "config.yaml").exists():
-            return OmegaConf.load(run_dir / "config.yaml"), run_dir
+            return cast(DictConfig, OmegaConf.load(run_dir / "config.yaml")), run_dir
     raise ConfigError(
         f"no config.yaml found for checkpoint {step_dir}: expected the run's resolved config in "
         f"{step_dir.parent.parent} (a checkpoint is read from its run directory, <run.dir>/checkpoints/step_<N>)."

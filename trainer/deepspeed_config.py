@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from zeroforge.data.config import plain
 from zeroforge.trainer.topology import Topology
 
 
@@ -17,7 +18,7 @@ def zero_optimization(cfg: DictConfig, device: str) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
-    zero.update(OmegaConf.to_container(ds.zero_extra, resolve=True))
+    zero.update(plain(ds.zero_extra))
     return zero
 
 

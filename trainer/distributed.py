@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -115,7 +115,7 @@ def rank_zero_first(info: DistInfo, fn: Callable[[], T]) -> T:
         raise failure
     if not ok:
         raise StartupAborted(f"rank {info.rank} stops: rank 0 failed during start-up (its message says why).")
-    return result if info.is_main else fn()
+    return cast(T, result) if info.is_main else fn()
 
 
 def close() -> None:

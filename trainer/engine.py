@@ -23,6 +23,7 @@ from zeroforge.trainer.topology import Topology
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("zeroforge")
 
@@ -70,7 +71,7 @@ def apply_liger_kernels(model: torch.nn.Module) -> None:
     )
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
+def compile_blocks(model: PreTrainedModel) -> None:
     """model.compile=regional: each decoder block compiled in place (module.compile() keeps the
     module and its parameter names); the blocks share one compiled graph."""
     layers = getattr(model.get_decoder(), "layers", None)
@@ -83,7 +84,7 @@ def compile_blocks(model: torch.nn.Module) -> None:
         block.compile()
 
 
-def build_engine(model: torch.nn.Module, cfg: DictConfig, topology: Topology, load_universal: bool = False) -> DeepSpeedEngine:
+def build_engine(model: PreTrainedModel, cfg: DictConfig, topology: Topology, load_universal: bool = False) -> DeepSpeedEngine:
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 

@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, NoReturn, Optional, Sequence, TypeVar
 
 import hydra
 import yaml
@@ -43,7 +43,7 @@ _VALUE_OPTIONS = {
 _INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
-def user_error(kind: str, message: object) -> None:
+def user_error(kind: str, message: object) -> NoReturn:
     print(f"zeroforge: {kind}: {message}", file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_EXIT_CODE)
 

@@ -75,7 +75,7 @@ class FaultGuard:
             z = (self._loss - mean) / std if std > 0 else 0.0
             if z > self.zscore:
                 self._reason = f"loss {self._loss:.4f} is a spike (z-score {z:.1f} > train.spike_zscore={self.zscore} over the last {len(self.window)} steps, mean {mean:.4f})"
-        if self._reason is not None:
+        if self._reason is not None and self.optimizer is not None:
             self.optimizer.skip = True
 
     def after_update(self, step: int, skipped_by_deepspeed: bool) -> bool:

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 from omegaconf import DictConfig
@@ -125,7 +125,7 @@ def decode(
     for group in groups:
         enc = tokenizer(group, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
         started = time.perf_counter()
-        out = model.generate(**enc, generation_config=config, tokenizer=tokenizer, assistant_model=assistant, synced_gpus=synced_gpus)
+        out = model.generate(**enc, generation_config=config, tokenizer=tokenizer, assistant_model=assistant, synced_gpus=synced_gpus)  # type: ignore[operator]  # GenerationMixin.generate
         seconds = time.perf_counter() - started
         for prompt, row in zip(group, out[:, enc["input_ids"].shape[1] :].tolist()):
             samples.append(_sample(prompt, row, tokenizer, stop, seconds))
@@ -136,7 +136,7 @@ def _sample(prompt: str, row: list[int], tokenizer: PreTrainedTokenizerBase, sto
     eos = tokenizer.eos_token_id
     # Rows that finished early are padded to the batch's length, with EOS (our pad token).
     tokens = row[: row.index(eos) + 1] if eos in row else row
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    text = cast(str, tokenizer.decode(tokens, skip_special_tokens=True))  # one sequence: one string
     hits = [text.index(s) + len(s) for s in stop if s in text]
     if not hits:
         return Sample(prompt, text, tokens, len(tokens) / seconds, "eos" if eos in row else "length")

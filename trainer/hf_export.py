@@ -9,7 +9,7 @@ import logging
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -67,7 +67,9 @@ def export_hf(
     tensors = gathered_tensors(model, dist)
     if dist.is_main:
         specs = [TensorSpec(name, tuple(full_shape(t)), t.dtype) for name, t in export_entries(model)]
-        write_export(model.config, specs, tensors, tokenizer, out, meta, shard_bytes)
+        write_export(
+            model.config, specs, cast(Iterator[tuple[str, torch.Tensor]], tensors), tokenizer, out, meta, shard_bytes
+        )  # all of them on rank 0
     else:
         for _ in tensors:
             pass
@@ -95,7 +97,7 @@ def write_export(
     tmp.mkdir(parents=True)
     config = copy.deepcopy(config)
     config.dtype = str(next(s.dtype for s in specs if s.dtype.is_floating_point)).removeprefix("torch.")
-    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]  # type: ignore[attr-defined]  # a model class
     config.use_cache = True  # training switches the KV cache off; an export is for inference
     config.save_pretrained(tmp)
     GenerationConfig.from_model_config(config).save_pretrained(tmp)

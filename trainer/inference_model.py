@@ -65,7 +65,7 @@ def load_export(path: str | Path, device: str, dtype: torch.dtype = torch.float3
     if not (path / "config.json").exists():
         raise ConfigError(f"no model at {path}: expected an export directory with config.json, weights and a tokenizer.")
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)  # type: ignore[arg-type]  # transformers wraps .to()
     if len(tokenizer) > model.config.vocab_size:
         raise ConfigError(
             f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocabulary has "

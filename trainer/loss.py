@@ -23,12 +23,15 @@ from __future__ import annotations
 import functools
 import logging
 import types
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 
 from zeroforge.data.boundaries import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("zeroforge")
 
@@ -139,9 +142,9 @@ def _chunked_loss(
             probs.div_(total)
             probs[rows[: end - start], t] -= 1.0
             grad_logits = probs.mul_(scale[start:end, None]).to(hidden.dtype)
-            if need_hidden:
+            if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            if need_weight:
+            if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), h)
             del grad_logits
         del logits, probs  # before the next chunk's logits exist, or two chunks would be alive
@@ -169,10 +172,10 @@ def _output_forward(self: torch.nn.Linear, hidden: torch.Tensor, targets: Option
         return type(self).forward(self, hidden)
     if self.zeroforge_loss == "liger":
         return _liger_cross_entropy(hidden, self.weight, targets)
-    return chunked_cross_entropy(hidden, self.weight, targets, self.zeroforge_loss_chunk_tokens)
+    return chunked_cross_entropy(hidden, self.weight, targets, self.zeroforge_loss_chunk_tokens)  # type: ignore[arg-type]  # set by install_loss
 
 
-def install_loss(model: torch.nn.Module, loss: str, chunk_tokens: int) -> None:
+def install_loss(model: PreTrainedModel, loss: str, chunk_tokens: int) -> None:
     """Give this model instance (not its class) the loss forward described at the top; `plain`
     leaves it untouched. Bound methods, so a deep copy of the model binds to the copy."""
     if loss == "plain":

@@ -9,11 +9,12 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional, cast
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from zeroforge.data.config import plain
 from zeroforge.trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from zeroforge.trainer.host_memory import peak_rss_bytes
 from zeroforge.trainer.progress import open_progress
@@ -87,9 +88,9 @@ def peak_memory_gb(device: str) -> float:
     return peak_rss_bytes() / 1e9  # on the CPU: the process's peak resident memory
 
 
-def _wandb_mode(mode: str) -> str:
+def _wandb_mode(mode: str) -> Literal["online", "offline", "disabled"]:
     if mode != "auto":
-        return mode
+        return cast(Literal["online", "offline", "disabled"], mode)  # logging.wandb.mode's choices
     has_key = bool(os.environ.get("WANDB_API_KEY"))
     netrc = Path.home() / ".netrc"
     has_login = netrc.exists() and "api.wandb.ai" in netrc.read_text()
@@ -146,7 +147,7 @@ class _Sinks:
                 resume="allow",
                 dir=str(run_dir),
                 mode=mode,
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config=plain(cfg),
             )
 
     def write(self, record: dict[str, Any]) -> None:
@@ -164,7 +165,7 @@ class _Sinks:
             # One table of every step so far (read back, so it survives a resume): the latest
             # table on the dashboard shows the text improving.
             table = [json.loads(line) for line in self.samples_path.read_text().splitlines()]
-            columns = ["step", "prompt", "text"]
+            columns: list[str | int] = ["step", "prompt", "text"]
             self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in table])}, step=step)
 
     def close(self) -> None:
@@ -219,8 +220,8 @@ class MetricsLogger:
             self.progress.update(step, self._tokens_per_s)
             return None
         # Skips are agreed across ranks, so every rank takes part in this reduction or none does.
-        loss_value = all_reduce_mean(self._loss_sum / self._loss_steps).item() if self._loss_steps else None
-        grad_norm = None if grad_norm is None else float(grad_norm)
+        loss_value = all_reduce_mean(self._loss_sum / self._loss_steps).item() if self._loss_sum is not None else None
+        norm_value = None if grad_norm is None else float(grad_norm)
         self._loss_sum, self._loss_steps = None, 0
         # The slowest rank's wait is the one that holds every rank back at the next collective.
         data_wait = all_reduce_max(torch.tensor(self.data_wait.lap(), device=self.device)).item()
@@ -233,7 +234,7 @@ class MetricsLogger:
             "step": step,
             "loss": loss_value,
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": norm_value,
             "tokens": self.tokens,
             **times,
             "mfu": mfu(self.flops_per_token, times["tokens_per_s"], self.world_size, self.peak),
@@ -247,7 +248,7 @@ class MetricsLogger:
             step,
             "skipped" if loss_value is None else f"{loss_value:.4f}",
             lr,
-            "n/a" if grad_norm is None else f"{grad_norm:.3f}",
+            "n/a" if norm_value is None else f"{norm_value:.3f}",
             times["tokens_per_s"],
             times["tokens_per_s_per_gpu"],
             times["step_time_s"],

@@ -70,6 +70,8 @@ def check_init_from(cfg: ModelConfig, vocab_size: int, data_tokenizer_hash: str)
     """Before any weights load: model.init_from has the configured shape and the data's tokenizer."""
     from zeroforge.data.tokenizer import load_tokenizer, tokenizer_hash
 
+    if cfg.init_from is None:
+        return
     try:
         theirs = AutoConfig.from_pretrained(cfg.init_from)
     except (OSError, ValueError) as err:

@@ -111,12 +111,12 @@ def _partitioned_construction(ds_config: dict[str, Any], initialize: bool) -> It
     original = PreTrainedModel.initialize_weights
     # model.init_from: the weights are loaded right after, so nothing is gathered to initialise them
     # (post_init still ties the weights that are tied).
-    PreTrainedModel.initialize_weights = _gathered_initialize_weights if initialize else _do_nothing
+    PreTrainedModel.initialize_weights = _gathered_initialize_weights if initialize else _do_nothing  # type: ignore[method-assign]
     try:
         with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             yield
     finally:
-        PreTrainedModel.initialize_weights = original
+        PreTrainedModel.initialize_weights = original  # type: ignore[method-assign]
 
 
 def build_partitioned(build: Callable[[], PreTrainedModel], ds_config: dict[str, Any], initialize: bool = True) -> PreTrainedModel:
@@ -246,7 +246,8 @@ def load_hf_weights(model: PreTrainedModel, source: str) -> None:
 
     files = weight_files(_local_model_dir(source))
     shapes = tensor_shapes(files)
-    params = dict(model.named_parameters())  # a tied weight once, under its first name
+    # A tied weight once, under its first name; Any: DeepSpeed gives each its ds_* attributes.
+    params: dict[str, Any] = dict(model.named_parameters())
     buffers = {name: b for name, b in model.named_buffers() if name in files}
     problems = [f"{name} is missing" for name in params if name not in shapes]
     problems += [

@@ -8,10 +8,11 @@ import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from omegaconf import DictConfig, OmegaConf
 
+from zeroforge.data.config import plain
 from zeroforge.trainer.config import Config, ConfigError
 
 
@@ -79,7 +80,7 @@ def write_job_config(cfg: DictConfig) -> list[str]:
     values are type-checked again; the hydra settings are conf/config.yaml's for a single run.
     """
     run_dir = Path(cfg.run.dir).resolve()
-    values = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    values = plain(cfg, resolve=False)
     values["run"]["dir"] = str(run_dir)
     document = {
         "defaults": [
@@ -104,7 +105,7 @@ def read_job_config(run_dir: str | Path) -> DictConfig:
     values = {k: v for k, v in frozen.items() if k not in ("defaults", "hydra")}
     cfg = OmegaConf.merge(OmegaConf.structured(Config), values)
     OmegaConf.set_struct(cfg, True)
-    return cfg
+    return cast(DictConfig, cfg)
 
 
 def write_run_dir(cfg: DictConfig, probe_gpu: bool = False) -> Path:
@@ -113,7 +114,7 @@ def write_run_dir(cfg: DictConfig, probe_gpu: bool = False) -> Path:
     probe_gpu: record the GPU (the trainer, where CUDA is in use anyway)."""
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    resolved = plain(cfg)
     resolved["code_version"] = git_commit()
     resolved["system"] = system_facts(probe_gpu)
     tmp = run_dir / "config.yaml.tmp"

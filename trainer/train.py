@@ -11,10 +11,11 @@ import time
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from zeroforge.data.boundaries import DocumentBoundaries
 from zeroforge.data.build import open_data
+from zeroforge.data.config import plain
 from zeroforge.trainer import distributed
 from zeroforge.trainer.checkpoint import Checkpointer, check_resumable, find_resume_checkpoint
 from zeroforge.trainer.engine import build_engine, train_step
@@ -58,9 +59,9 @@ def train(cfg: DictConfig) -> dict:
     if cfg.model.init_from:
         check_init_from(cfg.model, vocab_size, train_data.manifest["tokenizer_hash"])
     resume_from = find_resume_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume, dist)
-    universal = resume_from is not None and check_resumable(resume_from, cfg, train_data.manifest, dist.world_size)
-    if universal:
-        resume_from = universal_checkpoint(resume_from, dist)
+    universal = False
+    if resume_from is not None and check_resumable(resume_from, cfg, train_data.manifest, dist.world_size):
+        universal, resume_from = True, universal_checkpoint(resume_from, dist)
     if dist.is_main:
         write_run_dir(cfg, probe_gpu=True)
 
@@ -93,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
         identity={
             "tokenizer_hash": train_data.manifest["tokenizer_hash"],
             "world_size": dist.world_size,
-            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            "config": plain(cfg),
             "versions": library_versions(),
         },
     )

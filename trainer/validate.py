@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -69,7 +69,7 @@ def field_problems(schema: type, node: Any, prefix: str = "") -> Iterator[tuple[
     for f in dataclasses.fields(schema):
         value, key, hint = node.get(f.name), f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(hint):
-            yield from field_problems(hint, value, key + ".")
+            yield from field_problems(cast(type, hint), value, key + ".")
         elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
             for i, item in enumerate(value or []):  # a list of sections (data.mixture)
                 yield from field_problems(typing.get_args(hint)[0], item, f"{key}[{i}].")

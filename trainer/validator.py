@@ -4,10 +4,11 @@ and greedy sample generations (the harness after training is trainer/evaluate.py
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from zeroforge.trainer.config import EvalConfig
 from zeroforge.trainer.engine import validation_loss
@@ -42,7 +43,7 @@ class Validator:
         self.metrics.write({"step": step, "val_loss": val_loss, "val_ppl": float(np.exp(val_loss))})
         log.info("step %d | validation loss %.4f | perplexity %.2f", step, val_loss, np.exp(val_loss))
         if self.cfg.sample_prompts:
-            module = getattr(self.engine, "module", self.engine)
+            module = cast(PreTrainedModel, getattr(self.engine, "module", self.engine))  # the plain model inside the engine
             samples = decode(
                 module, self.tokenizer, list(self.cfg.sample_prompts), self.cfg.sample_max_new_tokens, synced_gpus=self.synced_gpus
             )
