@@ -69,7 +69,7 @@ def main() -> None:
     prepared = prepare(cfg.data)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, resolve_vocab_size(cfg.model, load_manifest(prepared)["vocab_size"]))
-    engine = build_engine(model, cfg, topology)
+    engine = build_engine(model, model_config=cfg.model, train=cfg.train, optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     loader = BatchLoader(TokenStore(prepared, "train"), cfg.data.seq_len, cfg.seed, 1, 1, dp_rank=0, dp_size=1)
     step = 0

@@ -189,7 +189,7 @@ def measure(run: dict, gpu_memory_gb: float, seconds: float, warmup: int, extra:
         model = build_model(cfg.model, cfg.model.vocab_size)
     params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(model.config, params, cfg.data.seq_len)
-    engine = build_engine(model, cfg, topology)
+    engine = build_engine(model, model_config=cfg.model, train=cfg.train, optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     result = dict(run)
     if check_flash:

@@ -78,7 +78,7 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
         lr=o.lr,
         betas=tuple(o.betas),
         eps=o.eps,
-        fused=fused_adamw(cfg, topology),
+        fused=fused_adamw(cfg.optim, topology),
     )
     if kind == "deepspeed":
         import deepspeed
@@ -87,7 +87,9 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
         from zeroforge.trainer.distributed import init_distributed
 
         init_distributed("cpu")
-        model, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, topology))
+        model, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=opt, config=deepspeed_config(optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology)
+        )
 
         def step(micro_batches):
             for b in micro_batches:

@@ -60,8 +60,10 @@ def worker(overrides: list[str]) -> None:
     before = rss_bytes()
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    model = build_for_training(cfg, topology, cfg.model.vocab_size, None)
-    build_engine(model, cfg, topology)
+    model = build_for_training(
+        model_config=cfg.model, optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology, vocab_size=cfg.model.vocab_size, eos_id=None
+    )
+    build_engine(model, model_config=cfg.model, train=cfg.train, optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology)
     seconds = time.perf_counter() - started
     rows = distributed.gather({"rank": dist.rank, "s": seconds, "before_mib": before / 2**20, "peak_mib": peak_rss_bytes() / 2**20}, dist)
     if dist.is_main:

@@ -9,9 +9,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import pytest
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from omegaconf import DictConfig
+    from transformers import PreTrainedModel
+
+    from zeroforge.trainer.topology import Topology
 
 REPO = Path(__file__).resolve().parent.parent
 # Two CPU ranks on one machine, as every multi-rank test runs them.
@@ -219,3 +226,19 @@ def user_project(tmp_path_factory) -> UserProject:
         (project / f"{module}.py").write_text("from pathlib import Path\nPath(__file__).with_suffix('.imported').touch()\n")
     (project / "myconf" / "experiment" / "mine.yaml").write_text("# @package _global_\n" + json.dumps(USER_EXPERIMENT) + "\n")
     return UserProject(venv, project, USER_EXPERIMENT)
+
+
+def engine_for(model: PreTrainedModel, cfg: DictConfig, topology: Topology) -> DeepSpeedEngine:
+    """build_engine with the sections of a composed config, as train() passes them."""
+    from zeroforge.trainer.engine import build_engine
+
+    return build_engine(model, model_config=cfg.model, train=cfg.train, optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology)
+
+
+def model_for_training(cfg: DictConfig, topology: Topology, vocab_size: int, eos_id: Optional[int] = None) -> PreTrainedModel:
+    """build_for_training with the sections of a composed config, as train() passes them."""
+    from zeroforge.trainer.partitioned import build_for_training
+
+    return build_for_training(
+        model_config=cfg.model, optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology, vocab_size=vocab_size, eos_id=eos_id
+    )

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
-
 from zeroforge.data.config import plain
+from zeroforge.trainer.config import DeepSpeedConfig, OptimConfig
 from zeroforge.trainer.topology import Topology
 
 
-def zero_optimization(cfg: DictConfig, device: str) -> dict[str, Any]:
+def zero_optimization(ds: DeepSpeedConfig, device: str) -> dict[str, Any]:
     """DeepSpeed's zero_optimization section: the stage, offload, then deepspeed.zero_extra verbatim."""
-    ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
@@ -22,13 +20,14 @@ def zero_optimization(cfg: DictConfig, device: str) -> dict[str, Any]:
     return zero
 
 
-def deepspeed_config(cfg: DictConfig, topology: Topology, load_universal: bool = False) -> dict[str, Any]:
-    """load_universal: the engine will load a universal checkpoint (a resume on another world size)."""
-    optim, ds = cfg.optim, cfg.deepspeed
-    zero = zero_optimization(cfg, topology.device)
+def deepspeed_config(*, optim: OptimConfig, deepspeed: DeepSpeedConfig, topology: Topology, load_universal: bool = False) -> dict[str, Any]:
+    """The batch split comes from the topology; load_universal: the engine will load a universal
+    checkpoint (a resume on another world size)."""
+    ds = deepspeed
+    zero = zero_optimization(ds, topology.device)
     config = {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "train_batch_size": topology.global_batch_size,
+        "train_micro_batch_size_per_gpu": topology.micro_batch_size,
         "gradient_accumulation_steps": topology.grad_accum,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,

@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
 from zeroforge.data.boundaries import IGNORE_INDEX, DocumentBoundaries
-from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.config import Compile, ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig, TrainConfig
 from zeroforge.trainer.deepspeed_config import deepspeed_config
 from zeroforge.trainer.faults import FaultGuard, SkippableAdamW
 from zeroforge.trainer.loss import install_loss, installed_loss, resolve_loss
@@ -49,10 +48,10 @@ class _KnownOptimizer(logging.Filter):
 _KNOWN_OPTIMIZER = _KnownOptimizer()
 
 
-def fused_adamw(cfg: DictConfig, topology: Topology) -> bool:
+def fused_adamw(optim: OptimConfig, topology: Topology) -> bool:
     """optim.fused, or where it is null: the fused kernel on CUDA only (on the CPU torch's
     default, foreach, is what the tests and the CPU figures have always run)."""
-    return topology.device == "cuda" if cfg.optim.fused is None else bool(cfg.optim.fused)
+    return topology.device == "cuda" if optim.fused is None else bool(optim.fused)
 
 
 def apply_liger_kernels(model: torch.nn.Module) -> None:
@@ -84,51 +83,61 @@ def compile_blocks(model: PreTrainedModel) -> None:
         block.compile()
 
 
-def build_engine(model: PreTrainedModel, cfg: DictConfig, topology: Topology, load_universal: bool = False) -> DeepSpeedEngine:
-    import deepspeed
+def build_engine(
+    model: PreTrainedModel,
+    *,
+    model_config: ModelConfig,
+    train: TrainConfig,
+    optim: OptimConfig,
+    deepspeed: DeepSpeedConfig,
+    topology: Topology,
+    load_universal: bool = False,
+) -> DeepSpeedEngine:
+    """The plain `model` wrapped for training: kernels, loss, checkpointing, the optimizer and
+    schedule, DeepSpeed's engine on the generated config, then compile."""
+    import deepspeed as ds
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.addFilter(_KNOWN_OPTIMIZER)  # added once: the same filter object is not added twice
 
-    if cfg.model.liger_kernels:
+    if model_config.liger_kernels:
         apply_liger_kernels(model)
-    loss = resolve_loss(cfg.train.loss, cfg.model.model_type)
-    install_loss(model, loss, cfg.train.loss_chunk_tokens)
-    if cfg.model.activation_checkpointing:
+    loss = resolve_loss(train.loss, model_config.model_type)
+    install_loss(model, loss, train.loss_chunk_tokens)
+    if model_config.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
-    factor = lr_factor(cfg.optim, cfg.train.steps)
-    groups = param_groups(model, cfg.optim.weight_decay)
-    optim = cfg.optim
+    factor = lr_factor(optim, train.steps)
+    groups = param_groups(model, optim.weight_decay)
     # With ZeRO-Offload DeepSpeed builds its CPU Adam from the generated config instead.
-    fused = fused_adamw(cfg, topology)
+    fused = fused_adamw(optim, topology)
     optimizer = (
         None
-        if cfg.deepspeed.offload_optimizer
+        if deepspeed.offload_optimizer
         else SkippableAdamW(
             groups,
             lr=optim.lr,
-            betas=tuple(optim.betas),
+            betas=(optim.betas[0], optim.betas[1]),  # validate() checked there are two
             eps=optim.eps,
             fused=fused,
         )
     )
-    with zero3_startup() if cfg.deepspeed.stage == 3 else contextlib.nullcontext():
-        engine, _, _, _ = deepspeed.initialize(
+    with zero3_startup() if deepspeed.stage == 3 else contextlib.nullcontext():
+        engine, _, _, _ = ds.initialize(
             model=model,
             optimizer=optimizer,
             model_parameters=groups if optimizer is None else None,
-            config=deepspeed_config(cfg, topology, load_universal),
+            config=deepspeed_config(optim=optim, deepspeed=deepspeed, topology=topology, load_universal=load_universal),
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
         )
-    compile_mode = getattr(cfg.model.compile, "value", cfg.model.compile)
+    compile_mode = Compile(model_config.compile)
     # Both compile in place, so parameter names (and checkpoints) carry no `_orig_mod.` prefix.
-    if compile_mode == "full":
+    if compile_mode == Compile.full:
         engine.compile()
-    elif compile_mode == "regional":
+    elif compile_mode == Compile.regional:
         compile_blocks(engine.module)
-        if cfg.deepspeed.stage == 3:
+        if deepspeed.stage == 3:
             log.warning(
                 "model.compile=regional under ZeRO-3: DeepSpeed's parameter-gathering hooks break the compiled "
                 "graphs (it trains as eager does, with little of the compiled speed); ZeRO 0-2 compile without breaks"
@@ -136,11 +145,11 @@ def build_engine(model: PreTrainedModel, cfg: DictConfig, topology: Topology, lo
     log.info(
         "loss %s%s | AdamW %s | compile %s | attention %s%s",
         loss,
-        f" ({cfg.train.loss_chunk_tokens} tokens a chunk)" if loss == "chunked" else "",
+        f" ({train.loss_chunk_tokens} tokens a chunk)" if loss == "chunked" else "",
         "DeepSpeed's CPU Adam (offload)" if optimizer is None else "fused" if fused else "foreach/for-loop",
-        compile_mode,
-        cfg.model.attn_implementation,
-        " | Liger kernels" if cfg.model.liger_kernels else "",
+        compile_mode.value,
+        model_config.attn_implementation,
+        " | Liger kernels" if model_config.liger_kernels else "",
     )
     return engine
 

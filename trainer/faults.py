@@ -16,8 +16,8 @@ from collections import deque
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig
 
+from zeroforge.trainer.config import TrainConfig
 from zeroforge.trainer.distributed import all_reduce_mean
 
 log = logging.getLogger("zeroforge")
@@ -43,8 +43,8 @@ class SkippableAdamW(torch.optim.AdamW):
 
 
 class FaultGuard:
-    def __init__(self, cfg: DictConfig, optimizer: Optional[torch.optim.Optimizer], stage: int):
-        """cfg: the train config; optimizer: the engine's basic optimizer."""
+    def __init__(self, cfg: TrainConfig, optimizer: Optional[torch.optim.Optimizer], stage: int):
+        """optimizer: the engine's basic optimizer; stage: its ZeRO stage."""
         self.max_in_a_row = cfg.max_consecutive_skips
         self.zscore = cfg.spike_zscore
         self.window: deque[float] = deque(maxlen=cfg.spike_window)

@@ -47,10 +47,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.config import ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig
 from zeroforge.trainer.topology import Topology
 
 log = logging.getLogger("zeroforge")
@@ -268,7 +267,9 @@ def load_hf_weights(model: PreTrainedModel, source: str) -> None:
     log.info("loaded %d tensors from %s, each rank its own slice", len(params) + len(buffers), source)
 
 
-def build_for_training(cfg: DictConfig, topology: Topology, vocab_size: int, eos_id: Optional[int]) -> PreTrainedModel:
+def build_for_training(
+    *, model_config: ModelConfig, optim: OptimConfig, deepspeed: DeepSpeedConfig, topology: Topology, vocab_size: int, eos_id: Optional[int]
+) -> PreTrainedModel:
     """The model train() wraps: whole on every rank (ZeRO 0-2, or deepspeed.zero_init=false), or
     partitioned while it is built (ZeRO-3), with model.init_from's weights loaded shard by shard."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -276,10 +277,10 @@ def build_for_training(cfg: DictConfig, topology: Topology, vocab_size: int, eos
     from zeroforge.trainer.deepspeed_config import deepspeed_config
     from zeroforge.trainer.model import build_model
 
-    m = cfg.model
-    if cfg.deepspeed.stage != 3 or not cfg.deepspeed.zero_init:
+    m = model_config
+    if deepspeed.stage != 3 or not deepspeed.zero_init:
         return build_model(m, vocab_size, eos_id)
-    ds_config = deepspeed_config(cfg, topology)
+    ds_config = deepspeed_config(optim=optim, deepspeed=deepspeed, topology=topology)
     if not m.init_from:
         return build_partitioned(lambda: build_model(m, vocab_size, eos_id), ds_config)
     log.info(

@@ -67,10 +67,25 @@ def train(cfg: DictConfig) -> dict:
 
     started, before = time.perf_counter(), rss_bytes()
     seed_everything(cfg.seed)
-    model = build_for_training(cfg, topology, vocab_size, tokenizer.eos_token_id)
+    model = build_for_training(
+        model_config=cfg.model,
+        optim=cfg.optim,
+        deepspeed=cfg.deepspeed,
+        topology=topology,
+        vocab_size=vocab_size,
+        eos_id=tokenizer.eos_token_id,
+    )
     num_params = sum(full_numel(p) for p in model.parameters())
     fpt = flops_per_token(model.config, num_params, cfg.data.seq_len)
-    engine = build_engine(model, cfg, topology, load_universal=universal)
+    engine = build_engine(
+        model,
+        model_config=cfg.model,
+        train=cfg.train,
+        optim=cfg.optim,
+        deepspeed=cfg.deepspeed,
+        topology=topology,
+        load_universal=universal,
+    )
     partitioned = cfg.deepspeed.stage == 3 and cfg.deepspeed.zero_init
     log_startup(dist, time.perf_counter() - started, "partitioned construction" if partitioned else "whole model on every rank", before)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)

@@ -185,7 +185,7 @@ def _check_zero_section(cfg: DictConfig, cuda: bool, problems: list[str]) -> Non
     from zeroforge.trainer.deepspeed_config import zero_optimization
 
     try:
-        DeepSpeedZeroConfig(**zero_optimization(cfg, "cuda" if cuda else "cpu"))
+        DeepSpeedZeroConfig(**zero_optimization(cfg.deepspeed, "cuda" if cuda else "cpu"))
     except ValidationError as err:
         for e in err.errors():
             key = ".".join(str(part) for part in e["loc"])

@@ -112,7 +112,7 @@ def test_deepspeed_config_is_generated_from_the_hydra_config(stage: int) -> None
         [f"deepspeed=zero{stage}", "train.global_batch_size=64", "train.micro_batch_size=4", "optim.lr=1e-4", "optim.grad_clip=0.5"]
     )
     plan = validate(cfg, world_size=4, cuda=True)
-    ds = deepspeed_config(cfg, plan)
+    ds = deepspeed_config(optim=cfg.optim, deepspeed=cfg.deepspeed, topology=plan)
     assert ds["train_batch_size"] == 64
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 4
@@ -125,7 +125,7 @@ def test_deepspeed_config_is_generated_from_the_hydra_config(stage: int) -> None
 
 def test_offload_config() -> None:
     cfg = compose_config(["deepspeed=zero3-offload"])
-    ds = deepspeed_config(cfg, validate(cfg, 1, cuda=False))
+    ds = deepspeed_config(optim=cfg.optim, deepspeed=cfg.deepspeed, topology=validate(cfg, 1, cuda=False))
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr  # DeepSpeed's CPU Adam, from the same config

@@ -12,7 +12,7 @@ import pytest
 import torch
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 
-from tests.conftest import REPO, run_module
+from tests.conftest import REPO, engine_for, run_module
 from zeroforge.launcher.estimate import estimate
 from zeroforge.launcher.memory import GIB, activation_bytes
 from zeroforge.launcher.model_shape import model_shape
@@ -198,7 +198,6 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
     alive afterwards is weighed. Gradients, their fp32 copies and activations are freed by then,
     so the estimate's persistent part is compared: weights and optimizer states, and under ZeRO-3
     its gradient partition and reduction bucket. Tolerance 3% (small tensors: RoPE tables, the batch)."""
-    from zeroforge.trainer.engine import build_engine
     from zeroforge.trainer.validate import validate
 
     bucket = 200_000
@@ -218,7 +217,7 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
     gc.collect()  # the engines of earlier stages must be gone, or their addresses come back as new
     before = _storages()
     torch.manual_seed(0)
-    engine = build_engine(build_model(cfg.model, 4096), cfg, validate(cfg, 1, cuda=False))
+    engine = engine_for(build_model(cfg.model, 4096), cfg, validate(cfg, 1, cuda=False))
     engine.backward(causal_lm_loss(engine, torch.randint(0, 4096, (2, 65))))
     engine.step()
     measured = sum(n for ptr, n in _storages().items() if ptr not in before)

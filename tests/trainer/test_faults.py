@@ -10,13 +10,14 @@ from typing import Iterator
 import pytest
 import torch
 
+from tests.conftest import engine_for
 from zeroforge.data.loader import BatchLoader
 from zeroforge.data.prepare import prepare
 from zeroforge.data.shards import TokenStore
 from zeroforge.data.tokenizer import load_tokenizer
 from zeroforge.trainer import distributed
 from zeroforge.trainer.config import ConfigError, compose_config
-from zeroforge.trainer.engine import build_engine, train_step
+from zeroforge.trainer.engine import train_step
 from zeroforge.trainer.faults import FaultGuard, TrainingDiverged
 from zeroforge.trainer.hf_export import gathered_tensors
 from zeroforge.trainer.model import build_model, resolve_vocab_size
@@ -45,7 +46,7 @@ class Run:
         model = build_model(cfg.model, resolve_vocab_size(cfg.model, len(tokenizer)), tokenizer.eos_token_id)
         self.poison: float | None = None
         model.get_decoder().norm.register_forward_hook(self._hook)
-        self.engine = build_engine(model, cfg, plan)
+        self.engine = engine_for(model, cfg, plan)
         self.guard = FaultGuard(cfg.train, self.engine.basic_optimizer, stage)
         self.loader = BatchLoader(
             TokenStore(prepared, "train"),

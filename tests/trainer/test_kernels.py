@@ -22,7 +22,7 @@ FLASH = importlib.util.find_spec("flash_attn") is not None
 )
 def test_fused_adamw_by_default_on_cuda_only(fused: str, cuda: bool, expected: bool) -> None:
     cfg = compose_config([f"optim.fused={fused}"])
-    assert fused_adamw(cfg, validate(cfg, 1, cuda=cuda)) is expected
+    assert fused_adamw(cfg.optim, validate(cfg, 1, cuda=cuda)) is expected
 
 
 @pytest.mark.parametrize("override", ["train.loss=liger", "model.liger_kernels=true"])

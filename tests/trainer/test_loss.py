@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import REPO, TORCHRUN, exact_overrides, run_module, train_losses
+from tests.conftest import REPO, TORCHRUN, engine_for, exact_overrides, run_module, train_losses
 from zeroforge.data.boundaries import DocumentBoundaries
 from zeroforge.trainer.config import compose_config
-from zeroforge.trainer.engine import build_engine, causal_lm_loss
+from zeroforge.trainer.engine import causal_lm_loss
 from zeroforge.trainer.loss import chunked_cross_entropy, install_loss, installed_loss, resolve_loss
 from zeroforge.trainer.model import build_model
 from zeroforge.trainer.validate import validate
@@ -163,7 +163,7 @@ def test_through_the_deepspeed_engine_the_losses_equal_the_plain_ones(stage: int
             ]
         )
         torch.manual_seed(0)
-        engine = build_engine(build_model(cfg.model, VOCAB), cfg, validate(cfg, 1, cuda=False))
+        engine = engine_for(build_model(cfg.model, VOCAB), cfg, validate(cfg, 1, cuda=False))
         losses[loss] = []
         for batch in batches:
             value = causal_lm_loss(engine, batch)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TORCHRUN, read_metrics, run_module, train_losses
+from tests.conftest import REPO, TORCHRUN, engine_for, model_for_training, read_metrics, run_module, train_losses
 
 # llama-125m's shape with a 32,000-token vocabulary (tied): 109.5M parameters, 418 MiB in fp32.
 MODEL_110M = ["model=llama-125m", "model.vocab_size=32000"]
@@ -179,13 +179,13 @@ def test_partitioned_construction_gives_the_whole_models_weights(tied: bool, pro
 
     from zeroforge.trainer.engine import param_groups
     from zeroforge.trainer.model import build_model
-    from zeroforge.trainer.partitioned import build_for_training, full_numel, full_shape
+    from zeroforge.trainer.partitioned import full_numel, full_shape
 
     cfg, plan = _tiny((f"model.tie_word_embeddings={str(tied).lower()}",))
     torch.manual_seed(0)
     whole = build_model(cfg.model, 512)
     torch.manual_seed(0)
-    partitioned = build_for_training(cfg, plan, 512, None)
+    partitioned = model_for_training(cfg, plan, 512)
     params = dict(partitioned.named_parameters())
     assert all(p.numel() == 0 for p in params.values())  # nothing but shards (here, one rank's: all of it) is held
     assert (partitioned.lm_head.weight is partitioned.model.embed_tokens.weight) == tied
@@ -200,12 +200,9 @@ def test_partitioned_construction_gives_the_whole_models_weights(tied: bool, pro
 
 
 def test_the_fp32_master_is_the_weight_partition_itself(process_group, tmp_path: Path) -> None:
-    from zeroforge.trainer.engine import build_engine
-    from zeroforge.trainer.partitioned import build_for_training
-
     cfg, plan = _tiny((f"run.dir={tmp_path}",))
     torch.manual_seed(0)
-    engine = build_engine(build_for_training(cfg, plan, 512, None), cfg, plan)
+    engine = engine_for(model_for_training(cfg, plan, 512), cfg, plan)
     optimizer = engine.optimizer
     for master, weights in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat):
         assert master.data_ptr() == weights.data_ptr() and master.numel() == weights.numel()
@@ -227,11 +224,12 @@ cfg = compose_config(sys.argv[1:])
 plan = validate(cfg, 1, cuda=False)
 distributed.init_distributed("cpu")
 torch.manual_seed(0)
-model = build_for_training(cfg, plan, cfg.model.vocab_size, None)
+sections = {"optim": cfg.optim, "deepspeed": cfg.deepspeed, "topology": plan}
+model = build_for_training(model_config=cfg.model, vocab_size=cfg.model.vocab_size, eos_id=None, **sections)
 numel = sum(p.ds_tensor.numel() for p in model.parameters())
 Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
 before = rss_bytes()
-optimizer = build_engine(model, cfg, plan).optimizer
+optimizer = build_engine(model, model_config=cfg.model, train=cfg.train, **sections).optimizer
 above = peak_rss_bytes() - before
 pairs = list(zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
 print("RESULT " + json.dumps({
@@ -291,7 +289,11 @@ def test_init_from_of_other_tensors_is_refused_before_any_weight_loads(tiny_expo
 
     cfg, plan = _tiny()
     config = AutoConfig.from_pretrained(tiny_export)
-    model = build_partitioned(lambda: AutoModelForCausalLM.from_config(config), deepspeed_config(cfg, plan), initialize=False)
+    model = build_partitioned(
+        lambda: AutoModelForCausalLM.from_config(config),
+        deepspeed_config(optim=cfg.optim, deepspeed=cfg.deepspeed, topology=plan),
+        initialize=False,
+    )
     before = {name: p.ds_tensor.clone() for name, p in model.named_parameters()}
     with pytest.raises(ConfigError) as refused:
         load_hf_weights(model, str(doctored))
