@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from zeroforge.launcher.plan import check_fits
 from zeroforge.launcher.preflight import preflight
-from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.config import ClusterConfig, ConfigError
 from zeroforge.trainer.entry import USER_ERROR_EXIT_CODE
 from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
 from zeroforge.trainer.rundir import write_job_config, write_run_dir
@@ -21,7 +21,7 @@ from zeroforge.trainer.validate import job_topology
 log = logging.getLogger("zeroforge")
 
 
-def torchrun_command(cfg: DictConfig, job_config: Sequence[str]) -> list[str]:
+def torchrun_command(cluster: ClusterConfig, job_config: Sequence[str]) -> list[str]:
     """The training command: torchrun (with the ranks' exit codes), the trainer on the frozen config."""
     return [
         sys.executable,
@@ -32,7 +32,7 @@ def torchrun_command(cfg: DictConfig, job_config: Sequence[str]) -> list[str]:
         "--nnodes",
         "1",
         "--nproc_per_node",
-        str(cfg.cluster.nproc_per_node),
+        str(cluster.nproc_per_node),
         "-m",
         "zeroforge.trainer.train",
         *job_config,
@@ -58,7 +58,7 @@ def launch(cfg: DictConfig) -> int:
     check_fits(cfg, topology)
     preflight(cfg, topology)
     run_dir = write_run_dir(cfg)
-    cmd = torchrun_command(cfg, write_job_config(cfg))
+    cmd = torchrun_command(cfg.cluster, write_job_config(cfg))
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
     log.info("run directory %s", run_dir.resolve())
     log.info("launching: %s", " ".join(cmd))

@@ -14,7 +14,7 @@ from zeroforge.trainer.topology import Topology
 def preflight(cfg: DictConfig, topology: Topology) -> None:
     """For a validated config: check the run directory, prepare the data once (ranks never race
     to build it), or, when streaming, check that its tokenizer loads; then check_continuation."""
-    check_run_dir(cfg)
+    check_run_dir(cfg.run, cfg.checkpoint)
     check_continuation(cfg, open_data(cfg.data).manifest, topology)
 
 

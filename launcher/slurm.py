@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from zeroforge.data.build import prepared_manifest
 from zeroforge.launcher.plan import check_fits
 from zeroforge.launcher.preflight import check_continuation
-from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.config import ClusterConfig, ConfigError, RunSection
 from zeroforge.trainer.rundir import check_run_dir, job_config_options, write_job_config, write_run_dir
 from zeroforge.trainer.validate import job_topology
 
@@ -27,20 +27,19 @@ log = logging.getLogger("zeroforge")
 SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "pretrain.sh"
 
 
-def sbatch_command(cfg: DictConfig, job_config: Sequence[str]) -> list[str]:
+def sbatch_command(c: ClusterConfig, run: RunSection, job_config: Sequence[str]) -> list[str]:
     """The exact sbatch call: the cluster config's placement, then the frozen config for the job."""
-    c = cfg.cluster
-    run_dir = Path(cfg.run.dir).resolve()
+    run_dir = Path(run.dir).resolve()
     cmd = [
         "sbatch",
-        f"--job-name={cfg.run.name}",
+        f"--job-name={run.name}",
         f"--nodes={c.nodes}",
         f"--gpus-per-node={c.gpus_per_node}",
         f"--time={c.time}",
         f"--signal=B:USR1@{c.warning_s}",
         f"--output={run_dir}/logs/slurm-%j.out",
     ]
-    cmd += [f"--{key}={c[key]}" for key in ("account", "partition", "qos", "constraint", "exclude") if c[key]]
+    cmd += [f"--{key}={getattr(c, key)}" for key in ("account", "partition", "qos", "constraint", "exclude") if getattr(c, key)]
     cmd += list(c.sbatch_args)
     return [*cmd, str(SCRIPT), *job_config]
 
@@ -60,10 +59,9 @@ def time_limit_s(value: str) -> Optional[int]:
     return parts[0] * 60 + parts[1]  # minutes[:seconds]
 
 
-def check_time_limit(cfg: DictConfig) -> None:
+def check_time_limit(c: ClusterConfig) -> None:
     """A limit no longer than the warning gets the warning as the job starts, which then dies with
     an empty log: Slurm's USR1 arrives before the script can handle it."""
-    c = cfg.cluster
     limit = time_limit_s(str(c.time))
     if limit is not None and limit <= c.warning_s:
         raise ConfigError(
@@ -76,22 +74,22 @@ def check_time_limit(cfg: DictConfig) -> None:
 def submit(cfg: DictConfig) -> int:
     """Submit one job (or, with launcher.dry_run=true, print what would be submitted)."""
     topology = job_topology(cfg)
-    check_time_limit(cfg)
+    check_time_limit(cfg.cluster)
     check_fits(cfg, topology)  # before the queue, not after hours in it
-    check_run_dir(cfg)
+    check_run_dir(cfg.run, cfg.checkpoint)
     # Data is prepared in the job; where it already is (a resume's data always is), the run's
     # continuation is checked now too, rather than after the wait in the queue.
     manifest = prepared_manifest(cfg.data)
     if manifest is not None:
         check_continuation(cfg, manifest, topology)
     if cfg.launcher.dry_run:
-        cmd = sbatch_command(cfg, job_config_options(cfg.run.dir))
+        cmd = sbatch_command(cfg.cluster, cfg.run, job_config_options(cfg.run.dir))
         print(shlex.join(cmd))
         print(f"----- {SCRIPT} -----")
         print(SCRIPT.read_text(), end="")
         return 0
     run_dir = write_run_dir(cfg)
-    cmd = sbatch_command(cfg, write_job_config(cfg))
+    cmd = sbatch_command(cfg.cluster, cfg.run, write_job_config(cfg))
     (run_dir / "logs").mkdir(exist_ok=True)
     (run_dir / "sbatch.txt").write_text(shlex.join(cmd) + "\n")
     try:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from zeroforge.data.boundaries import IGNORE_INDEX
+from zeroforge.trainer.config import Loss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -55,12 +56,11 @@ LINEAR_HEAD_MODEL_TYPES = frozenset(
 )
 
 
-def resolve_loss(loss: str, model_type: str) -> str:
+def resolve_loss(loss: Loss | str, model_type: str) -> str:
     """train.loss with `auto` decided: chunked where it is exact for the model type, else plain."""
-    loss = getattr(loss, "value", loss)
-    if loss == "auto":
+    if loss == Loss.auto:  # a str Enum: equal to its value, as strings are
         return "chunked" if model_type in LINEAR_HEAD_MODEL_TYPES else "plain"
-    return loss
+    return Loss(loss).value
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

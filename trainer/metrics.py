@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, cast
 
 import torch
-from omegaconf import DictConfig
 
-from zeroforge.data.config import plain
+from zeroforge.trainer.config import LoggingConfig, RunSection
 from zeroforge.trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from zeroforge.trainer.host_memory import peak_rss_bytes
 from zeroforge.trainer.progress import open_progress
@@ -121,7 +120,9 @@ def _set_aside_records_after(path: Path, step: int) -> None:
 class _Sinks:
     """Where records go on rank 0; other ranks get none, so callers never test for the rank."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, start_step: int):
+    def __init__(self, cfg: LoggingConfig, run: RunSection, run_config: dict[str, Any], start_step: int):
+        """run_config: the whole resolved config, recorded with the wandb run."""
+        run_dir = Path(run.dir)
         path = run_dir / "metrics.jsonl"
         if path.exists():
             _set_aside_records_after(path, start_step)
@@ -130,7 +131,7 @@ class _Sinks:
         if self.samples_path.exists():
             _set_aside_records_after(self.samples_path, start_step)
         self.wandb = None
-        mode = _wandb_mode(cfg.logging.wandb.mode)
+        mode = _wandb_mode(cfg.wandb.mode)
         if mode != "disabled":
             import wandb
 
@@ -140,14 +141,14 @@ class _Sinks:
             if not id_file.exists():
                 id_file.write_text(uuid.uuid4().hex[:12])
             self.wandb = wandb.init(
-                project=cfg.logging.wandb.project,
-                entity=cfg.logging.wandb.entity,
-                name=cfg.run.name,
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                name=run.name,
                 id=id_file.read_text().strip(),
                 resume="allow",
                 dir=str(run_dir),
                 mode=mode,
-                config=plain(cfg),
+                config=run_config,
             )
 
     def write(self, record: dict[str, Any]) -> None:
@@ -182,17 +183,29 @@ class MetricsLogger:
     """
 
     def __init__(
-        self, cfg: DictConfig, dist: DistInfo, topology: Topology, flops_per_token: float, start_step: int = 0, start_tokens: int = 0
+        self,
+        cfg: LoggingConfig,
+        *,
+        run: RunSection,
+        run_config: dict[str, Any],
+        steps: int,
+        peak: Optional[float],
+        dist: DistInfo,
+        topology: Topology,
+        flops_per_token: float,
+        start_step: int = 0,
+        start_tokens: int = 0,
     ):
-        self.every = cfg.logging.every
-        self.last_step = cfg.train.steps
+        """steps: train.steps; peak: cluster.peak_tflops (None: detected from the GPU, if any)."""
+        self.every = cfg.every
+        self.last_step = steps
         self.world_size = dist.world_size
         self.device = topology.device
         self.flops_per_token = flops_per_token
         self.tokens_per_step = topology.tokens_per_step
-        self.peak = peak_tflops(cfg.cluster.peak_tflops, topology.device)
-        self.sinks = _Sinks(cfg, Path(cfg.run.dir), start_step) if dist.is_main else None
-        self.progress = open_progress(dist.rank, cfg.train.steps, start_step)
+        self.peak = peak_tflops(peak, topology.device)
+        self.sinks = _Sinks(cfg, run, run_config, start_step) if dist.is_main else None
+        self.progress = open_progress(dist.rank, steps, start_step)
         self.tokens = start_tokens
         # train() times loader.next_batch() with it: `with metrics.data_wait: batch = ...`.
         self.data_wait = Stopwatch()

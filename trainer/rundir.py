@@ -13,7 +13,7 @@ from typing import Any, Optional, cast
 from omegaconf import DictConfig, OmegaConf
 
 from zeroforge.data.config import plain
-from zeroforge.trainer.config import Config, ConfigError
+from zeroforge.trainer.config import CheckpointConfig, Config, ConfigError, RunSection
 
 
 def git_commit() -> Optional[str]:
@@ -123,15 +123,15 @@ def write_run_dir(cfg: DictConfig, probe_gpu: bool = False) -> Path:
     return run_dir
 
 
-def check_run_dir(cfg: DictConfig) -> None:
+def check_run_dir(run: RunSection, checkpoint: CheckpointConfig) -> None:
     """One run per directory: a run.dir with metrics is only re-entered to resume a checkpoint."""
     from zeroforge.trainer.checkpoint import committed_checkpoints
 
-    metrics = Path(cfg.run.dir) / "metrics.jsonl"
-    resumable = cfg.checkpoint.resume != "never" and committed_checkpoints(cfg.checkpoint.dir)
+    metrics = Path(run.dir) / "metrics.jsonl"
+    resumable = checkpoint.resume != "never" and committed_checkpoints(checkpoint.dir)
     if metrics.exists() and not resumable:
         raise ConfigError(
-            f"run.dir={cfg.run.dir} already holds a run ({metrics} exists) with no committed checkpoint "
-            f"to resume (checkpoint.resume={cfg.checkpoint.resume}); expected a new directory: set "
+            f"run.dir={run.dir} already holds a run ({metrics} exists) with no committed checkpoint "
+            f"to resume (checkpoint.resume={checkpoint.resume}); expected a new directory: set "
             "another run.name or run.dir, or remove that directory."
         )

@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict:
     env = distributed.dist_env()
     setup_logging(env.rank, cfg.logging.level)
     topology = validate(cfg, env.world_size)  # before any process group, data or model exists
-    check_run_dir(cfg)
+    check_run_dir(cfg.run, cfg.checkpoint)
     device = f"cuda:{env.local_rank}" if topology.device == "cuda" else "cpu"
     stop = StopRequest(device, cfg.run.dir, env.rank)  # from here on, a stop request is answered by a save
     dist = distributed.init_distributed(topology.device)
@@ -102,17 +102,14 @@ def train(cfg: DictConfig) -> dict:
         cfg.train.global_batch_size,
     )
 
-    checkpointer = Checkpointer(
-        engine,
-        cfg.checkpoint,
-        dist,
-        identity={
-            "tokenizer_hash": train_data.manifest["tokenizer_hash"],
-            "world_size": dist.world_size,
-            "config": plain(cfg),
-            "versions": library_versions(),
-        },
-    )
+    # What every checkpoint records of the run, beside its state; the config goes to wandb too.
+    identity = {
+        "tokenizer_hash": train_data.manifest["tokenizer_hash"],
+        "world_size": dist.world_size,
+        "config": plain(cfg),
+        "versions": library_versions(),
+    }
+    checkpointer = Checkpointer(engine, cfg.checkpoint, dist, identity)
     state = TrainState()
     if resume_from is not None:
         state = checkpointer.load(resume_from)
@@ -131,7 +128,18 @@ def train(cfg: DictConfig) -> dict:
     boundaries = None
     if cfg.data.reset_position_ids or cfg.data.mask_cross_document_loss:
         boundaries = DocumentBoundaries(tokenizer.eos_token_id, cfg.data.reset_position_ids, cfg.data.mask_cross_document_loss)
-    metrics = MetricsLogger(cfg, dist, topology, fpt, start_step=state.step, start_tokens=state.tokens)
+    metrics = MetricsLogger(
+        cfg.logging,
+        run=cfg.run,
+        run_config=identity["config"],
+        steps=cfg.train.steps,
+        peak=cfg.cluster.peak_tflops,
+        dist=dist,
+        topology=topology,
+        flops_per_token=fpt,
+        start_step=state.step,
+        start_tokens=state.tokens,
+    )
     validator = Validator(
         cfg.eval,
         engine,

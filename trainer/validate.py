@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from zeroforge.data.errors import DataError
 from zeroforge.data.partitions import check_partition_split
-from zeroforge.trainer.config import Config, ConfigError
+from zeroforge.trainer.config import Config, ConfigError, DeepSpeedConfig, Loss, ModelConfig, ParallelConfig, TrainConfig
 from zeroforge.trainer.topology import Topology, accelerator_is_cuda, job_is_on_gpus, job_world_size, resolve_precision
 
 log = logging.getLogger("zeroforge")
@@ -80,11 +80,10 @@ def field_problems(schema: type, node: Any, prefix: str = "") -> Iterator[tuple[
                 yield key, f"{'every element of ' if 'each' in f.metadata else ''}{key} must be {expected}, found {value!r}"
 
 
-def _check_model(cfg: DictConfig, problems: list[str]) -> None:
+def _check_model(m: ModelConfig, problems: list[str]) -> None:
     """Build the (weightless) transformers config now, so a bad model fails before any job starts."""
     from zeroforge.trainer.model import hf_config
 
-    m = cfg.model
     try:
         config = hf_config(m, vocab_size=64)
     except Exception as err:  # whatever transformers' config refuses, and why, in one line
@@ -108,15 +107,15 @@ def _check_model(cfg: DictConfig, problems: list[str]) -> None:
         ("num_heads", "num_attention_heads"),
         ("max_position_embeddings", "max_position_embeddings"),
     ]:
-        found = getattr(config, theirs, None)
-        if found != m[ours]:
+        found, wanted = getattr(config, theirs, None), getattr(m, ours)
+        if found != wanted:
             problems.append(
-                f"model.{ours}={m[ours]} did not reach the {m.model_type} config (its {theirs} is {found}); "
+                f"model.{ours}={wanted} did not reach the {m.model_type} config (its {theirs} is {found}); "
                 "set that model type's own field through model.extra"
             )
 
 
-def _check_kernels(cfg: DictConfig, cuda: bool, problems: list[str]) -> None:
+def _check_kernels(m: ModelConfig, train: TrainConfig, cuda: bool, problems: list[str]) -> None:
     """The loss, Liger and attention kernels asked for exist here, before any process starts.
 
     An explicit request that cannot be honoured is an error, not a silent fallback: a run (or a
@@ -124,7 +123,7 @@ def _check_kernels(cfg: DictConfig, cuda: bool, problems: list[str]) -> None:
     """
     from zeroforge.trainer.loss import LINEAR_HEAD_MODEL_TYPES
 
-    m, loss = cfg.model, getattr(cfg.train.loss, "value", cfg.train.loss)
+    loss = Loss(train.loss).value
     if loss in ("chunked", "liger") and m.model_type not in LINEAR_HEAD_MODEL_TYPES:
         problems.append(
             f"train.loss={loss} computes the logits as the output layer of the hidden states, which "
@@ -176,7 +175,7 @@ def check_fields(cfg: DictConfig) -> dict[str, str]:
     return dict(field_problems(Config, cfg))
 
 
-def _check_zero_section(cfg: DictConfig, cuda: bool, problems: list[str]) -> None:
+def _check_zero_section(ds: DeepSpeedConfig, cuda: bool, problems: list[str]) -> None:
     """DeepSpeed's own model of the zero_optimization section we generate, so that a mistyped
     deepspeed.zero_extra key fails here rather than in every rank's deepspeed.initialize."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -185,7 +184,7 @@ def _check_zero_section(cfg: DictConfig, cuda: bool, problems: list[str]) -> Non
     from zeroforge.trainer.deepspeed_config import zero_optimization
 
     try:
-        DeepSpeedZeroConfig(**zero_optimization(cfg.deepspeed, "cuda" if cuda else "cpu"))
+        DeepSpeedZeroConfig(**zero_optimization(ds, "cuda" if cuda else "cpu"))
     except ValidationError as err:
         for e in err.errors():
             key = ".".join(str(part) for part in e["loc"])
@@ -194,9 +193,8 @@ def _check_zero_section(cfg: DictConfig, cuda: bool, problems: list[str]) -> Non
             )
 
 
-def _check_parallel(cfg: DictConfig, world_size: int, problems: list[str]) -> None:
-    p = cfg.parallel
-    degrees = {name: p[name] for name in _NOT_YET}
+def _check_parallel(p: ParallelConfig, world_size: int, problems: list[str]) -> None:
+    degrees = {name: getattr(p, name) for name in _NOT_YET}
     for name, degree in degrees.items():
         _check(degree == 1, f"parallel.{name}={degree}: {_NOT_YET[name]} is not available yet; expected 1", problems)
     product = degrees["sequence"] * degrees["tensor"] * degrees["expert"]
@@ -226,7 +224,7 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
     world_size = max(world_size, 1)
     parallel_fine = fine("parallel.sequence", "parallel.tensor", "parallel.expert")
     if parallel_fine:
-        _check_parallel(cfg, world_size, problems)
+        _check_parallel(cfg.parallel, world_size, problems)
     dp = world_size // (cfg.parallel.sequence * cfg.parallel.tensor) if parallel_fine else world_size
     dp = max(dp, 1)
     micro, glob = t.micro_batch_size, t.global_batch_size
@@ -288,10 +286,10 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
             check_partition_split(cfg.data.stream_partitions, dp, cfg.data.num_workers)
         except DataError as err:
             problems.append(str(err).rstrip("."))
-    _check_zero_section(cfg, cuda, problems)
+    _check_zero_section(cfg.deepspeed, cuda, problems)
     if fine("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.intermediate_size"):
-        _check_model(cfg, problems)
-    _check_kernels(cfg, cuda, problems)
+        _check_model(cfg.model, problems)
+    _check_kernels(cfg.model, cfg.train, cuda, problems)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 

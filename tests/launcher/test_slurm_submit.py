@@ -30,7 +30,8 @@ def test_sbatch_command_carries_the_placement_and_the_frozen_config(tmp_path: Pa
         "launcher.dry_run=true",
         f"run.dir={tmp_path / 'run'}",
     ]
-    cmd = sbatch_command(compose_config(overrides), job_config_options(tmp_path / "run"))
+    cfg = compose_config(overrides)
+    cmd = sbatch_command(cfg.cluster, cfg.run, job_config_options(tmp_path / "run"))
     script_at = cmd.index(str(SCRIPT))
     assert cmd[:script_at] == [
         "sbatch",

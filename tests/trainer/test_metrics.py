@@ -87,7 +87,16 @@ def test_every_record_times_the_steps_since_the_last_one(tmp_path: Path) -> None
     topology = Topology(
         world_size=2, sequence=1, tensor=1, expert=1, micro_batch_size=1, global_batch_size=2, seq_len=500, device="cpu", precision="fp32"
     )  # 1,000 tokens a step
-    logger = MetricsLogger(cfg, DistInfo(rank=0, world_size=2, local_rank=0), topology, flops_per_token=1e6)
+    logger = MetricsLogger(
+        cfg.logging,
+        run=cfg.run,
+        run_config={},
+        steps=cfg.train.steps,
+        peak=None,
+        dist=DistInfo(rank=0, world_size=2, local_rank=0),
+        topology=topology,
+        flops_per_token=1e6,
+    )
     logger.data_wait.clock = FakeClock(0.25)  # each next_batch() waits 0.25 s
     records = []
     for step in range(1, 7):
@@ -139,7 +148,7 @@ def test_a_restarted_run_continues_the_same_wandb_run(tmp_path: Path, monkeypatc
     cfg = compose_config([f"run.dir={run_dir}", "logging.wandb.mode=offline"])
     ids = []
     for attempt in range(2):  # the first run, then its restart from step 1
-        sinks = _Sinks(cfg, run_dir, start_step=attempt)
+        sinks = _Sinks(cfg.logging, cfg.run, {"seed": cfg.seed}, start_step=attempt)
         sinks.write({"step": attempt + 1, "loss": 8.0})
         ids.append(sinks.wandb.id)
         sinks.close()
