@@ -1,12 +1,19 @@
-"""Trainer overhead: tokens/s of zeroforge's loop against a bare DeepSpeed loop and plain PyTorch.
+"""Trainer overhead: tokens/s of zeroforge's loop against a bare DeepSpeed loop (and plain PyTorch
+at one rank), on 1 and 2 ranks.
 
-    python bench/overhead.py [--steps 60] [--warmup 10] [--threads N] [overrides ...]
+    python bench/overhead.py [--ranks 1 2] [--repeats 5] [--steps 60] [--warmup 10] [overrides ...]
 
-Each loop runs in its own process on the same model, batch, sequence length and thread count;
-the trainer is the real `zeroforge train`, read back from its metrics.jsonl. The three
-loops take turns for --repeats rounds and each keeps its best round, since a shared machine only
-ever makes a loop slower. Prints a table and writes bench/results/overhead.json.
-Goal: trainer >= 0.97 x bare DeepSpeed.
+Each loop runs in its own processes (torchrun on gloo for 2 ranks) on the same model, batches,
+sequence length and threads per rank (the machine's cores shared by the ranks). The trainer is
+the real `zeroforge train`, read back from its metrics.jsonl, so it pays for everything a run
+does at every step: the agreed stop flag (an all-reduce), the fault guard, the metrics, the
+checkpointer's and validator's cadence checks. The bare loop is DeepSpeed's engine with the
+trainer's model, loss, optimizer and generated config, and nothing else.
+
+The loops take turns, round after round (--repeats): each round's trainer is divided by the same
+round's bare DeepSpeed, and the table shows the median of those ratios, so that the machine's
+slow and fast stretches cancel within a round (every round is in the JSON). Prints a table and
+writes bench/results/overhead.json. Goal: trainer >= 0.97 x bare DeepSpeed at every rank count.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,25 +31,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# The same global batch on every rank count (grad accumulation 2 on one rank, 1 on two).
+BASE = ["train.micro_batch_size=8", "train.global_batch_size=16"]
+GOAL = 0.97
 
-def _batches(cfg, count: int):
-    """Real windows from the prepared training split, the same for every loop."""
-    import torch
 
-    from zeroforge.data.loader import BatchLoader
-    from zeroforge.data.prepare import prepare
-    from zeroforge.data.shards import TokenStore
-
-    loader = BatchLoader(
-        TokenStore(prepare(cfg.data), "train"),
-        cfg.data.seq_len,
-        cfg.seed,
-        cfg.train.global_batch_size,
-        cfg.train.micro_batch_size,
-        dp_rank=0,
-        dp_size=1,
-    )
-    return [[b.to(torch.long) for b in loader.next_batch()] for _ in range(count)]
+def _launcher(ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
 
 
 def _model(cfg):
@@ -59,37 +57,45 @@ def _model(cfg):
     return model
 
 
-def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
-    """Tokens/s of one bare loop after warmup steps."""
+def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> None:
+    """One bare loop on this process's rank; rank 0 prints the tokens/s of all ranks after warmup."""
     import torch
 
+    from zeroforge.data.loader import BatchLoader
+    from zeroforge.data.prepare import prepare
+    from zeroforge.data.shards import TokenStore
+    from zeroforge.trainer import distributed
     from zeroforge.trainer.config import compose_config
     from zeroforge.trainer.engine import causal_lm_loss, fused_adamw, param_groups
     from zeroforge.trainer.validate import validate
 
+    env = distributed.dist_env()
     cfg = compose_config(overrides)
-    topology = validate(cfg, 1, cuda=False)
-    batches = _batches(cfg, steps)
+    topology = validate(cfg, env.world_size, cuda=False)
+    loader = BatchLoader(
+        TokenStore(prepare(cfg.data), "train"),
+        cfg.data.seq_len,
+        cfg.seed,
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        dp_rank=env.rank,
+        dp_size=topology.dp_size,
+    )
+    batches = [[b.to(torch.long) for b in loader.next_batch()] for _ in range(steps)]
     model = _model(cfg)
     o = cfg.optim
     # torch's AdamW as the trainer builds it (its SkippableAdamW only adds a flag), fused or not alike.
     opt = torch.optim.AdamW(
-        param_groups(model, o.weight_decay),
-        lr=o.lr,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        fused=fused_adamw(cfg.optim, topology),
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, fused=fused_adamw(o, topology)
     )
     if kind == "deepspeed":
         import deepspeed
 
         from zeroforge.trainer.deepspeed_config import deepspeed_config
-        from zeroforge.trainer.distributed import init_distributed
 
-        init_distributed("cpu")
-        model, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=opt, config=deepspeed_config(optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology)
-        )
+        distributed.init_distributed("cpu")
+        config = deepspeed_config(optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology)
+        model, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
 
         def step(micro_batches):
             for b in micro_batches:
@@ -109,10 +115,19 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> float:
         if i == warmup:
             start = time.perf_counter()
         step(micro_batches)
-    return (steps - warmup) * topology.tokens_per_step / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    distributed.close()
+    if env.is_main:
+        print(json.dumps({"tokens_per_s": (steps - warmup) * topology.tokens_per_step / seconds}))
 
 
-def trainer_tokens_per_s(overrides: list[str], steps: int, warmup: int, env: dict) -> float:
+def bare_tokens_per_s(kind: str, ranks: int, overrides: list[str], steps: int, warmup: int, env: dict) -> float:
+    args = ["--worker", kind, "--steps", str(steps), "--warmup", str(warmup), *overrides]
+    out = subprocess.run([*_launcher(ranks), __file__, *args], cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))["tokens_per_s"]
+
+
+def trainer_tokens_per_s(ranks: int, overrides: list[str], steps: int, warmup: int, env: dict) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         args = [
             *overrides,
@@ -123,61 +138,68 @@ def trainer_tokens_per_s(overrides: list[str], steps: int, warmup: int, env: dic
             "eval.every=0",
             "checkpoint.every=0",
         ]
-        subprocess.run([sys.executable, "-m", "zeroforge.trainer.train", *args], cwd=REPO, env=env, check=True, capture_output=True)
+        subprocess.run([*_launcher(ranks), "-m", "zeroforge.trainer.train", *args], cwd=REPO, env=env, check=True, capture_output=True)
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     # Intervals after the warm-up: total tokens over total time, not a mean of rates.
     timed = [r for r in records if "loss" in r and r["step"] > warmup]
-    tokens = [b["tokens"] - a["tokens"] for a, b in zip([r for r in records if r["step"] >= warmup], timed)]
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip([r for r in records if "loss" in r and r["step"] >= warmup], timed)]
     seconds = sum(t / r["tokens_per_s"] for t, r in zip(tokens, timed))
     return sum(tokens) / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; each loop runs once a round")
     parser.add_argument("--worker", choices=["deepspeed", "pytorch"])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "overhead.json"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps({"tokens_per_s": worker(args.worker, args.overrides, args.steps, args.warmup)}))
+        worker(args.worker, args.overrides, args.steps, args.warmup)
         return
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    rounds: dict[str, list[float]] = {"trainer": [], "deepspeed": [], "pytorch": []}
+    overrides = [*BASE, *args.overrides]
+    cases = [(ranks, kind) for ranks in args.ranks for kind in ("trainer", "deepspeed", *(["pytorch"] if ranks == 1 else []))]
+    rounds: list[dict[str, float]] = []
     for _ in range(args.repeats):
-        rounds["trainer"].append(trainer_tokens_per_s(args.overrides, args.steps, args.warmup, env))
-        for kind in ("deepspeed", "pytorch"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--warmup", str(args.warmup), *args.overrides],
-                cwd=REPO,
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            rounds[kind].append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
-    results = {kind: max(values) for kind, values in rounds.items()}
+        measured = {}
+        for ranks, kind in cases:
+            threads = max(1, (os.cpu_count() or 1) // ranks)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+            if kind == "trainer":
+                tps = trainer_tokens_per_s(ranks, overrides, args.steps, args.warmup, env)
+            else:
+                tps = bare_tokens_per_s(kind, ranks, overrides, args.steps, args.warmup, env)
+            measured[f"{ranks}:{kind}"] = tps
+        rounds.append(measured)
 
-    print(f"{'loop':<12}{'tokens/s':>12}{'vs DeepSpeed':>14}")
-    for kind, tps in results.items():
-        print(f"{kind:<12}{tps:>12.0f}{tps / results['deepspeed']:>14.3f}")
-    ratio = results["trainer"] / results["deepspeed"]
-    print(f"trainer / bare DeepSpeed = {ratio:.3f} (goal >= 0.97): {'met' if ratio >= 0.97 else 'NOT met'}")
+    print(f"{'ranks':<7}{'loop':<11}{'median tokens/s':>17}{'median ratio to bare DeepSpeed':>32}")
+    summary = {}
+    for ranks, kind in cases:
+        ratios = [r[f"{ranks}:{kind}"] / r[f"{ranks}:deepspeed"] for r in rounds]
+        summary[f"{ranks}:{kind}"] = {
+            "tokens_per_s": statistics.median(r[f"{ranks}:{kind}"] for r in rounds),
+            "round_ratios": ratios,
+            "vs_deepspeed": statistics.median(ratios),
+        }
+        print(f"{ranks:<7}{kind:<11}{summary[f'{ranks}:{kind}']['tokens_per_s']:>17.0f}{summary[f'{ranks}:{kind}']['vs_deepspeed']:>32.3f}")
+    for ranks in args.ranks:
+        ratio = summary[f"{ranks}:trainer"]["vs_deepspeed"]
+        print(f"{ranks} rank(s): trainer / bare DeepSpeed = {ratio:.3f} (goal >= {GOAL}): {'met' if ratio >= GOAL else 'NOT met'}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
             {
-                "threads": args.threads,
+                "cpus": os.cpu_count(),
                 "steps": args.steps,
                 "warmup": args.warmup,
-                "overrides": args.overrides,
-                "tokens_per_s": results,
+                "overrides": overrides,
+                "summary": summary,
                 "rounds": rounds,
-                "trainer_vs_deepspeed": ratio,
+                "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
             },
             indent=2,
         )
