@@ -76,6 +76,6 @@ class DataConfig:
 
 
 def plain(node: Any, resolve: bool = True) -> dict[str, Any]:
-    """A config section as plain containers (enums as their names): what OmegaConf.to_container
-    gives for a section, typed as the dict it then is."""
+    """A config section (composed, or its dataclass) as plain containers, enums as their names."""
+    node = node if OmegaConf.is_config(node) else OmegaConf.create(node)
     return cast(dict[str, Any], OmegaConf.to_container(node, resolve=resolve, enum_to_str=True))

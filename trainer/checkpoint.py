@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from omegaconf import DictConfig
 
 from zeroforge.data.build import resume_problems
 from zeroforge.data.config import plain
 from zeroforge.trainer.background_save import BackgroundWriter, file_entry
-from zeroforge.trainer.config import CheckpointConfig, ConfigError
+from zeroforge.trainer.config import AnyConfig, CheckpointConfig, ConfigError
 from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero, gather
 from zeroforge.trainer.model import model_differences
 from zeroforge.trainer.train_state import TrainState
@@ -317,7 +316,7 @@ def _abandon_newer_than(root: Path, chosen: Path, dist: DistInfo) -> None:
     barrier()
 
 
-def check_resumable(path: Path, cfg: DictConfig, data_manifest: dict, world_size: int) -> bool:
+def check_resumable(path: Path, cfg: AnyConfig, data_manifest: dict, world_size: int) -> bool:
     """Refuse to continue a run as a different one (steps, cadences and such may change).
 
     Returns whether the checkpoint was saved by another world size with partitioned (ZeRO)

@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union, cast
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from zeroforge.data.config import DataConfig
 
@@ -331,6 +331,16 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+# What whole-run functions accept: the composed config, or its dataclasses (as_config).
+AnyConfig = Union[Config, DictConfig]
+
+
+def as_config(cfg: DictConfig) -> Config:
+    """The composed config as the dataclasses above (enums, lists and dicts as Python's own), once
+    it is validated: components read plain attributes, with the types their hints say."""
+    return cast(Config, OmegaConf.to_object(cfg))
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

@@ -13,7 +13,7 @@ from typing import Any, Optional, cast
 from omegaconf import DictConfig, OmegaConf
 
 from zeroforge.data.config import plain
-from zeroforge.trainer.config import CheckpointConfig, Config, ConfigError, RunSection
+from zeroforge.trainer.config import AnyConfig, CheckpointConfig, Config, ConfigError, RunSection
 
 
 def git_commit() -> Optional[str]:
@@ -108,7 +108,7 @@ def read_job_config(run_dir: str | Path) -> DictConfig:
     return cast(DictConfig, cfg)
 
 
-def write_run_dir(cfg: DictConfig, probe_gpu: bool = False) -> Path:
+def write_run_dir(cfg: AnyConfig, probe_gpu: bool = False) -> Path:
     """Create run.dir and write the resolved config (with the code version and the system) as config.yaml.
 
     probe_gpu: record the GPU (the trainer, where CUDA is in use anyway)."""

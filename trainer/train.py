@@ -18,6 +18,7 @@ from zeroforge.data.build import open_data
 from zeroforge.data.config import plain
 from zeroforge.trainer import distributed
 from zeroforge.trainer.checkpoint import Checkpointer, check_resumable, find_resume_checkpoint
+from zeroforge.trainer.config import as_config
 from zeroforge.trainer.engine import build_engine, train_step
 from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.faults import FaultGuard
@@ -43,11 +44,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: DictConfig) -> dict:
+def train(composed: DictConfig) -> dict:
     """Train, checkpoint and export; returns the last logged metrics record (rank 0) or {}."""
     env = distributed.dist_env()
-    setup_logging(env.rank, cfg.logging.level)
-    topology = validate(cfg, env.world_size)  # before any process group, data or model exists
+    setup_logging(env.rank, composed.logging.level)
+    topology = validate(composed, env.world_size)  # before any process group, data or model exists
+    cfg = as_config(composed)
     check_run_dir(cfg.run, cfg.checkpoint)
     device = f"cuda:{env.local_rank}" if topology.device == "cuda" else "cpu"
     stop = StopRequest(device, cfg.run.dir, env.rank)  # from here on, a stop request is answered by a save
@@ -170,7 +172,7 @@ def train(cfg: DictConfig) -> dict:
         if cfg.data.mixture and metrics.logs_at(step):
             metrics.write({"step": step, **{f"data_share/{k}": v for k, v in loader.mixture_shares().items()}})
         stop_requested = stop.agreed()
-        exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
+        exit_now = cfg.train.exit_interval is not None and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
         with metrics.paused:
             checkpointer.commit_pending()  # an async save commits once the next step is done
             validator.maybe_validate(step)
