@@ -4,7 +4,9 @@ exclusive, "choices", and "each" for every element of a list."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional, cast
 
 from omegaconf import OmegaConf
@@ -77,5 +79,18 @@ class DataConfig:
 
 def plain(node: Any, resolve: bool = True) -> dict[str, Any]:
     """A config section (composed, or its dataclass) as plain containers, enums as their names."""
-    node = node if OmegaConf.is_config(node) else OmegaConf.create(node)
-    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=resolve, enum_to_str=True))
+    if OmegaConf.is_config(node):
+        return cast(dict[str, Any], OmegaConf.to_container(node, resolve=resolve, enum_to_str=True))
+    return cast(dict[str, Any], _plain_value(node))
+
+
+def _plain_value(value: Any) -> Any:
+    """Dataclasses' values are resolved already: a string such as "echo ${HOME}" is text, which
+    OmegaConf would read as an interpolation again."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    return value.name if isinstance(value, Enum) else value

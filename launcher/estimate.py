@@ -124,8 +124,8 @@ def _peak_tflops(cfg: DictConfig) -> Optional[float]:
 
 
 def on_nodes(cfg: DictConfig, topology: Topology, nodes: int) -> Topology:
-    """The job's topology on another node count (a fix): the same ranks on every node."""
-    return replace(topology, world_size=topology.world_size // cfg.cluster.nodes * nodes)
+    """The job's topology on `nodes` nodes (a fix may change the count): cluster.nproc_per_node each."""
+    return replace(topology, world_size=cfg.cluster.nproc_per_node * nodes)
 
 
 def configured_setup(cfg: DictConfig) -> Setup:

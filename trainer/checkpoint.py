@@ -96,15 +96,15 @@ class Checkpointer:
             engine.checkpoint_engine = self.writer
         self._in_flight: Optional[_InFlight] = None
 
-    def maybe_save(self, state: Callable[[], TrainState], step: int, final: bool = False) -> float:
+    def maybe_save(self, state: Callable[[], TrainState], step: int, final: bool = False) -> None:
         """Save at checkpoint.every's cadence, and whenever `final` (the last step, an exit or a stop
         request: the process ends next, so the checkpoint also commits at once). `state` is called
-        only for a save (it gathers from every rank). Every rank must call it; returns the seconds
-        the caller was blocked."""
+        only for a save (it gathers from every rank). Every rank must call it."""
         if not final and not (self.cfg.every and step % self.cfg.every == 0):
-            return 0.0
-        blocked = self.save(state())
-        return blocked + (self.commit_pending() if final else 0.0)
+            return
+        self.save(state())
+        if final:
+            self.commit_pending()
 
     def save(self, state: TrainState) -> float:
         """Every rank must call it. Returns the seconds the caller was blocked."""

@@ -45,18 +45,20 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) -> P
     )
 
 
-# The model fields that decide the weights' shapes, each with the transformers config attribute
-# it sets: model.init_from's config must agree on them for its weights to fit.
-WEIGHT_SHAPE = {
+# Our model fields and the transformers config attribute each one sets (hf_config).
+HF_NAMES = {
     "model_type": "model_type",
     "hidden_size": "hidden_size",
     "num_layers": "num_hidden_layers",
     "num_heads": "num_attention_heads",
     "num_kv_heads": "num_key_value_heads",
     "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
     "vocab_size": "vocab_size",
     "tie_word_embeddings": "tie_word_embeddings",
 }
+# The fields that decide the weights' shapes: model.init_from's config must agree on them.
+WEIGHT_SHAPE = {ours: theirs for ours, theirs in HF_NAMES.items() if ours != "max_position_embeddings"}
 # The same model, as a checkpoint continues it: the same weights, computed the same way.
 SAME_MODEL = (*WEIGHT_SHAPE, "max_position_embeddings", "extra")
 

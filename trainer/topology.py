@@ -61,8 +61,10 @@ def job_is_on_gpus(cluster: ClusterConfig) -> bool:
     """Whether the machines that will run the job have GPUs, asked where the job is launched.
 
     A cluster config that gives its nodes GPUs (or GPU memory) answers for them: a Slurm login
-    node, or a laptop planning a cluster job, may have none. A Slurm cluster config without GPUs
-    means CPU nodes; a local job runs on this machine's accelerator.
+    node, or a laptop planning a cluster job, may have none. On cluster=local such fields say
+    this machine's GPUs; if it has none, the ranks (which ask the accelerator) refuse what needs
+    one. Otherwise a Slurm cluster config means CPU nodes, and a local job runs on this machine's
+    accelerator.
     """
     if cluster.gpus_per_node > 0 or cluster.gpu_memory_gb is not None:
         return True

@@ -62,10 +62,10 @@ def train(composed: DictConfig) -> dict:
         check_init_from(cfg.model, vocab_size, train_data.manifest["tokenizer_hash"])
     resume_from = find_resume_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume, dist)
     universal = False
-    if resume_from is not None and check_resumable(resume_from, cfg, train_data.manifest, dist.world_size):
+    if resume_from is not None and check_resumable(resume_from, composed, train_data.manifest, dist.world_size):
         universal, resume_from = True, universal_checkpoint(resume_from, dist)
     if dist.is_main:
-        write_run_dir(cfg, probe_gpu=True)
+        write_run_dir(composed, probe_gpu=True)
 
     started, before = time.perf_counter(), rss_bytes()
     seed_everything(cfg.seed)
@@ -108,7 +108,7 @@ def train(composed: DictConfig) -> dict:
     identity = {
         "tokenizer_hash": train_data.manifest["tokenizer_hash"],
         "world_size": dist.world_size,
-        "config": plain(cfg),
+        "config": plain(composed),
         "versions": library_versions(),
     }
     checkpointer = Checkpointer(engine, cfg.checkpoint, dist, identity)
@@ -169,13 +169,16 @@ def train(composed: DictConfig) -> dict:
             batch = loader.next_batch()
         result = train_step(engine, batch, device, metrics.logs_at(step), guard, step, boundaries)
         last = metrics.step(step, None if result.skipped else result.loss, result.grad_norm, result.lr, guard.skipped) or last
+        with metrics.paused:
+            checkpointer.commit_pending()  # an async save commits once the next step is done
         if cfg.data.mixture and metrics.logs_at(step):
             metrics.write({"step": step, **{f"data_share/{k}": v for k, v in loader.mixture_shares().items()}})
+        with metrics.paused:
+            validator.maybe_validate(step)
+        # Asked after the validation, so that a stop requested during it is answered at this step.
         stop_requested = stop.agreed()
         exit_now = cfg.train.exit_interval is not None and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
         with metrics.paused:
-            checkpointer.commit_pending()  # an async save commits once the next step is done
-            validator.maybe_validate(step)
             checkpointer.maybe_save(snapshot, step, final=stop_requested or exit_now or step == cfg.train.steps)
         if stop_requested:
             stop.request_requeue(step, "stop requested")

@@ -82,7 +82,7 @@ def field_problems(schema: type, node: Any, prefix: str = "") -> Iterator[tuple[
 
 def _check_model(m: ModelConfig, problems: list[str]) -> None:
     """Build the (weightless) transformers config now, so a bad model fails before any job starts."""
-    from zeroforge.trainer.model import hf_config
+    from zeroforge.trainer.model import HF_NAMES, hf_config
 
     try:
         config = hf_config(m, vocab_size=64)
@@ -101,12 +101,8 @@ def _check_model(m: ModelConfig, problems: list[str]) -> None:
             f"model.model_type={m.model_type!r} has no causal LM model in transformers; expected a decoder such as llama, qwen2 or gpt2"
         )
         return
-    for ours, theirs in [
-        ("hidden_size", "hidden_size"),
-        ("num_layers", "num_hidden_layers"),
-        ("num_heads", "num_attention_heads"),
-        ("max_position_embeddings", "max_position_embeddings"),
-    ]:
+    for ours in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+        theirs = HF_NAMES[ours]
         found, wanted = getattr(config, theirs, None), getattr(m, ours)
         if found != wanted:
             problems.append(
@@ -225,9 +221,20 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
     parallel_fine = fine("parallel.sequence", "parallel.tensor", "parallel.expert")
     if parallel_fine:
         _check_parallel(cfg.parallel, world_size, problems)
-    dp = world_size // (cfg.parallel.sequence * cfg.parallel.tensor) if parallel_fine else world_size
-    dp = max(dp, 1)
+    p = cfg.parallel if parallel_fine else ParallelConfig()  # broken degrees are reported above
     micro, glob = t.micro_batch_size, t.global_batch_size
+    topology = Topology(
+        world_size=world_size,
+        sequence=p.sequence,
+        tensor=p.tensor,
+        expert=p.expert,
+        micro_batch_size=micro,
+        global_batch_size=glob,
+        seq_len=cfg.data.seq_len,
+        device="cuda" if cuda else "cpu",
+        precision=resolve_precision(t.precision, cuda),
+    )
+    dp = max(topology.dp_size, 1)  # degrees that do not divide the world size are reported above
     if fine("train.micro_batch_size", "train.global_batch_size"):
         _check(
             glob % (micro * dp) == 0,
@@ -292,18 +299,6 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
     _check_kernels(cfg.model, cfg.train, cuda, problems)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
-
-    topology = Topology(
-        world_size=world_size,
-        sequence=cfg.parallel.sequence,
-        tensor=cfg.parallel.tensor,
-        expert=cfg.parallel.expert,
-        micro_batch_size=micro,
-        global_batch_size=glob,
-        seq_len=cfg.data.seq_len,
-        device="cuda" if cuda else "cpu",
-        precision=resolve_precision(t.precision, cuda),
-    )
     log.debug("config validated: %s", topology)
     return topology
 

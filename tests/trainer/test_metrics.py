@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,29 @@ def test_every_record_times_the_steps_since_the_last_one(tmp_path: Path) -> None
         assert record["data_wait_share"] == pytest.approx(record["data_wait_s"] / seconds)
         previous_tokens = record["tokens"]
     assert read_metrics(tmp_path) == logged
+
+
+def test_time_inside_paused_is_left_out_of_the_throughput(tmp_path: Path) -> None:
+    cfg = compose_config([f"run.dir={tmp_path}", "logging.wandb.mode=disabled", "logging.every=2", "train.steps=2"])
+    topology = Topology(
+        world_size=1, sequence=1, tensor=1, expert=1, micro_batch_size=1, global_batch_size=1, seq_len=100, device="cpu", precision="fp32"
+    )
+    logger = MetricsLogger(
+        cfg.logging,
+        run=cfg.run,
+        run_config={},
+        steps=2,
+        peak=None,
+        dist=DistInfo(rank=0, world_size=1, local_rank=0),
+        topology=topology,
+        flops_per_token=1e6,
+    )
+    logger.step(1, torch.tensor(2.0), None, 1e-3)
+    with logger.paused:  # a checkpoint or a validation between the steps
+        time.sleep(0.5)
+    record = logger.step(2, torch.tensor(2.0), None, 1e-3)
+    logger.close()
+    assert record is not None and record["step_time_s"] < 0.25  # without the pause it would be over 0.5 s
 
 
 def test_smoke_run_records_throughput_step_time_and_data_wait(single_process_run: Path) -> None:
