@@ -115,12 +115,14 @@ class MemoryPlan:
         return None if step is None else step * self.steps
 
 
-def _peak_tflops(cfg: DictConfig) -> Optional[float]:
+def _peak_tflops(cfg: DictConfig, topology: Topology) -> Optional[float]:
+    """cluster.peak_tflops, or for a job on GPUs the GPU of this machine where it has one (a
+    local job's); never a launching machine's GPU for a job on CPU nodes."""
     from zeroforge.trainer.metrics import peak_tflops
 
     if cfg.cluster.peak_tflops is not None:
         return cfg.cluster.peak_tflops
-    return peak_tflops(None, "cuda") if accelerator_is_cuda() else None
+    return peak_tflops(None, "cuda") if topology.device == "cuda" and accelerator_is_cuda() else None
 
 
 def on_nodes(cfg: DictConfig, topology: Topology, nodes: int) -> Topology:
@@ -176,7 +178,7 @@ def memory_plan(cfg: DictConfig, topology: Topology, shape: ModelShape, setup: S
         inference_weights=e * shape.params,
         kv_cache=2 * shape.layers * shape.kv_hidden * e * cfg.launcher.inference_batch_size * context,
         gpu_memory=None if c.gpu_memory_gb is None else c.gpu_memory_gb * GIB,
-        peak_tflops=_peak_tflops(cfg),
+        peak_tflops=_peak_tflops(cfg, topology),
         assumed_mfu=cfg.launcher.assumed_mfu,
         steps=cfg.train.steps,
     )
