@@ -119,7 +119,7 @@ def _sweep_config(model: str, overrides: dict[str, str], gpu_memory_gb: float, m
 
 def plan_runs(models: list[str], gpu_memory_gb: float, max_micro: int, flash: bool, liger: bool, extra: list[str]) -> list[dict]:
     """Every run of the sweep with its micro batch and planned memory (no GPU needed)."""
-    from zeroforge.launcher.estimate import best_micro_batch
+    from zeroforge.launcher.estimate import Planner
     from zeroforge.trainer.validate import job_topology
 
     runs = []
@@ -128,7 +128,7 @@ def plan_runs(models: list[str], gpu_memory_gb: float, max_micro: int, flash: bo
     for name, overrides in sweep_variants(flash, liger):
         for model in models:
             cfg = _sweep_config(model, overrides, gpu_memory_gb, max_micro, extra)
-            best = best_micro_batch(cfg, job_topology(cfg), limit=max_micro)
+            best = Planner.of(cfg, job_topology(cfg)).best_micro_batch(limit=max_micro)
             runs.append(
                 {
                     "model": model,

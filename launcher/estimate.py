@@ -7,8 +7,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from omegaconf import DictConfig
-
 from zeroforge.data.config import plain
 from zeroforge.launcher.memory import (
     CUDA_CONTEXT_GIB,
@@ -24,6 +22,7 @@ from zeroforge.launcher.memory import (
     model_states,
 )
 from zeroforge.launcher.model_shape import ModelShape, model_shape
+from zeroforge.trainer.config import AnyConfig, ClusterConfig, DeepSpeedConfig, LauncherConfig, ModelConfig, TrainConfig
 from zeroforge.trainer.loss import resolve_loss
 from zeroforge.trainer.topology import Topology, accelerator_is_cuda
 
@@ -115,86 +114,116 @@ class MemoryPlan:
         return None if step is None else step * self.steps
 
 
-def _peak_tflops(cfg: DictConfig, topology: Topology) -> Optional[float]:
-    """cluster.peak_tflops, or for a job on GPUs the GPU of this machine where it has one (a
-    local job's); never a launching machine's GPU for a job on CPU nodes."""
-    from zeroforge.trainer.metrics import peak_tflops
+@dataclass(frozen=True)
+class Planner:
+    """What a plan is counted from: the sections it reads, the job's topology, the model's shape
+    (counted once) and the configured Setup; a fix plans another Setup with the same planner."""
 
-    if cfg.cluster.peak_tflops is not None:
-        return cfg.cluster.peak_tflops
-    return peak_tflops(None, "cuda") if topology.device == "cuda" and accelerator_is_cuda() else None
+    model: ModelConfig
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig
+    cluster: ClusterConfig
+    launcher: LauncherConfig
+    topology: Topology
+    shape: ModelShape
+    configured: Setup
 
+    @classmethod
+    def of(cls, config: AnyConfig, topology: Topology) -> Planner:
+        """The planner of a validated config, for the job of `topology` (the launcher's)."""
+        model, train, ds = config.model, config.train, config.deepspeed
+        configured = Setup(
+            stage=ds.stage,
+            offload_optimizer=ds.offload_optimizer,
+            offload_params=ds.offload_params,
+            activation_checkpointing=model.activation_checkpointing,
+            micro_batch=train.micro_batch_size,
+            nodes=config.cluster.nodes,
+            loss=resolve_loss(train.loss, model.model_type),
+            zero_init=ds.zero_init,
+            async_save=config.checkpoint.async_save,
+        )
+        return cls(
+            model=model,
+            train=train,
+            deepspeed=ds,
+            cluster=config.cluster,
+            launcher=config.launcher,
+            topology=topology,
+            shape=model_shape(model, config.data),
+            configured=configured,
+        )
 
-def on_nodes(cfg: DictConfig, topology: Topology, nodes: int) -> Topology:
-    """The job's topology on `nodes` nodes (a fix may change the count): cluster.nproc_per_node each."""
-    return replace(topology, world_size=cfg.cluster.nproc_per_node * nodes)
+    def on_nodes(self, nodes: int) -> Topology:
+        """The job's topology on `nodes` nodes (a fix may change the count): cluster.nproc_per_node each."""
+        return replace(self.topology, world_size=self.cluster.nproc_per_node * nodes)
 
+    def peak_tflops(self) -> Optional[float]:
+        """cluster.peak_tflops, or for a job on GPUs the GPU of this machine where it has one (a
+        local job's); never a launching machine's GPU for a job on CPU nodes."""
+        from zeroforge.trainer.metrics import peak_tflops
 
-def configured_setup(cfg: DictConfig) -> Setup:
-    ds = cfg.deepspeed
-    return Setup(
-        stage=ds.stage,
-        offload_optimizer=ds.offload_optimizer,
-        offload_params=ds.offload_params,
-        activation_checkpointing=cfg.model.activation_checkpointing,
-        micro_batch=cfg.train.micro_batch_size,
-        nodes=cfg.cluster.nodes,
-        loss=resolve_loss(cfg.train.loss, cfg.model.model_type),
-        zero_init=ds.zero_init,
-        async_save=cfg.checkpoint.async_save,
-    )
+        if self.cluster.peak_tflops is not None:
+            return self.cluster.peak_tflops
+        return peak_tflops(None, "cuda") if self.topology.device == "cuda" and accelerator_is_cuda() else None
 
+    def plan(self, setup: Setup) -> MemoryPlan:
+        """The plan of `setup` (the configured one, or a fix's)."""
+        c, launcher, shape = self.cluster, self.launcher, self.shape
+        topology = self.on_nodes(setup.nodes)
+        e = 2 if topology.precision == "bf16" else 4
+        seq, dp = topology.seq_len, topology.dp_size
+        zero_extra = plain(self.deepspeed.zero_extra)
+        sub_group = float(zero_extra.get("sub_group_size", DS_SUB_GROUP_SIZE))
+        states = model_states(shape.params, shape.largest_layer, setup, dp, e, sub_group)
+        act, other = (
+            activation_bytes(
+                shape,
+                setup.micro_batch,
+                seq,
+                e,
+                checkpointing,
+                self.model.attn_implementation == "eager",
+                loss=setup.loss,
+                chunk_tokens=self.train.loss_chunk_tokens,
+                liger_kernels=self.model.liger_kernels,
+            )
+            for checkpointing in (setup.activation_checkpointing, not setup.activation_checkpointing)
+        )
+        buffers = buffer_bytes(zero_extra, setup, shape.params, dp, e)
+        tensors = states.total + buffers + act.peak
+        host = host_memory(shape, setup, states, tensors, dp, e, c.nproc_per_node, topology.device == "cuda", sub_group)
+        context = launcher.inference_context or self.model.max_position_embeddings
+        return MemoryPlan(
+            model=shape,
+            setup=setup,
+            topology=topology,
+            states=states,
+            buffers=buffers,
+            activations=act.peak,
+            activations_other=other.peak,
+            margin=CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * tensors,
+            host=host,
+            host_memory=None if c.host_memory_gb is None else c.host_memory_gb * GIB,
+            inference_batch=launcher.inference_batch_size,
+            inference_context=context,
+            inference_weights=e * shape.params,
+            kv_cache=2 * shape.layers * shape.kv_hidden * e * launcher.inference_batch_size * context,
+            gpu_memory=None if c.gpu_memory_gb is None else c.gpu_memory_gb * GIB,
+            peak_tflops=self.peak_tflops(),
+            assumed_mfu=launcher.assumed_mfu,
+            steps=self.train.steps,
+        )
 
-def memory_plan(cfg: DictConfig, topology: Topology, shape: ModelShape, setup: Setup) -> MemoryPlan:
-    """The plan of `setup` (the configured one, or a fix's) for the job of `topology`."""
-    c = cfg.cluster
-    topology = on_nodes(cfg, topology, setup.nodes)
-    e = 2 if topology.precision == "bf16" else 4
-    seq, dp = topology.seq_len, topology.dp_size
-    zero_extra = plain(cfg.deepspeed.zero_extra)
-    sub_group = float(zero_extra.get("sub_group_size", DS_SUB_GROUP_SIZE))
-    states = model_states(shape.params, shape.largest_layer, setup, dp, e, sub_group)
-    eager = cfg.model.attn_implementation == "eager"
-    kernels = {"loss": setup.loss, "chunk_tokens": cfg.train.loss_chunk_tokens, "liger_kernels": cfg.model.liger_kernels}
-    act = activation_bytes(shape, setup.micro_batch, seq, e, setup.activation_checkpointing, eager, **kernels)
-    other = activation_bytes(shape, setup.micro_batch, seq, e, not setup.activation_checkpointing, eager, **kernels)
-    buffers = buffer_bytes(zero_extra, setup, shape.params, dp, e)
-    tensors = states.total + buffers + act.peak
-    host = host_memory(shape, setup, states, tensors, dp, e, c.nproc_per_node, topology.device == "cuda", sub_group)
-    context = cfg.launcher.inference_context or cfg.model.max_position_embeddings
-    return MemoryPlan(
-        model=shape,
-        setup=setup,
-        topology=topology,
-        states=states,
-        buffers=buffers,
-        activations=act.peak,
-        activations_other=other.peak,
-        margin=CUDA_CONTEXT_GIB * GIB + FRAGMENTATION * tensors,
-        host=host,
-        host_memory=None if c.get("host_memory_gb") is None else c.host_memory_gb * GIB,
-        inference_batch=cfg.launcher.inference_batch_size,
-        inference_context=context,
-        inference_weights=e * shape.params,
-        kv_cache=2 * shape.layers * shape.kv_hidden * e * cfg.launcher.inference_batch_size * context,
-        gpu_memory=None if c.gpu_memory_gb is None else c.gpu_memory_gb * GIB,
-        peak_tflops=_peak_tflops(cfg, topology),
-        assumed_mfu=cfg.launcher.assumed_mfu,
-        steps=cfg.train.steps,
-    )
+    def estimate(self) -> MemoryPlan:
+        """The plan of the configuration as it is."""
+        return self.plan(self.configured)
 
-
-def estimate(cfg: DictConfig, topology: Topology) -> MemoryPlan:
-    """The plan of this configuration for the job of `topology` (the launcher's, validated)."""
-    return memory_plan(cfg, topology, model_shape(cfg), configured_setup(cfg))
-
-
-def best_micro_batch(cfg: DictConfig, topology: Topology, limit: int = 64) -> Optional[tuple[int, MemoryPlan]]:
-    """The largest power-of-two micro batch up to `limit` that fits this configuration (its
-    loss, kernels and stage as set) on cluster.gpu_memory_gb, with its plan; None if not even 1."""
-    shape, now = model_shape(cfg), configured_setup(cfg)
-    for micro in (1 << k for k in range(int(math.log2(limit)), -1, -1)):
-        plan = memory_plan(cfg, topology, shape, replace(now, micro_batch=micro))
-        if plan.fits is not False:
-            return micro, plan
-    return None
+    def best_micro_batch(self, limit: int = 64) -> Optional[tuple[int, MemoryPlan]]:
+        """The largest power-of-two micro batch up to `limit` that fits this configuration (its
+        loss, kernels and stage as set) on cluster.gpu_memory_gb, with its plan; None if not even 1."""
+        for micro in (1 << k for k in range(int(math.log2(limit)), -1, -1)):
+            plan = self.plan(replace(self.configured, micro_batch=micro))
+            if plan.fits is not False:
+                return micro, plan
+        return None

@@ -8,13 +8,10 @@ import math
 from dataclasses import replace
 from typing import Iterator
 
-from omegaconf import DictConfig
-
-from zeroforge.launcher.estimate import MemoryPlan, memory_plan, on_nodes
+from zeroforge.launcher.estimate import MemoryPlan, Planner
 from zeroforge.launcher.memory import Setup
 from zeroforge.trainer.config import Scheduler
 from zeroforge.trainer.loss import LINEAR_HEAD_MODEL_TYPES
-from zeroforge.trainer.topology import Topology
 
 # What each change costs, roughly, to rank the fixes: the chunked loss costs nothing (the same
 # loss, no slower), a ZeRO stage adds communication (per stage), checkpointing recomputes the
@@ -26,12 +23,12 @@ _COST = {"loss": 0, "stage": 1, "checkpointing": 2, "halving": 1, "doubling": 4,
 MAX_NODE_DOUBLINGS = 6
 
 
-def _candidates(cfg: DictConfig, topology: Topology, now: Setup) -> Iterator[tuple[tuple[int, int], Setup]]:
-    glob = cfg.train.global_batch_size
+def _candidates(planner: Planner, now: Setup) -> Iterator[tuple[tuple[int, int], Setup]]:
+    glob = planner.train.global_batch_size
     # The local launcher runs one node; more nodes are a fix only on a cluster.
-    doublings_allowed = MAX_NODE_DOUBLINGS if cfg.cluster.scheduler == Scheduler.slurm else 0
+    doublings_allowed = MAX_NODE_DOUBLINGS if planner.cluster.scheduler == Scheduler.slurm else 0
     # The plain loss can become the chunked one where that is exact for the model type.
-    losses = sorted({now.loss, "chunked"} if now.loss == "plain" and cfg.model.model_type in LINEAR_HEAD_MODEL_TYPES else {now.loss})
+    losses = sorted({now.loss, "chunked"} if now.loss == "plain" and planner.model.model_type in LINEAR_HEAD_MODEL_TYPES else {now.loss})
     for stage, ckpt, halvings, doublings, offload, loss, zero_init in itertools.product(
         range(now.stage, 4),
         sorted({now.activation_checkpointing, True}),
@@ -51,7 +48,7 @@ def _candidates(cfg: DictConfig, topology: Topology, now: Setup) -> Iterator[tup
             loss=loss,
             zero_init=zero_init,
         )
-        if offload and stage == 0 or glob % (setup.micro_batch * on_nodes(cfg, topology, setup.nodes).dp_size):
+        if offload and stage == 0 or glob % (setup.micro_batch * planner.on_nodes(setup.nodes).dp_size):
             continue  # offload needs ZeRO; the global batch must still divide
         cost = (
             _COST["stage"] * (stage - now.stage)
@@ -89,14 +86,10 @@ def _changed(now: Setup, fix: Setup) -> set[str]:
     return {override.split("=")[0] for override in _overrides(now, fix).split()}
 
 
-def fixes(cfg: DictConfig, plan: MemoryPlan, limit: int = 4) -> list[tuple[str, MemoryPlan]]:
+def fixes(planner: Planner, plan: MemoryPlan, limit: int = 4) -> list[tuple[str, MemoryPlan]]:
     """The cheapest changes that make the job fit, each recomputed; none that turns a superset of
     the knobs of one already listed."""
-    fitting = [
-        (cost, setup)
-        for cost, setup in _candidates(cfg, plan.topology, plan.setup)
-        if memory_plan(cfg, plan.topology, plan.model, setup).fits
-    ]
+    fitting = [(cost, setup) for cost, setup in _candidates(planner, plan.setup) if planner.plan(setup).fits]
     chosen: list[Setup] = []
     for _, setup in sorted(fitting, key=lambda item: item[0]):
         if any(_changed(plan.setup, earlier) <= _changed(plan.setup, setup) for earlier in chosen):
@@ -104,4 +97,4 @@ def fixes(cfg: DictConfig, plan: MemoryPlan, limit: int = 4) -> list[tuple[str, 
         chosen.append(setup)
         if len(chosen) == limit:
             break
-    return [(_overrides(plan.setup, s), memory_plan(cfg, plan.topology, plan.model, s)) for s in chosen]
+    return [(_overrides(plan.setup, s), planner.plan(s)) for s in chosen]

@@ -44,7 +44,7 @@ def job_environment(cfg: DictConfig, env: Mapping[str, str]) -> dict[str, str]:
     ranks; the variables every node needs."""
     c = cfg.cluster
     topology = job_topology(cfg)
-    preflight(cfg, topology)
+    preflight(topology, run=cfg.run, checkpoint=cfg.checkpoint, model=cfg.model, data=cfg.data, deepspeed=cfg.deepspeed, seed=cfg.seed)
     gpus = env.get("SLURM_GPUS_ON_NODE", "")
     if topology.device == "cuda" and gpus.isdigit() and c.nproc_per_node > int(gpus):
         raise ConfigError(

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
+from zeroforge.launcher.estimate import Planner
 from zeroforge.launcher.plan import check_fits
 from zeroforge.launcher.preflight import preflight
 from zeroforge.trainer.config import ClusterConfig, ConfigError
@@ -55,8 +56,8 @@ def launch(cfg: DictConfig) -> int:
                 f"{torch.cuda.device_count()} GPUs; expected at most one process per GPU."
             )
     # The memory plan before the data is prepared: a job that cannot fit is refused in seconds.
-    check_fits(cfg, topology)
-    preflight(cfg, topology)
+    check_fits(Planner.of(cfg, topology))
+    preflight(topology, run=cfg.run, checkpoint=cfg.checkpoint, model=cfg.model, data=cfg.data, deepspeed=cfg.deepspeed, seed=cfg.seed)
     run_dir = write_run_dir(cfg)
     cmd = torchrun_command(cfg.cluster, write_job_config(cfg))
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")

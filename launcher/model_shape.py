@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
 
-from zeroforge.trainer.config import ConfigError
+from zeroforge.data.config import DataConfig
+from zeroforge.trainer.config import ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,13 @@ class ModelShape:
     flops_per_token: float
 
 
-def model_shape(cfg: DictConfig) -> ModelShape:
+def model_shape(m: ModelConfig, data: DataConfig) -> ModelShape:
     """Count parameters on the meta device: any AutoConfig causal LM, no memory for weights."""
     from transformers import AutoModelForCausalLM
 
     from zeroforge.trainer.model import flops_per_token, hf_config
 
-    m = cfg.model
-    vocab = planned_vocab_size(cfg)
+    vocab = planned_vocab_size(m, data)
     config = hf_config(m, vocab)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -50,29 +49,28 @@ def model_shape(cfg: DictConfig) -> ModelShape:
         intermediate=m.intermediate_size,
         layers=m.num_layers,
         heads=m.num_heads,
-        flops_per_token=flops_per_token(config, params, cfg.data.seq_len),
+        flops_per_token=flops_per_token(config, params, data.seq_len),
     )
 
 
-def planned_vocab_size(cfg: DictConfig) -> int:
+def planned_vocab_size(model: ModelConfig, data: DataConfig) -> int:
     """The vocabulary training will use, known before the data is prepared where possible."""
     from zeroforge.data.build import prepared_manifest
     from zeroforge.trainer.model import resolve_vocab_size
 
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    manifest = prepared_manifest(cfg.data)
+    if model.vocab_size is not None:
+        return model.vocab_size
+    manifest = prepared_manifest(data)
     if manifest is not None:
-        return resolve_vocab_size(cfg.model, manifest["vocab_size"])
-    if cfg.data.tokenizer == "embedded":
-        return resolve_vocab_size(cfg.model, cfg.data.tokenizer_vocab_size)
+        return resolve_vocab_size(model, manifest["vocab_size"])
+    if data.tokenizer == "embedded":
+        return resolve_vocab_size(model, data.tokenizer_vocab_size)
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(data.tokenizer)
     except (OSError, ValueError) as err:
         raise ConfigError(
-            f"the plan needs the vocabulary size, but data.tokenizer={cfg.data.tokenizer!r} could not be "
-            f"loaded ({err}); set model.vocab_size"
+            f"the plan needs the vocabulary size, but data.tokenizer={data.tokenizer!r} could not be loaded ({err}); set model.vocab_size"
         ) from err
-    return resolve_vocab_size(cfg.model, len(tokenizer))
+    return resolve_vocab_size(model, len(tokenizer))

@@ -1,6 +1,6 @@
 """The pre-flight plan: whether a job fits on its GPUs and how long it takes, before it is queued.
 
-`zeroforge plan [overrides]` prints it; every launch path calls `check_fits(cfg, topology)`,
+`zeroforge plan [overrides]` prints it; every launch path calls `check_fits(planner)`,
 which refuses a job that cannot fit (unless `launcher.force=true`) and names changes that would.
 
 The plan itself is counted in launcher/estimate.py (parts in launcher/memory.py), the changes
@@ -16,12 +16,11 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from zeroforge.launcher.estimate import MemoryPlan, estimate, memory_plan
+from zeroforge.launcher.estimate import MemoryPlan, Planner
 from zeroforge.launcher.fixes import MAX_NODE_DOUBLINGS, fixes
 from zeroforge.launcher.memory import CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, HOST_FRAGMENTATION, HOST_SYSTEM_GIB
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.entry import entry_point
-from zeroforge.trainer.topology import Topology
 from zeroforge.trainer.validate import job_topology
 
 log = logging.getLogger("zeroforge")
@@ -64,21 +63,22 @@ def _host_breakdown(plan: MemoryPlan) -> str:
     )
 
 
-def refusal(cfg: DictConfig, plan: MemoryPlan) -> str:
+def refusal(planner: Planner, plan: MemoryPlan) -> str:
     """Why the job does not fit, with the numbers and the changes that would make it fit."""
-    found = fixes(cfg, plan)
+    found = fixes(planner, plan)
+    cluster = planner.cluster
     lines = []
     if plan.gpu_fits is False:
         lines.append(
-            f"{plan.model.name} needs {_gib(plan.total)} per GPU but cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb} "
-            f"({cfg.cluster.name}), at {_where(plan)}: weights {_gib(plan.weights)}, gradients "
+            f"{plan.model.name} needs {_gib(plan.total)} per GPU but cluster.gpu_memory_gb={cluster.gpu_memory_gb} "
+            f"({cluster.name}), at {_where(plan)}: weights {_gib(plan.weights)}, gradients "
             f"{_gib(plan.gradients)}, optimizer {_gib(plan.optimizer)}, buffers {_gib(plan.buffers)}, "
             f"activations {_gib(plan.activations)}, margin {_gib(plan.margin)}."
         )
     if plan.host_fits is False:
         lines.append(
             f"{plan.model.name} needs {_gib(plan.host.per_node)} of host memory per node (at {plan.host.highest}) but "
-            f"cluster.host_memory_gb={cfg.cluster.host_memory_gb} ({cfg.cluster.name}), at {_where(plan)}: "
+            f"cluster.host_memory_gb={cluster.host_memory_gb} ({cluster.name}), at {_where(plan)}: "
             f"{_host_breakdown(plan)}."
         )
     if found:
@@ -92,14 +92,14 @@ def refusal(cfg: DictConfig, plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def check_fits(cfg: DictConfig, topology: Topology) -> MemoryPlan:
+def check_fits(planner: Planner) -> MemoryPlan:
     """What every launch path calls before it prepares data or submits: refuse a job that cannot
     fit, unless forced. The topology comes from validate(), so a plan is only made of a valid config."""
-    plan = estimate(cfg, topology)
+    plan = planner.estimate()
     if plan.fits is False:
-        if not cfg.launcher.force:
-            raise ConfigError(refusal(cfg, plan))
-        log.warning("launcher.force=true: launching although %s", refusal(cfg, plan).splitlines()[0])
+        if not planner.launcher.force:
+            raise ConfigError(refusal(planner, plan))
+        log.warning("launcher.force=true: launching although %s", refusal(planner, plan).splitlines()[0])
     else:
         log.info(
             "plan: %s per GPU (%s), %s host memory per node (%s), %s per step, %s to %.3g tokens at %.0f%% MFU",
@@ -115,17 +115,14 @@ def check_fits(cfg: DictConfig, topology: Topology) -> MemoryPlan:
     return plan
 
 
-def _stage_table(cfg: DictConfig, plan: MemoryPlan) -> list[str]:
+def _stage_table(planner: Planner, plan: MemoryPlan) -> list[str]:
     rows = [
         "| ZeRO | weights | grads | optimizer | buffers | activations (ckpt off / on) | total (ckpt off / on) | fits (off / on) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for stage, offload in [(0, False), (1, False), (2, False), (3, False), (3, True)]:
         off, on = (
-            memory_plan(
-                cfg,
-                plan.topology,
-                plan.model,
+            planner.plan(
                 replace(plan.setup, stage=stage, offload_optimizer=offload, offload_params=offload, activation_checkpointing=ckpt),
             )
             for ckpt in (False, True)
@@ -163,7 +160,7 @@ def _verdict(fits: Optional[bool], memory: Optional[float], unknown: str, per: s
     return f"{'fits in' if fits else 'DOES NOT FIT in'} {_gib(memory)}{per}"
 
 
-def format_plan(cfg: DictConfig, plan: MemoryPlan) -> str:
+def format_plan(planner: Planner, plan: MemoryPlan) -> str:
     m = plan.model
     verdict = _verdict(plan.gpu_fits, plan.gpu_memory, "GPU memory unknown (set cluster.gpu_memory_gb): not checked")
     host_verdict = _verdict(plan.host_fits, plan.host_memory, "host memory unknown (set cluster.host_memory_gb): not checked", " per node")
@@ -199,16 +196,17 @@ def format_plan(cfg: DictConfig, plan: MemoryPlan) -> str:
         f"(batch {plan.inference_batch} x context {plan.inference_context}) = {_gib(inference)}"
         + ("" if plan.gpu_memory is None else f", {math.ceil(inference / (plan.gpu_memory - CUDA_CONTEXT_GIB * GIB))} GPU(s)"),
         "",
-        *_stage_table(cfg, plan),
+        *_stage_table(planner, plan),
     ]
     if plan.fits is False:
-        lines += ["", refusal(cfg, plan)]
+        lines += ["", refusal(planner, plan)]
     return "\n".join(lines)
 
 
 def print_plan(cfg: DictConfig) -> MemoryPlan:
-    plan = estimate(cfg, job_topology(cfg))
-    print(format_plan(cfg, plan), flush=True)
+    planner = Planner.of(cfg, job_topology(cfg))
+    plan = planner.estimate()
+    print(format_plan(planner, plan), flush=True)
     return plan
 
 

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig
 
 from zeroforge.data.build import prepared_manifest
+from zeroforge.launcher.estimate import Planner
 from zeroforge.launcher.plan import check_fits
 from zeroforge.launcher.preflight import check_continuation
 from zeroforge.trainer.config import ClusterConfig, ConfigError, RunSection
@@ -75,13 +76,15 @@ def submit(cfg: DictConfig) -> int:
     """Submit one job (or, with launcher.dry_run=true, print what would be submitted)."""
     topology = job_topology(cfg)
     check_time_limit(cfg.cluster)
-    check_fits(cfg, topology)  # before the queue, not after hours in it
+    check_fits(Planner.of(cfg, topology))  # before the queue, not after hours in it
     check_run_dir(cfg.run, cfg.checkpoint)
     # Data is prepared in the job; where it already is (a resume's data always is), the run's
     # continuation is checked now too, rather than after the wait in the queue.
     manifest = prepared_manifest(cfg.data)
     if manifest is not None:
-        check_continuation(cfg, manifest, topology)
+        check_continuation(
+            manifest, topology, checkpoint=cfg.checkpoint, model=cfg.model, data=cfg.data, deepspeed=cfg.deepspeed, seed=cfg.seed
+        )
     if cfg.launcher.dry_run:
         cmd = sbatch_command(cfg.cluster, cfg.run, job_config_options(cfg.run.dir))
         print(shlex.join(cmd))

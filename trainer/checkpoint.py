@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from zeroforge.data.build import resume_problems
-from zeroforge.data.config import plain
+from zeroforge.data.config import DataConfig, plain
 from zeroforge.trainer.background_save import BackgroundWriter, file_entry
-from zeroforge.trainer.config import AnyConfig, CheckpointConfig, ConfigError
+from zeroforge.trainer.config import CheckpointConfig, ConfigError, DeepSpeedConfig, ModelConfig
 from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero, gather
 from zeroforge.trainer.model import model_differences
 from zeroforge.trainer.train_state import TrainState
@@ -316,7 +316,9 @@ def _abandon_newer_than(root: Path, chosen: Path, dist: DistInfo) -> None:
     barrier()
 
 
-def check_resumable(path: Path, cfg: AnyConfig, data_manifest: dict, world_size: int) -> bool:
+def check_resumable(
+    path: Path, *, model: ModelConfig, data: DataConfig, seed: int, deepspeed: DeepSpeedConfig, data_manifest: dict, world_size: int
+) -> bool:
     """Refuse to continue a run as a different one (steps, cadences and such may change).
 
     Returns whether the checkpoint was saved by another world size with partitioned (ZeRO)
@@ -325,8 +327,8 @@ def check_resumable(path: Path, cfg: AnyConfig, data_manifest: dict, world_size:
     run = json.loads((path / MANIFEST).read_text()).get("run")
     if run is None:
         raise ConfigError(f"cannot resume from {path}: its manifest has no run section (an older format).")
-    problems = model_differences(run["model"], plain(cfg.model))
-    problems += resume_problems(run["data"], data_manifest, cfg.data, cfg.seed)
+    problems = model_differences(run["model"], plain(model))
+    problems += resume_problems(run["data"], data_manifest, data, seed)
     if run["tokenizer_hash"] != data_manifest["tokenizer_hash"]:
         problems.append(f"tokenizer: checkpoint {run['tokenizer_hash']}, now {data_manifest['tokenizer_hash']}")
     if problems:
@@ -335,12 +337,12 @@ def check_resumable(path: Path, cfg: AnyConfig, data_manifest: dict, world_size:
             + "; ".join(problems)
             + ". Use another run.dir for a new run, or checkpoint.resume=never."
         )
-    if run["world_size"] == world_size or cfg.deepspeed.stage == 0:
+    if run["world_size"] == world_size or deepspeed.stage == 0:
         return False  # without ZeRO every rank holds the whole optimizer state: any world size loads it
-    if cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_params:
+    if deepspeed.offload_optimizer or deepspeed.offload_params:
         raise ConfigError(
             f"cannot resume from {path}: it was saved by {run['world_size']} ranks and this run has "
-            f"{world_size}; with ZeRO-Offload (deepspeed={cfg.deepspeed.name}) zeroforge resumes only on "
+            f"{world_size}; with ZeRO-Offload (deepspeed={deepspeed.name}) zeroforge resumes only on "
             "the same world size. Resume on that many ranks, or without offload."
         )
     log.info("%s was saved by %d ranks; resuming on %d through DeepSpeed's universal checkpoint", path, run["world_size"], world_size)

@@ -62,7 +62,15 @@ def train(composed: DictConfig) -> dict:
         check_init_from(cfg.model, vocab_size, train_data.manifest["tokenizer_hash"])
     resume_from = find_resume_checkpoint(cfg.checkpoint.dir, cfg.checkpoint.resume, dist)
     universal = False
-    if resume_from is not None and check_resumable(resume_from, composed, train_data.manifest, dist.world_size):
+    if resume_from is not None and check_resumable(
+        resume_from,
+        model=composed.model,
+        data=composed.data,
+        seed=composed.seed,
+        deepspeed=composed.deepspeed,
+        data_manifest=train_data.manifest,
+        world_size=dist.world_size,
+    ):
         universal, resume_from = True, universal_checkpoint(resume_from, dist)
     if dist.is_main:
         write_run_dir(composed, probe_gpu=True)

@@ -302,7 +302,9 @@ def test_a_state_from_another_partition_count_or_one_rank_alone_is_refused(corpu
     )
     cfg = compose_config(_overrides(corpus, "data.stream_partitions=8", "data.stream_shuffle_window=2"))
     with pytest.raises(ConfigError, match=r"data.stream_partitions: checkpoint 4, now 8; data.stream_shuffle_window: checkpoint 0, now 2"):
-        check_resumable(tmp_path, cfg, data.manifest, world_size=2)
+        check_resumable(
+            tmp_path, model=cfg.model, data=cfg.data, seed=cfg.seed, deepspeed=cfg.deepspeed, data_manifest=data.manifest, world_size=2
+        )
     other = StreamData(_cfg(corpus, "data.stream_partitions=8")).loader(seed=0, global_batch=GLOBAL, micro_batch=2, dp_rank=0, dp_size=1)
     with pytest.raises(DataError, match=r"data.stream_partitions: saved 4, now 8"):
         other.load_state_dict(state)

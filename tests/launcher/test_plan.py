@@ -13,7 +13,7 @@ import torch
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 
 from tests.conftest import REPO, engine_for, run_module
-from zeroforge.launcher.estimate import estimate
+from zeroforge.launcher.estimate import Planner
 from zeroforge.launcher.memory import GIB, activation_bytes
 from zeroforge.launcher.model_shape import model_shape
 from zeroforge.launcher.plan import check_fits
@@ -37,7 +37,7 @@ H100 = [
 
 def _plan(overrides: list[str]):
     cfg = compose_config(overrides)
-    return cfg, estimate(cfg, job_topology(cfg))
+    return cfg, Planner.of(cfg, job_topology(cfg)).estimate()
 
 
 def _hardware(nodes: int, gpus: int, stage: int, offload: str) -> list[str]:
@@ -119,7 +119,7 @@ def test_llama_70b_with_zero1_on_one_h100_node_is_refused_with_fixes_that_fit() 
     overrides = [*H100, "model=llama-70b", "deepspeed=zero1"]
     cfg = compose_config(overrides)
     with pytest.raises(ConfigError) as refused:
-        check_fits(cfg, job_topology(cfg))
+        check_fits(Planner.of(cfg, job_topology(cfg)))
     message = str(refused.value)
     assert "llama-70b needs" in message and "cluster.gpu_memory_gb=80" in message
     assert "Changes that fit" in message and "launcher.force=true" in message
@@ -133,7 +133,7 @@ def test_llama_70b_with_zero1_on_one_h100_node_is_refused_with_fixes_that_fit() 
 def test_one_machine_is_never_told_to_add_nodes() -> None:
     cfg = compose_config(["model=llama-70b", "deepspeed=zero1", "cluster.nproc_per_node=8", *H100[1:]])
     with pytest.raises(ConfigError) as refused:
-        check_fits(cfg, job_topology(cfg))
+        check_fits(Planner.of(cfg, job_topology(cfg)))
     assert "(local)" in str(refused.value) and "cluster.nodes" not in str(refused.value)
     assert "deepspeed.offload_optimizer=true" in str(refused.value)
 
@@ -141,7 +141,7 @@ def test_one_machine_is_never_told_to_add_nodes() -> None:
 def test_force_launches_what_does_not_fit_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     cfg = compose_config([*H100, "model=llama-70b", "deepspeed=zero1", "launcher.force=true"])
     with caplog.at_level("WARNING", logger="zeroforge"):
-        plan = check_fits(cfg, job_topology(cfg))
+        plan = check_fits(Planner.of(cfg, job_topology(cfg)))
     assert plan.fits is False
     assert "launcher.force=true: launching although llama-70b needs" in caplog.text
 
@@ -149,7 +149,7 @@ def test_force_launches_what_does_not_fit_with_a_warning(caplog: pytest.LogCaptu
 def test_unknown_gpu_memory_never_refuses() -> None:
     cfg = compose_config(["model=llama-70b", "model.vocab_size=128256", "deepspeed=zero0"])
     assert cfg.cluster.gpu_memory_gb is None
-    assert check_fits(cfg, job_topology(cfg)).fits is None
+    assert check_fits(Planner.of(cfg, job_topology(cfg))).fits is None
 
 
 @pytest.mark.parametrize("model,params_b", [("llama-1b", 1.236), ("llama-8b", 8.030), ("llama-70b", 70.554)])
@@ -213,7 +213,7 @@ def test_engine_states_after_a_step_match_the_estimate(stage: int, tmp_path: Pat
             f"run.dir={tmp_path}",
         ]
     )
-    plan = estimate(cfg, job_topology(cfg))
+    plan = Planner.of(cfg, job_topology(cfg)).estimate()
     gc.collect()  # the engines of earlier stages must be gone, or their addresses come back as new
     before = _storages()
     torch.manual_seed(0)
@@ -266,7 +266,7 @@ def test_saved_activations_match_the_estimate(attn: str, checkpointing: bool, lo
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         causal_lm_loss(model, tokens)
     expected = activation_bytes(
-        model_shape(cfg),
+        model_shape(cfg.model, cfg.data),
         micro,
         seq,
         4,
@@ -345,20 +345,19 @@ def test_the_chunked_loss_fits_llama_8b_at_8192_tokens_where_the_plain_loss_does
 def test_a_plain_loss_that_does_not_fit_is_told_the_chunked_one_first() -> None:
     cfg = compose_config([*EIGHT_B_8192, "train.loss=plain", "train.micro_batch_size=4", "model.activation_checkpointing=true"])
     with pytest.raises(ConfigError) as refused:
-        check_fits(cfg, job_topology(cfg))
+        check_fits(Planner.of(cfg, job_topology(cfg)))
     first = re.findall(r"^  (\S.*?)  ->  ", str(refused.value), flags=re.M)[0]
     assert first == "train.loss=chunked"
     assert "loss plain" in str(refused.value)
 
 
 def test_best_micro_batch_is_the_largest_that_fits() -> None:
-    from zeroforge.launcher.estimate import best_micro_batch
 
     cfg = compose_config([*EIGHT_B_8192, "model.activation_checkpointing=true"])
-    micro, plan = best_micro_batch(cfg, job_topology(cfg), limit=64)
+    micro, plan = Planner.of(cfg, job_topology(cfg)).best_micro_batch(limit=64)
     assert plan.fits and plan.setup.micro_batch == micro
     bigger = compose_config([*EIGHT_B_8192, "model.activation_checkpointing=true", f"train.micro_batch_size={2 * micro}"])
-    assert not estimate(bigger, job_topology(bigger)).fits
+    assert not Planner.of(bigger, job_topology(bigger)).estimate().fits
 
 
 LLAMA_70B_8_NODES = [
@@ -387,9 +386,9 @@ def test_plan_cli_prints_host_memory_per_node_and_refuses_too_little() -> None:
 
 def test_host_memory_refusal_names_the_numbers_and_fixes_that_fit() -> None:
     cfg = compose_config([*LLAMA_70B_8_NODES, "cluster.host_memory_gb=64"])
-    assert estimate(cfg, job_topology(cfg)).gpu_fits is True
+    assert Planner.of(cfg, job_topology(cfg)).estimate().gpu_fits is True
     with pytest.raises(ConfigError) as refused:
-        check_fits(cfg, job_topology(cfg))
+        check_fits(Planner.of(cfg, job_topology(cfg)))
     message = str(refused.value)
     assert "per GPU but" not in message  # the GPUs are not the problem
     needs = float(re.search(r"needs ([\d.]+) GiB of host memory per node", message).group(1))
@@ -413,7 +412,7 @@ def test_whole_model_builds_are_counted_on_the_host_and_partitioned_ones_are_not
     assert partitioned.fits
     with pytest.raises(ConfigError, match=r"host memory per node \(at start-up\)[\s\S]*deepspeed.zero_init=true"):
         whole_cfg = compose_config([*base, "deepspeed=zero3", "deepspeed.zero_init=false"])
-        check_fits(whole_cfg, job_topology(whole_cfg))
+        check_fits(Planner.of(whole_cfg, job_topology(whole_cfg)))
 
 
 def test_the_async_save_copy_is_counted() -> None:

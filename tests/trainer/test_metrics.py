@@ -45,7 +45,8 @@ def test_mfu_of_a_known_model_and_step_time() -> None:
     from zeroforge.launcher.model_shape import model_shape
     from zeroforge.trainer.config import compose_config
 
-    shape = model_shape(compose_config(["model=llama-8b", "model.vocab_size=128256", "data.seq_len=8192"]))
+    cfg = compose_config(["model=llama-8b", "model.vocab_size=128256", "data.seq_len=8192"])
+    shape = model_shape(cfg.model, cfg.data)
     matmul_params = shape.params - shape.vocab_size * shape.hidden  # the input embedding is a lookup
     assert shape.flops_per_token == 6 * matmul_params + 12 * 32 * 4096 * 8192
     tokens_per_s = 4 * 2**20 / 10.0

@@ -47,6 +47,13 @@ def test_offloaded_optimizer_state_is_not_resumed_on_another_world_size(tmp_path
     run = {**manifest, "model": OmegaConf.to_container(cfg.model, resolve=True), "world_size": 2, "tokens": 0}
     (checkpoint / MANIFEST).write_text(json.dumps({"step": 10, "run": run, "files": {}}))
     data_manifest = {"fingerprint": "f", "tokenizer_hash": "t"}
-    assert check_resumable(checkpoint, cfg, data_manifest, world_size=2) is False
+    assert (
+        check_resumable(
+            checkpoint, model=cfg.model, data=cfg.data, seed=cfg.seed, deepspeed=cfg.deepspeed, data_manifest=data_manifest, world_size=2
+        )
+        is False
+    )
     with pytest.raises(ConfigError, match="saved by 2 ranks and this run has 1; with ZeRO-Offload"):
-        check_resumable(checkpoint, cfg, data_manifest, world_size=1)
+        check_resumable(
+            checkpoint, model=cfg.model, data=cfg.data, seed=cfg.seed, deepspeed=cfg.deepspeed, data_manifest=data_manifest, world_size=1
+        )
