@@ -139,6 +139,22 @@ def process_group():
     distributed.close()
 
 
+def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(*args)
+
+
+def run_distributed(fn: Callable[..., None], *args: object, world_size: int = 2) -> None:
+    """fn(*args) on `world_size` fresh processes with a torchrun rank's environment (they join
+    with distributed.init_distributed("cpu"), on gloo); a rank's exception fails the caller with
+    its traceback. For mechanisms below train(); end-to-end tests run torchrun itself."""
+    import torch.multiprocessing as mp
+
+    from zeroforge.trainer.distributed import free_port
+
+    mp.spawn(_rank_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
 def smoke_run_overrides(data_cache: Path, run_dir: Path) -> list[str]:
     """The smoke run (20 steps, validation, samples and checkpoints every 10) under 2-rank ZeRO-3,
     in fp32 so that the numbers compared across loaders are exact, with wandb offline."""

@@ -39,6 +39,10 @@ def deepspeed_config(*, optim: OptimConfig, deepspeed: DeepSpeedConfig, topology
         # The optimizer is zeroforge's own AdamW (trainer/faults.py), which can skip a bad step.
         "zero_allow_untested_optimizer": True,
     }
+    if topology.sequence > 1:
+        # Where DeepSpeed reads this config without the engine's groups (zero.Init), this is
+        # what divides the world into data-parallel ranks for its batch arithmetic.
+        config["sequence_parallel_size"] = topology.sequence
     if ds.offload_optimizer:
         # ZeRO-Offload needs DeepSpeed's own CPU Adam, which DeepSpeed builds from this section.
         config["optimizer"] = {

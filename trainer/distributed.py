@@ -36,7 +36,7 @@ def dist_env() -> DistInfo:
     return DistInfo(0, 1, 0)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,7 +51,7 @@ def init_distributed(device: str) -> DistInfo:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         # Only reachable alone: torchrun always sets MASTER_PORT alongside RANK and WORLD_SIZE.
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     if device == "cuda":
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():

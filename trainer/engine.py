@@ -18,6 +18,7 @@ from zeroforge.trainer.faults import FaultGuard, SkippableAdamW
 from zeroforge.trainer.loss import install_loss, installed_loss, resolve_loss
 from zeroforge.trainer.partitioned import full_shape, zero3_startup
 from zeroforge.trainer.schedule import lr_factor
+from zeroforge.trainer.sequence_parallel import SequenceSlices
 from zeroforge.trainer.topology import Topology
 
 if TYPE_CHECKING:
@@ -91,10 +92,12 @@ def build_engine(
     optim: OptimConfig,
     deepspeed: DeepSpeedConfig,
     topology: Topology,
+    sequence: Optional[SequenceSlices] = None,
     load_universal: bool = False,
 ) -> DeepSpeedEngine:
     """The plain `model` wrapped for training: kernels, loss, checkpointing, the optimizer and
-    schedule, DeepSpeed's engine on the generated config, then compile."""
+    schedule, DeepSpeed's engine on the generated config (with the sequence-parallel groups of
+    `sequence`), then compile."""
     import deepspeed as ds
     from deepspeed.utils import logger as ds_logger
 
@@ -130,6 +133,7 @@ def build_engine(
             model_parameters=groups if optimizer is None else None,
             config=deepspeed_config(optim=optim, deepspeed=deepspeed, topology=topology, load_universal=load_universal),
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
+            mpu=None if sequence is None else sequence.mpu,
         )
     compile_mode = Compile(model_config.compile)
     # Both compile in place, so parameter names (and checkpoints) carry no `_orig_mod.` prefix.
@@ -154,20 +158,34 @@ def build_engine(
     return engine
 
 
-def causal_lm_loss(model: torch.nn.Module, tokens: torch.Tensor, boundaries: Optional[DocumentBoundaries] = None) -> torch.Tensor:
+def causal_lm_loss(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    boundaries: Optional[DocumentBoundaries] = None,
+    sequence: Optional[SequenceSlices] = None,
+) -> torch.Tensor:
     """Mean next-token loss of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:].
 
     With boundaries, positions restart per document and/or the pair after each EOS is left out.
-    A model (or engine) that build_engine gave the chunked or Liger loss computes it in its own
-    forward (trainer/loss.py); any other model returns logits and takes the plain loss here.
+    With sequence parallelism this rank computes its slice of every window, and returns its
+    share of the group's mean loss. A model (or engine) that build_engine gave the chunked or
+    Liger loss computes it in its own forward (trainer/loss.py); any other model returns logits
+    and takes the plain loss here.
     """
     inputs = tokens[:, :-1]
     targets = tokens[:, 1:] if boundaries is None else boundaries.targets(tokens)
     position_ids = None if boundaries is None else boundaries.position_ids(inputs)
+    if sequence is not None:
+        # The whole window's positions, sliced: each slice knows where in the sequence it lies.
+        if position_ids is None:
+            position_ids = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+        inputs, targets, position_ids = sequence.slice(inputs), sequence.slice(targets), sequence.slice(position_ids)
     if installed_loss(model) != "plain":
-        return model(input_ids=inputs, position_ids=position_ids, loss_targets=targets)
-    logits = model(input_ids=inputs, position_ids=position_ids).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        loss = model(input_ids=inputs, position_ids=position_ids, loss_targets=targets)
+    else:
+        logits = model(input_ids=inputs, position_ids=position_ids).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return loss if sequence is None else sequence.loss_share(loss, targets)
 
 
 def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:
@@ -194,17 +212,19 @@ def train_step(
     guard: FaultGuard,
     step: int,
     boundaries: Optional[DocumentBoundaries] = None,
+    sequence: Optional[SequenceSlices] = None,
 ) -> StepResult:
-    """One optimizer step over this rank's micro-batches."""
+    """One optimizer step over this rank's micro-batches (with sequence parallelism, the loss is
+    its group's, the same on every rank of the group)."""
     engine.train()
     lr = engine.get_lr()[0]  # DeepSpeed advances the scheduler inside the last engine.step()
     total = torch.zeros((), device=device)
     norm = None
     skipped_before = engine.skipped_steps
     for i, batch in enumerate(micro_batches):
-        loss = causal_lm_loss(engine, batch.to(device, non_blocking=True), boundaries)
-        engine.backward(loss)
-        total += loss.detach()
+        loss = causal_lm_loss(engine, batch.to(device, non_blocking=True), boundaries, sequence)
+        engine.backward(loss if sequence is None else loss * sequence.backward_scale)
+        total += loss.detach() if sequence is None else sequence.group_sum(loss)
         last = i == len(micro_batches) - 1
         if last and (measure_grad_norm or guard.checks_grad_norm) and engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed clips but does not keep the norm; gradients are already

@@ -36,6 +36,15 @@ class Topology:
         (expert parallelism splits the data-parallel ranks' experts, not their data)."""
         return self.world_size // (self.sequence * self.tensor)
 
+    def dp_rank(self, rank: int) -> int:
+        """Which data-parallel rank (which samples) global `rank` is: the ranks of one
+        sequence-parallel group are consecutive (as DeepSpeed's groups are) and share samples."""
+        return rank // (self.sequence * self.tensor)
+
+    def sequence_rank(self, rank: int) -> int:
+        """Which slice of every sequence global `rank` computes, inside its group."""
+        return rank % self.sequence
+
     @property
     def grad_accum(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)

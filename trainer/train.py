@@ -30,6 +30,7 @@ from zeroforge.trainer.model import check_init_from, flops_per_token, resolve_vo
 from zeroforge.trainer.partitioned import build_for_training, full_numel
 from zeroforge.trainer.preemption import Preempted, StopRequest
 from zeroforge.trainer.rundir import check_run_dir, library_versions, write_run_dir
+from zeroforge.trainer.sequence_parallel import sequence_parallel
 from zeroforge.trainer.train_state import TrainState, gathered_rng_states
 from zeroforge.trainer.universal import universal_checkpoint
 from zeroforge.trainer.validate import validate
@@ -87,6 +88,7 @@ def train(composed: DictConfig) -> dict:
     )
     num_params = sum(full_numel(p) for p in model.parameters())
     fpt = flops_per_token(model.config, num_params, cfg.data.seq_len)
+    sequence = sequence_parallel(model, topology, cfg.deepspeed.stage)
     engine = build_engine(
         model,
         model_config=cfg.model,
@@ -94,16 +96,18 @@ def train(composed: DictConfig) -> dict:
         optim=cfg.optim,
         deepspeed=cfg.deepspeed,
         topology=topology,
+        sequence=sequence,
         load_universal=universal,
     )
     partitioned = cfg.deepspeed.stage == 3 and cfg.deepspeed.zero_init
     log_startup(dist, time.perf_counter() - started, "partitioned construction" if partitioned else "whole model on every rank", before)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     log.info(
-        "%s: %.2fM parameters | world size %d | ZeRO-%d | %s | micro batch %d x grad accum %d x dp %d = %d",
+        "%s: %.2fM parameters | world size %d (sequence parallel %d) | ZeRO-%d | %s | micro batch %d x grad accum %d x dp %d = %d",
         cfg.model.name,
         num_params / 1e6,
         dist.world_size,
+        topology.sequence,
         cfg.deepspeed.stage,
         topology.precision,
         cfg.train.micro_batch_size,
@@ -129,7 +133,7 @@ def train(composed: DictConfig) -> dict:
         cfg.seed,
         cfg.train.global_batch_size,
         cfg.train.micro_batch_size,
-        dist.rank,
+        topology.dp_rank(dist.rank),
         topology.dp_size,
         pin_memory=topology.device == "cuda",
     )
@@ -175,7 +179,7 @@ def train(composed: DictConfig) -> dict:
         step += 1
         with metrics.data_wait:
             batch = loader.next_batch()
-        result = train_step(engine, batch, device, metrics.logs_at(step), guard, step, boundaries)
+        result = train_step(engine, batch, device, metrics.logs_at(step), guard, step, boundaries, sequence)
         last = metrics.step(step, None if result.skipped else result.loss, result.grad_norm, result.lr, guard.skipped) or last
         with metrics.paused:
             checkpointer.commit_pending()  # an async save commits once the next step is done

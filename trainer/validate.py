@@ -26,9 +26,11 @@ from zeroforge.trainer.topology import Topology, accelerator_is_cuda, job_is_on_
 
 log = logging.getLogger("zeroforge")
 
+# The attention kernels Ulysses sequence parallelism runs (DeepSpeed refuses eager).
+SEQUENCE_PARALLEL_ATTENTION = frozenset({"sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"})
+
 # Degrees above 1 are refused until each parallelism lands (its issue).
 _NOT_YET = {
-    "sequence": "Ulysses sequence parallelism (issue 21)",
     "tensor": "tensor parallelism (AutoTP)",
     "expert": "expert parallelism (issue 22)",
 }
@@ -190,14 +192,42 @@ def _check_zero_section(ds: DeepSpeedConfig, cuda: bool, problems: list[str]) ->
 
 
 def _check_parallel(p: ParallelConfig, world_size: int, problems: list[str]) -> None:
-    degrees = {name: getattr(p, name) for name in _NOT_YET}
-    for name, degree in degrees.items():
-        _check(degree == 1, f"parallel.{name}={degree}: {_NOT_YET[name]} is not available yet; expected 1", problems)
+    degrees = {"sequence": p.sequence, "tensor": p.tensor, "expert": p.expert}
+    for name, why in _NOT_YET.items():
+        _check(degrees[name] == 1, f"parallel.{name}={degrees[name]}: {why} is not available yet; expected 1", problems)
     product = degrees["sequence"] * degrees["tensor"] * degrees["expert"]
     _check(
         world_size % product == 0,
         f"parallel.sequence ({degrees['sequence']}) x parallel.tensor ({degrees['tensor']}) x parallel.expert "
         f"({degrees['expert']}) = {product} must divide the world size {world_size}",
+        problems,
+    )
+
+
+def _check_sequence_parallel(sp: int, m: ModelConfig, seq_len: int, ds: DeepSpeedConfig, problems: list[str]) -> None:
+    """Ulysses splits every sequence into `sp` slices and, around attention, the heads into `sp`
+    groups (key/value heads may be repeated up to `sp`); it runs the model's own attention kernel
+    without the 4D mask eager attention needs."""
+    if sp == 1:
+        return
+    _check(seq_len % sp == 0, f"data.seq_len={seq_len} must be divisible by parallel.sequence={sp}", problems)
+    _check(m.num_heads % sp == 0, f"model.num_heads={m.num_heads} must be divisible by parallel.sequence={sp}", problems)
+    _check(
+        m.num_kv_heads % sp == 0 or sp % m.num_kv_heads == 0,
+        f"model.num_kv_heads={m.num_kv_heads} and parallel.sequence={sp}: one must divide the other",
+        problems,
+    )
+    _check(
+        m.attn_implementation in SEQUENCE_PARALLEL_ATTENTION,
+        f"parallel.sequence={sp} needs model.attn_implementation in {sorted(SEQUENCE_PARALLEL_ATTENTION)}, "
+        f"found {m.attn_implementation!r} (Ulysses drops the 4D mask eager attention needs)",
+        problems,
+    )
+    _check(
+        ds.stage != 3 or ds.zero_extra.get("reduce_scatter", True),
+        f"parallel.sequence={sp} under ZeRO-3 needs DeepSpeed's reduce-scatter of gradients, found "
+        "deepspeed.zero_extra.reduce_scatter=false (its other path scales large parameters' gradients "
+        "differently; trainer/sequence_parallel.py)",
         problems,
     )
 
@@ -276,6 +306,8 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
             f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}",
             problems,
         )
+    if fine("model.num_heads", "model.num_kv_heads", "data.seq_len", "model.attn_implementation"):
+        _check_sequence_parallel(topology.sequence, m, cfg.data.seq_len, ds, problems)
     if fine("model.num_kv_heads"):
         _check(
             m.num_heads % m.num_kv_heads == 0,

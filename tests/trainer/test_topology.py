@@ -17,11 +17,37 @@ def test_the_topology_splits_the_global_batch_over_the_data_parallel_ranks() -> 
     assert (topology.device, topology.precision) == ("cpu", "fp32")
 
 
-@pytest.mark.parametrize("degree", ["sequence", "tensor", "expert"])
+@pytest.mark.parametrize("degree", ["tensor", "expert"])
 def test_a_parallel_degree_above_one_is_refused_until_it_lands(degree: str) -> None:
     cfg = compose_config([f"parallel.{degree}=2", "train.micro_batch_size=1", "train.global_batch_size=8"])
     with pytest.raises(ConfigError, match=rf"parallel\.{degree}=2: .* is not available yet; expected 1"):
         validate(cfg, 4, cuda=False)
+
+
+def test_sequence_parallel_groups_are_consecutive_ranks_that_share_their_samples() -> None:
+    cfg = compose_config(["parallel.sequence=2", "train.micro_batch_size=2", "train.global_batch_size=8", "data.seq_len=64"])
+    topology = validate(cfg, 4, cuda=False)
+    assert (topology.dp_size, topology.grad_accum, topology.tokens_per_step) == (2, 2, 8 * 64)
+    assert [topology.dp_rank(r) for r in range(4)] == [0, 0, 1, 1]
+    assert [topology.sequence_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    # The global batch is checked against the data-parallel ranks, not all ranks.
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(2\) x data-parallel size \(2\) = 4"):
+        validate(compose_config(["parallel.sequence=2", "train.micro_batch_size=2", "train.global_batch_size=6"]), 4, cuda=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.seq_len=63"], r"data.seq_len=63 must be divisible by parallel.sequence=2"),
+        (["model.num_heads=3", "model.num_kv_heads=3", "model.hidden_size=96"], r"model.num_heads=3 must be divisible by parallel.sequence=2"),
+        (["model.attn_implementation=eager"], r"needs model.attn_implementation in \['flash_attention_2', .*found 'eager'"),
+        (["deepspeed=zero3", "+deepspeed.zero_extra.reduce_scatter=false"], r"under ZeRO-3 needs DeepSpeed's reduce-scatter"),
+    ],
+)
+def test_what_ulysses_cannot_split_is_refused_with_the_numbers(overrides: list[str], expected: str) -> None:
+    cfg = compose_config(["parallel.sequence=2", "train.micro_batch_size=1", "train.global_batch_size=8", *overrides])
+    with pytest.raises(ConfigError, match=expected):
+        validate(cfg, 2, cuda=False)
 
 
 def test_the_parallel_degrees_must_divide_the_world_size() -> None:

@@ -1,0 +1,107 @@
+"""Ulysses sequence parallelism: each of 2 gloo ranks computes half of every sequence, and the
+group's loss and gradients are the unsplit model's; end to end, training on parallel.sequence=2
+gives one process's losses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from tests.conftest import run_distributed, train_losses
+
+SEQ_LEN = 32
+EOS = 3
+
+
+def _tiny_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ_LEN,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
+def _split_matches_whole(out: str) -> None:
+    """On each rank: the unsplit loss and gradients of one batch (packed documents included),
+    then the same batch split by Ulysses; the group's loss and summed gradients must match."""
+    from zeroforge.data.boundaries import DocumentBoundaries
+    from zeroforge.trainer import distributed
+    from zeroforge.trainer.engine import causal_lm_loss
+    from zeroforge.trainer.sequence_parallel import sequence_parallel
+    from zeroforge.trainer.topology import Topology
+
+    info = distributed.init_distributed("cpu")
+    model = _tiny_llama()
+    tokens = torch.randint(4, 64, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(1))
+    tokens[:, [5, 20, 21]] = EOS  # documents of several lengths, one of them empty
+    cases = {"plain": None, "documents": DocumentBoundaries(EOS, reset_position_ids=True, mask_cross_document_loss=True)}
+
+    def loss_and_grads(boundaries, sequence=None):
+        model.zero_grad()
+        loss = causal_lm_loss(model, tokens, boundaries, sequence)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        if sequence is None:
+            return loss.detach(), grads
+        for grad in grads.values():  # what DeepSpeed's reduction does with one data-parallel rank
+            torch.distributed.all_reduce(grad)
+        return sequence.group_sum(loss), grads
+
+    whole = {name: loss_and_grads(b) for name, b in cases.items()}  # before Ulysses takes over sdpa
+
+    seen: list[tuple[int, ...]] = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
+    topology = Topology(
+        world_size=2,
+        sequence=2,
+        tensor=1,
+        expert=1,
+        micro_batch_size=2,
+        global_batch_size=2,
+        seq_len=SEQ_LEN,
+        device="cpu",
+        precision="fp32",
+    )
+    sequence = sequence_parallel(model, topology, stage=1)
+    assert sequence is not None and sequence.rank == info.rank and sequence.size == 2
+    for name, boundaries in cases.items():
+        loss, grads = loss_and_grads(boundaries, sequence)
+        torch.testing.assert_close(loss, whole[name][0], rtol=1e-5, atol=0, msg=name)
+        for param, grad in grads.items():
+            torch.testing.assert_close(grad, whole[name][1][param], rtol=1e-4, atol=1e-6, msg=f"{name}: {param}")
+    assert seen == [(2, SEQ_LEN // 2)] * len(cases), seen  # each rank ran half of every sequence
+
+    model.eval()  # evaluation and generation run whole sequences on every rank
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm_loss(model, tokens), whole["plain"][0], rtol=1e-5, atol=0)
+    Path(out, f"rank{info.rank}").touch()
+    distributed.close()
+
+
+def test_each_rank_computes_half_of_every_sequence_and_the_group_gets_the_unsplit_loss_and_gradients(tmp_path: Path) -> None:
+    run_distributed(_split_matches_whole, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_sequence_parallel_training_matches_one_process(
+    stage: int, single_process_run: Path, two_rank_run: Callable[..., tuple[Path, str]]
+) -> None:
+    run_dir, stdout = two_rank_run(stage, "parallel.sequence=2")
+    assert "world size 2 (sequence parallel 2)" in stdout and "dp 1 " in stdout
+    expected, found = train_losses(single_process_run), train_losses(run_dir)
+    assert len(found) == len(expected) == 20
+    torch.testing.assert_close(torch.tensor(found), torch.tensor(expected), rtol=1e-5, atol=0)
