@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 import torch
 
-from tests.conftest import run_distributed, train_losses
+from tests.conftest import REPO, TORCHRUN, exact_overrides, run_distributed, run_module, train_losses
 
 SEQ_LEN = 32
 EOS = 3
@@ -96,12 +96,32 @@ def test_each_rank_computes_half_of_every_sequence_and_the_group_gets_the_unspli
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])
-def test_sequence_parallel_training_matches_one_process(
-    stage: int, single_process_run: Path, two_rank_run: Callable[..., tuple[Path, str]]
-) -> None:
-    run_dir, stdout = two_rank_run(stage, "parallel.sequence=2")
+def test_sequence_parallel_training_matches_one_process(single_process_run: Path, two_rank_run: Callable[..., tuple[Path, str]]) -> None:
+    run_dir, stdout = two_rank_run(1, "parallel.sequence=2")
     assert "world size 2 (sequence parallel 2)" in stdout and "dp 1 " in stdout
+    expected, found = train_losses(single_process_run), train_losses(run_dir)
+    assert len(found) == len(expected) == 20
+    torch.testing.assert_close(torch.tensor(found), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_a_zero3_sequence_parallel_run_resumes_without_it_on_another_world_size(
+    single_process_run: Path, data_cache: Path, tmp_path: Path
+) -> None:
+    """10 steps on 2 ranks splitting every sequence (ZeRO-3, where DeepSpeed's reduce-scatter
+    needs the backward scale), then the rest on one process through the universal checkpoint:
+    every loss is one process's."""
+    run_dir = tmp_path / "run"
+    args = exact_overrides(data_cache, run_dir, 3)
+    first = run_module(
+        "zeroforge.trainer.train", [*args, "parallel.sequence=2", "train.steps=10", "checkpoint.every=10"], cwd=REPO, launcher=TORCHRUN
+    )
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "(sequence parallel 2)" in first.stdout
+    then = run_module("zeroforge.trainer.train", args, cwd=REPO)
+    assert then.returncode == 0, then.stdout[-3000:] + then.stderr[-3000:]
+    assert "through DeepSpeed's universal checkpoint" in then.stdout + then.stderr and "(step 10)" in then.stdout + then.stderr
+
     expected, found = train_losses(single_process_run), train_losses(run_dir)
     assert len(found) == len(expected) == 20
     torch.testing.assert_close(torch.tensor(found), torch.tensor(expected), rtol=1e-5, atol=0)

@@ -39,7 +39,10 @@ def test_sequence_parallel_groups_are_consecutive_ranks_that_share_their_samples
     ("overrides", "expected"),
     [
         (["data.seq_len=63"], r"data.seq_len=63 must be divisible by parallel.sequence=2"),
-        (["model.num_heads=3", "model.num_kv_heads=3", "model.hidden_size=96"], r"model.num_heads=3 must be divisible by parallel.sequence=2"),
+        (
+            ["model.num_heads=3", "model.num_kv_heads=3", "model.hidden_size=96"],
+            r"model.num_heads=3 must be divisible by parallel.sequence=2",
+        ),
         (["model.attn_implementation=eager"], r"needs model.attn_implementation in \['flash_attention_2', .*found 'eager'"),
         (["deepspeed=zero3", "+deepspeed.zero_extra.reduce_scatter=false"], r"under ZeRO-3 needs DeepSpeed's reduce-scatter"),
     ],
