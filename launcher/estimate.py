@@ -142,6 +142,7 @@ class Planner:
             loss=resolve_loss(train.loss, model.model_type),
             zero_init=ds.zero_init,
             async_save=config.checkpoint.async_save,
+            sequence=topology.sequence,
         )
         return cls(
             model=model,
@@ -154,9 +155,19 @@ class Planner:
             configured=configured,
         )
 
-    def on_nodes(self, nodes: int) -> Topology:
-        """The job's topology on `nodes` nodes (a fix may change the count): cluster.nproc_per_node each."""
-        return replace(self.topology, world_size=self.cluster.nproc_per_node * nodes)
+    def topology_of(self, setup: Setup) -> Topology:
+        """The job's topology for `setup` (a fix may change the nodes, cluster.nproc_per_node each,
+        and parallel.sequence)."""
+        return replace(self.topology, world_size=self.cluster.nproc_per_node * setup.nodes, sequence=setup.sequence)
+
+    def sequence_splits(self, nodes: int) -> list[int]:
+        """The parallel.sequence degrees (powers of two) that can split this model's sequences on
+        up to `nodes` nodes: what the fix search may offer."""
+        from zeroforge.trainer.validate import sequence_parallel_problems
+
+        ranks = self.cluster.nproc_per_node * nodes
+        degrees = (1 << k for k in range(ranks.bit_length()) if 1 << k <= ranks)
+        return [sp for sp in degrees if not sequence_parallel_problems(sp, self.model, self.topology.seq_len, self.deepspeed)]
 
     def peak_tflops(self) -> Optional[float]:
         """cluster.peak_tflops, or for a job on GPUs the GPU of this machine where it has one (a
@@ -170,12 +181,13 @@ class Planner:
     def plan(self, setup: Setup) -> MemoryPlan:
         """The plan of `setup` (the configured one, or a fix's)."""
         c, launcher, shape = self.cluster, self.launcher, self.shape
-        topology = self.on_nodes(setup.nodes)
+        topology = self.topology_of(setup)
         e = 2 if topology.precision == "bf16" else 4
-        seq, dp = topology.seq_len, topology.dp_size
+        # ZeRO partitions over the data- and sequence-parallel ranks together.
+        seq, shards = topology.seq_len, topology.zero_shards
         zero_extra = plain(self.deepspeed.zero_extra)
         sub_group = float(zero_extra.get("sub_group_size", DS_SUB_GROUP_SIZE))
-        states = model_states(shape.params, shape.largest_layer, setup, dp, e, sub_group)
+        states = model_states(shape.params, shape.largest_layer, setup, shards, e, sub_group)
         act, other = (
             activation_bytes(
                 shape,
@@ -187,12 +199,13 @@ class Planner:
                 loss=setup.loss,
                 chunk_tokens=self.train.loss_chunk_tokens,
                 liger_kernels=self.model.liger_kernels,
+                sequence=setup.sequence,
             )
             for checkpointing in (setup.activation_checkpointing, not setup.activation_checkpointing)
         )
-        buffers = buffer_bytes(zero_extra, setup, shape.params, dp, e)
+        buffers = buffer_bytes(zero_extra, setup, shape.params, shards, e)
         tensors = states.total + buffers + act.peak
-        host = host_memory(shape, setup, states, tensors, dp, e, c.nproc_per_node, topology.device == "cuda", sub_group)
+        host = host_memory(shape, setup, states, tensors, shards, e, c.nproc_per_node, topology.device == "cuda", sub_group)
         context = launcher.inference_context or self.model.max_position_embeddings
         return MemoryPlan(
             model=shape,
@@ -218,6 +231,20 @@ class Planner:
     def estimate(self) -> MemoryPlan:
         """The plan of the configuration as it is."""
         return self.plan(self.configured)
+
+    def longest_seq_len(self) -> Optional[int]:
+        """The longest data.seq_len up to model.max_position_embeddings (it, or a power of two)
+        that fits the configured setup, None where nothing fits or the GPU memory is unknown."""
+        if self.cluster.gpu_memory_gb is None:
+            return None
+        most = self.model.max_position_embeddings
+        lengths = [most, *(1 << k for k in range(most.bit_length() - 1, 9, -1) if 1 << k < most)]
+        for seq_len in lengths:
+            if seq_len % self.configured.sequence == 0:
+                longer = replace(self, topology=replace(self.topology, seq_len=seq_len))
+                if longer.plan(self.configured).gpu_fits:
+                    return seq_len
+        return None
 
     def best_micro_batch(self, limit: int = 64) -> Optional[tuple[int, MemoryPlan]]:
         """The largest power-of-two micro batch up to `limit` that fits this configuration (its

@@ -17,9 +17,10 @@ from zeroforge.trainer.loss import LINEAR_HEAD_MODEL_TYPES
 # loss, no slower), a ZeRO stage adds communication (per stage), checkpointing recomputes the
 # forward (a third more compute), a halved micro batch runs smaller kernels, a doubling of the
 # nodes doubles the GPUs held, offloading the optimizer puts its step on the CPU, and
-# partitioned construction costs a little start-up time. (A synchronous save is never a fix:
+# partitioned construction costs a little start-up time; each doubling of parallel.sequence
+# adds Ulysses' all-to-all around every attention (and halves the data-parallel ranks). (A synchronous save is never a fix:
 # the async save's host copy is what a resume reads anyway.)
-_COST = {"loss": 0, "stage": 1, "checkpointing": 2, "halving": 1, "doubling": 4, "offload": 6, "host": 1}
+_COST = {"loss": 0, "stage": 1, "checkpointing": 2, "halving": 1, "doubling": 4, "offload": 6, "host": 1, "sequence": 2}
 MAX_NODE_DOUBLINGS = 6
 
 
@@ -29,7 +30,8 @@ def _candidates(planner: Planner, now: Setup) -> Iterator[tuple[tuple[int, int],
     doublings_allowed = MAX_NODE_DOUBLINGS if planner.cluster.scheduler == Scheduler.slurm else 0
     # The plain loss can become the chunked one where that is exact for the model type.
     losses = sorted({now.loss, "chunked"} if now.loss == "plain" and planner.model.model_type in LINEAR_HEAD_MODEL_TYPES else {now.loss})
-    for stage, ckpt, halvings, doublings, offload, loss, zero_init in itertools.product(
+    splits = planner.sequence_splits(now.nodes << doublings_allowed)
+    for stage, ckpt, halvings, doublings, offload, loss, zero_init, sequence in itertools.product(
         range(now.stage, 4),
         sorted({now.activation_checkpointing, True}),
         range(0, int(math.log2(now.micro_batch)) + 1),
@@ -37,6 +39,7 @@ def _candidates(planner: Planner, now: Setup) -> Iterator[tuple[tuple[int, int],
         sorted({now.offload_optimizer, True}),
         losses,
         sorted({now.zero_init, True}),
+        sorted({now.sequence, *(sp for sp in splits if sp > now.sequence)}),
     ):
         setup = replace(
             now,
@@ -47,9 +50,11 @@ def _candidates(planner: Planner, now: Setup) -> Iterator[tuple[tuple[int, int],
             offload_optimizer=offload and stage >= 1,
             loss=loss,
             zero_init=zero_init,
+            sequence=sequence,
         )
-        if offload and stage == 0 or glob % (setup.micro_batch * planner.on_nodes(setup.nodes).dp_size):
-            continue  # offload needs ZeRO; the global batch must still divide
+        world = planner.topology_of(setup).world_size
+        if offload and stage == 0 or world % sequence or glob % (setup.micro_batch * planner.topology_of(setup).dp_size):
+            continue  # offload needs ZeRO; sequence groups must divide the world; the global batch must still divide
         cost = (
             _COST["stage"] * (stage - now.stage)
             + _COST["checkpointing"] * (ckpt != now.activation_checkpointing)
@@ -58,6 +63,7 @@ def _candidates(planner: Planner, now: Setup) -> Iterator[tuple[tuple[int, int],
             + _COST["offload"] * (offload != now.offload_optimizer)
             + _COST["loss"] * (loss != now.loss)
             + _COST["host"] * (zero_init != now.zero_init)
+            + _COST["sequence"] * int(math.log2(sequence // now.sequence))
         )
         yield (cost, len(_changed(now, setup))), setup
 
@@ -78,6 +84,8 @@ def _overrides(now: Setup, fix: Setup) -> str:
         parts.append(f"train.loss={fix.loss}")
     if fix.zero_init != now.zero_init and fix.stage == 3:
         parts.append("deepspeed.zero_init=true")
+    if fix.sequence != now.sequence:
+        parts.append(f"parallel.sequence={fix.sequence}")
     return " ".join(parts)
 
 

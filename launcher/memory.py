@@ -67,6 +67,8 @@ class Setup:
     # Host memory only: ZeRO-3's partitioned construction, and the async save's host copy.
     zero_init: bool = True
     async_save: bool = False
+    # parallel.sequence: ranks that split every sequence (Ulysses).
+    sequence: int = 1
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,7 @@ def activation_bytes(
     loss: str = "plain",
     chunk_tokens: int = 1024,
     liger_kernels: bool = False,
+    sequence: int = 1,
 ) -> Activations:
     """What a Llama-shaped decoder (RMSNorm, gated MLP, fused attention) keeps for its backward.
 
@@ -199,6 +202,11 @@ def activation_bytes(
     Liger's kernels (liger_kernels) keep each norm's input in the model's dtype instead of fp32,
     and SwiGLU keeps gate and up only (from Liger's saved tensors; not measurable on the CPU).
     Other model types get the same figure as an approximation.
+
+    Sequence parallelism (`sequence` ranks, Ulysses) leaves each rank seq_len / sequence tokens
+    of every window, attention included (the whole sequence for its share of the heads is the
+    same number of elements); around one layer's attention it adds the all-to-all's buffers: q,
+    k, v and the output before and after the exchange.
 
     The loss (trainer/loss.py): plain keeps all tokens' fp32 log-probabilities and starts the
     backward with their fp32 gradient; chunked keeps the gradients of the hidden states (in
@@ -212,7 +220,8 @@ def activation_bytes(
     if eager:
         # fp32 probabilities for the softmax backward, and in bf16 their cast copy for the matmul.
         per_layer += (4 + (e if e < 4 else 0)) * shape.heads * seq_len
-    tokens = micro_batch * seq_len
+    tokens = micro_batch * seq_len // sequence
+    all_to_all = 2 * tokens * e * (2 * h + 2 * shape.kv_hidden) if sequence > 1 else 0
     # The final norm as in every layer; the loss's share per token and once per model.
     head, fixed = norm + (4 * vocab if loss == "plain" else 0), (0 if loss == "plain" else e * vocab * h)
     if loss == "plain":
@@ -228,7 +237,7 @@ def activation_bytes(
     else:
         saved = tokens * (shape.layers * per_layer + head) + fixed
         recomputed = 0
-    return Activations(saved=saved, peak=saved + recomputed + loss_peak)
+    return Activations(saved=saved, peak=saved + recomputed + max(loss_peak, all_to_all))
 
 
 def buffer_bytes(zero_extra: dict, setup: Setup, params: int, dp: int, e: int) -> float:

@@ -46,8 +46,9 @@ def _where(plan: MemoryPlan) -> str:
     offload = " + offload optimizer" if s.offload_optimizer else ""
     offload += " + offload params" if s.offload_params else ""
     ckpt = "on" if s.activation_checkpointing else "off"
+    sequence = f", sequence parallel {s.sequence}" if s.sequence > 1 else ""
     return (
-        f"ZeRO-{s.stage}{offload}, {plan.precision}, {s.nodes} node(s) x {plan.world_size // s.nodes} GPUs, "
+        f"ZeRO-{s.stage}{offload}, {plan.precision}, {s.nodes} node(s) x {plan.world_size // s.nodes} GPUs{sequence}, "
         f"micro batch {s.micro_batch} x seq_len {plan.seq_len}, activation checkpointing {ckpt}, loss {s.loss}"
     )
 
@@ -86,7 +87,8 @@ def refusal(planner: Planner, plan: MemoryPlan) -> str:
         lines += [f"  {overrides}  ->  {_gib(p.total)} per GPU, {_gib(p.host.per_node)} host per node" for overrides, p in found]
     else:
         lines.append(
-            f"No change of ZeRO stage, checkpointing, micro batch, offload, loss or (on Slurm) up to {2**MAX_NODE_DOUBLINGS}x the nodes fits."
+            f"No change of ZeRO stage, checkpointing, micro batch, offload, loss, parallel.sequence or (on Slurm) up to "
+            f"{2**MAX_NODE_DOUBLINGS}x the nodes fits."
         )
     lines.append("Or launcher.force=true to launch anyway (zeroforge plan prints the whole plan)")
     return "\n".join(lines)
@@ -160,6 +162,16 @@ def _verdict(fits: Optional[bool], memory: Optional[float], unknown: str, per: s
     return f"{'fits in' if fits else 'DOES NOT FIT in'} {_gib(memory)}{per}"
 
 
+def _longest_line(planner: Planner) -> list[str]:
+    if planner.cluster.gpu_memory_gb is None:
+        return []
+    longest = planner.longest_seq_len()
+    most = planner.model.max_position_embeddings
+    if longest is None:
+        return [f"longest data.seq_len: none up to model.max_position_embeddings={most:,} fits this setup"]
+    return [f"longest data.seq_len that fits this setup: {longest:,} (model.max_position_embeddings={most:,})"]
+
+
 def format_plan(planner: Planner, plan: MemoryPlan) -> str:
     m = plan.model
     verdict = _verdict(plan.gpu_fits, plan.gpu_memory, "GPU memory unknown (set cluster.gpu_memory_gb): not checked")
@@ -182,6 +194,7 @@ def format_plan(planner: Planner, plan: MemoryPlan) -> str:
         f"| total | {_gib(plan.total)} |",
         "",
         f"verdict: {verdict}",
+        *_longest_line(planner),
         "",
         *_host_table(plan),
         "",

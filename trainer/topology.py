@@ -36,6 +36,12 @@ class Topology:
         (expert parallelism splits the data-parallel ranks' experts, not their data)."""
         return self.world_size // (self.sequence * self.tensor)
 
+    @property
+    def zero_shards(self) -> int:
+        """Ranks ZeRO partitions the model states over: the data- and sequence-parallel ranks
+        together (DeepSpeed's sequence-data-parallel group)."""
+        return self.world_size // self.tensor
+
     def dp_rank(self, rank: int) -> int:
         """Which data-parallel rank (which samples) global `rank` is: the ranks of one
         sequence-parallel group are consecutive (as DeepSpeed's groups are) and share samples."""

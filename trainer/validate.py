@@ -204,12 +204,14 @@ def _check_parallel(p: ParallelConfig, world_size: int, problems: list[str]) -> 
     )
 
 
-def _check_sequence_parallel(sp: int, m: ModelConfig, seq_len: int, ds: DeepSpeedConfig, problems: list[str]) -> None:
+def sequence_parallel_problems(sp: int, m: ModelConfig, seq_len: int, ds: DeepSpeedConfig) -> list[str]:
     """Ulysses splits every sequence into `sp` slices and, around attention, the heads into `sp`
     groups (key/value heads may be repeated up to `sp`); it runs the model's own attention kernel
-    without the 4D mask eager attention needs."""
+    without the 4D mask eager attention needs. What stops `sp` from splitting this model's
+    sequences (none at 1); the planner asks it of the degrees it may offer as a fix."""
+    problems: list[str] = []
     if sp == 1:
-        return
+        return problems
     _check(seq_len % sp == 0, f"data.seq_len={seq_len} must be divisible by parallel.sequence={sp}", problems)
     _check(m.num_heads % sp == 0, f"model.num_heads={m.num_heads} must be divisible by parallel.sequence={sp}", problems)
     _check(
@@ -230,6 +232,7 @@ def _check_sequence_parallel(sp: int, m: ModelConfig, seq_len: int, ds: DeepSpee
         "differently; trainer/sequence_parallel.py)",
         problems,
     )
+    return problems
 
 
 def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> Topology:
@@ -307,7 +310,7 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
             problems,
         )
     if fine("model.num_heads", "model.num_kv_heads", "data.seq_len", "model.attn_implementation"):
-        _check_sequence_parallel(topology.sequence, m, cfg.data.seq_len, ds, problems)
+        problems += sequence_parallel_problems(topology.sequence, m, cfg.data.seq_len, ds)
     if fine("model.num_kv_heads"):
         _check(
             m.num_heads % m.num_kv_heads == 0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from tests.conftest import REPO, engine_for, run_module
 from zeroforge.launcher.estimate import Planner
 from zeroforge.launcher.memory import GIB, activation_bytes
 from zeroforge.launcher.model_shape import model_shape
-from zeroforge.launcher.plan import check_fits
+from zeroforge.launcher.plan import check_fits, format_plan
 from zeroforge.trainer.config import ConfigError, compose_config
 from zeroforge.trainer.engine import causal_lm_loss
 from zeroforge.trainer.loss import install_loss
@@ -423,3 +424,43 @@ def test_the_async_save_copy_is_counted() -> None:
     assert asynchronous.host.save == pytest.approx(12 * n / ranks) == asynchronous.host.resume  # fp32 master, Adam m and v
     assert sync.host.save == pytest.approx(4 * min(n / ranks, 1e9))  # one fp32 sub-group staged by torch.save
     assert asynchronous.host.phases()["save"] > sync.host.phases()["save"]
+
+
+LONG_CONTEXT = [
+    *H100,
+    "model=llama-8b",
+    "deepspeed=zero3",
+    "model.activation_checkpointing=true",
+    "data.seq_len=131072",
+    "model.max_position_embeddings=131072",
+    "train.global_batch_size=8",
+]
+
+
+def test_sequence_parallelism_divides_activations_and_is_offered_for_long_context() -> None:
+    cfg = compose_config(LONG_CONTEXT)
+    planner = Planner.of(cfg, job_topology(cfg))
+    whole = planner.estimate()
+    assert whole.gpu_fits is False
+    split = planner.plan(replace(whole.setup, sequence=8))
+    # The same ZeRO shards (all 8 ranks), an eighth of the tokens' activations per rank.
+    assert split.states.total == whole.states.total
+    assert split.activations < whole.activations / 6 and split.gpu_fits
+    assert planner.longest_seq_len() == 65536
+    with pytest.raises(ConfigError) as refused:
+        check_fits(planner)
+    fixes = re.findall(r"^  (\S.*?)  ->  ", str(refused.value), flags=re.M)
+    assert fixes[0] == "parallel.sequence=2"
+    for fix in fixes:  # each suggestion, applied as the user would, validates and fits
+        _, plan = _plan([*LONG_CONTEXT, *fix.split()])
+        assert plan.fits, fix
+    eight = compose_config([*LONG_CONTEXT, "parallel.sequence=8"])
+    planner = Planner.of(eight, job_topology(eight))
+    text = format_plan(planner, planner.estimate())
+    assert "8 GPUs, sequence parallel 8," in text and "longest data.seq_len that fits this setup: 131,072" in text
+
+
+def test_a_head_count_the_degree_does_not_divide_is_never_offered() -> None:
+    # 6 heads: parallel.sequence=4 or 8 cannot split them, so no fix offers it.
+    cfg = compose_config([*LONG_CONTEXT, "model.num_heads=6", "model.num_kv_heads=6", "model.hidden_size=3072"])
+    assert Planner.of(cfg, job_topology(cfg)).sequence_splits(1) == [1, 2]
