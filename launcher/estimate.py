@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from zeroforge.data.config import plain
+from zeroforge.data.config import DataConfig, plain
 from zeroforge.launcher.memory import (
     CUDA_CONTEXT_GIB,
     DS_SUB_GROUP_SIZE,
@@ -120,6 +120,7 @@ class Planner:
     (counted once) and the configured Setup; a fix plans another Setup with the same planner."""
 
     model: ModelConfig
+    data: DataConfig
     train: TrainConfig
     deepspeed: DeepSpeedConfig
     cluster: ClusterConfig
@@ -146,6 +147,7 @@ class Planner:
         )
         return cls(
             model=model,
+            data=config.data,
             train=train,
             deepspeed=ds,
             cluster=config.cluster,
@@ -167,7 +169,7 @@ class Planner:
 
         ranks = self.cluster.nproc_per_node * nodes
         degrees = (1 << k for k in range(ranks.bit_length()) if 1 << k <= ranks)
-        return [sp for sp in degrees if not sequence_parallel_problems(sp, self.model, self.topology.seq_len, self.deepspeed)]
+        return [sp for sp in degrees if not sequence_parallel_problems(sp, self.model, self.data, self.deepspeed)]
 
     def peak_tflops(self) -> Optional[float]:
         """cluster.peak_tflops, or for a job on GPUs the GPU of this machine where it has one (a

@@ -6,8 +6,9 @@ UlyssesSPAttentionHF swaps slices for heads with an all-to-all, so that each ran
 the whole sequence with its share of the heads, in the model's own attention kernel.
 
 What zeroforge adds around it is the slicing (inputs, targets and positions, the positions those
-of the whole sequence, restarted per document where data.reset_position_ids says so) and the
-loss: each rank's share is the loss of its slice's tokens over the token count of the whole
+of the whole sequence, restarted per document where data.reset_position_ids says so), sdpa's
+mask of packed documents over the whole sequence (flash attention finds the documents in the
+positions itself), and the loss: each rank's share is the loss of its slice's tokens over the token count of the whole
 group, so the shares sum to the unsplit mean, and DeepSpeed's gradient reduction (a sum over all
 ranks divided by the data-parallel size) gives the unsplit gradient. DeepSpeed 0.19.8's ZeRO-3
 reduce-scatter (its default) divides by all ranks instead, data- and sequence-parallel together
@@ -19,7 +20,7 @@ ZeRO-3 fails if DeepSpeed changes that.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,26 @@ class SequenceSlices:
         return value
 
 
+def _documents_masked(core: Callable[..., Any]) -> Callable[..., Any]:
+    """sdpa as transformers runs it on packed documents without sequence parallelism: where the
+    positions restart (data.reset_position_ids) it builds a mask that keeps each document to
+    itself. Ulysses drops that mask (it was made for one slice) and passes the whole sequence's
+    positions instead, so the mask is made here again, for the whole sequence."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any):
+        position_ids = kwargs.get("position_ids")
+        if attention_mask is None and position_ids is not None:
+            documents = find_packed_sequence_indices(position_ids)
+            if documents is not None:
+                index = torch.arange(documents.shape[1], device=documents.device)
+                causal = index[:, None] >= index[None, :]
+                attention_mask = ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+        return core(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
 def sequence_parallel(model: PreTrainedModel, topology: Topology, stage: int) -> Optional[SequenceSlices]:
     """Route the model's attention through Ulysses for parallel.sequence > 1 (None at 1), on a
     joined process group. Evaluation and generation (the model in eval mode) bypass it: every
@@ -70,7 +91,11 @@ def sequence_parallel(model: PreTrainedModel, topology: Topology, stage: int) ->
     if topology.sequence == 1:
         return None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if model.config._attn_implementation == "sdpa":
+        # Ulysses takes the kernel registered under the model's implementation as its core.
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = _documents_masked(ALL_ATTENTION_FUNCTIONS["sdpa"])
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model,
         core_attn_implementation=model.config._attn_implementation,

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional, cast
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from zeroforge.data.config import DataConfig
 from zeroforge.data.errors import DataError
 from zeroforge.data.partitions import check_partition_split
 from zeroforge.trainer.config import Config, ConfigError, DeepSpeedConfig, Loss, ModelConfig, ParallelConfig, TrainConfig
@@ -204,7 +205,7 @@ def _check_parallel(p: ParallelConfig, world_size: int, problems: list[str]) -> 
     )
 
 
-def sequence_parallel_problems(sp: int, m: ModelConfig, seq_len: int, ds: DeepSpeedConfig) -> list[str]:
+def sequence_parallel_problems(sp: int, m: ModelConfig, data: DataConfig, ds: DeepSpeedConfig) -> list[str]:
     """Ulysses splits every sequence into `sp` slices and, around attention, the heads into `sp`
     groups (key/value heads may be repeated up to `sp`); it runs the model's own attention kernel
     without the 4D mask eager attention needs. What stops `sp` from splitting this model's
@@ -212,7 +213,7 @@ def sequence_parallel_problems(sp: int, m: ModelConfig, seq_len: int, ds: DeepSp
     problems: list[str] = []
     if sp == 1:
         return problems
-    _check(seq_len % sp == 0, f"data.seq_len={seq_len} must be divisible by parallel.sequence={sp}", problems)
+    _check(data.seq_len % sp == 0, f"data.seq_len={data.seq_len} must be divisible by parallel.sequence={sp}", problems)
     _check(m.num_heads % sp == 0, f"model.num_heads={m.num_heads} must be divisible by parallel.sequence={sp}", problems)
     _check(
         m.num_kv_heads % sp == 0 or sp % m.num_kv_heads == 0,
@@ -223,6 +224,12 @@ def sequence_parallel_problems(sp: int, m: ModelConfig, seq_len: int, ds: DeepSp
         m.attn_implementation in SEQUENCE_PARALLEL_ATTENTION,
         f"parallel.sequence={sp} needs model.attn_implementation in {sorted(SEQUENCE_PARALLEL_ATTENTION)}, "
         f"found {m.attn_implementation!r} (Ulysses drops the 4D mask eager attention needs)",
+        problems,
+    )
+    _check(
+        not (data.reset_position_ids and m.attn_implementation == "flex_attention"),
+        f"parallel.sequence={sp} with model.attn_implementation=flex_attention attends across packed documents "
+        "(Ulysses rebuilds a causal-only block mask); with data.reset_position_ids=true use sdpa or flash_attention_2",
         problems,
     )
     _check(
@@ -309,8 +316,8 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
             f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}",
             problems,
         )
-    if fine("model.num_heads", "model.num_kv_heads", "data.seq_len", "model.attn_implementation"):
-        problems += sequence_parallel_problems(topology.sequence, m, cfg.data.seq_len, ds)
+    if fine("model.num_heads", "model.num_kv_heads", "data.seq_len", "model.attn_implementation", "data.reset_position_ids"):
+        problems += sequence_parallel_problems(topology.sequence, m, cfg.data, ds)
     if fine("model.num_kv_heads"):
         _check(
             m.num_heads % m.num_kv_heads == 0,

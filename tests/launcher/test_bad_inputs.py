@@ -17,6 +17,8 @@ import pytest
 
 from zeroforge.launcher.cli import main as zeroforge
 
+# Two local ranks splitting every sequence.
+SEQUENCE_2 = ["cluster.nproc_per_node=2", "parallel.sequence=2"]
 # (command, overrides, texts the refusal must contain: the key, the expectation, what was found)
 CONFIG_MISTAKES = [
     # model
@@ -53,6 +55,19 @@ CONFIG_MISTAKES = [
     ("launch", ["optim.min_lr_ratio=2"], ["optim.min_lr_ratio must be at least 0 and at most 1, found 2.0"]),
     ("launch", ["optim.schedule=linearr"], ["optim.schedule", "linearr", "cosine"]),
     ("launch", ["optim.warmup_steps=-5"], ["optim.warmup_steps must be at least 0, found -5"]),
+    # parallel
+    (
+        "launch",
+        ["parallel.sequence=2"],
+        ["parallel.sequence (2) x parallel.tensor (1) x parallel.expert (1) = 2 must divide the world size 1"],
+    ),
+    ("launch", [*SEQUENCE_2, "data.seq_len=127"], ["data.seq_len=127 must be divisible by parallel.sequence=2"]),
+    ("launch", [*SEQUENCE_2, "model.num_heads=1", "model.num_kv_heads=1"], ["model.num_heads=1 must be divisible by parallel.sequence=2"]),
+    (
+        "launch",
+        [*SEQUENCE_2, "model.attn_implementation=eager"],
+        ["parallel.sequence=2 needs model.attn_implementation in", "found 'eager'"],
+    ),
     # deepspeed
     ("launch", ["deepspeed=zero5"], ["deepspeed/zero5", "zero3"]),
     ("launch", ["deepspeed.stage=5"], ["deepspeed.stage must be one of [0, 1, 2, 3], found 5"]),

@@ -45,6 +45,7 @@ def test_sequence_parallel_groups_are_consecutive_ranks_that_share_their_samples
         ),
         (["model.attn_implementation=eager"], r"needs model.attn_implementation in \['flash_attention_2', .*found 'eager'"),
         (["deepspeed=zero3", "+deepspeed.zero_extra.reduce_scatter=false"], r"under ZeRO-3 needs DeepSpeed's reduce-scatter"),
+        (["model.attn_implementation=flex_attention", "data.reset_position_ids=true"], r"flex_attention attends across packed documents"),
     ],
 )
 def test_what_ulysses_cannot_split_is_refused_with_the_numbers(overrides: list[str], expected: str) -> None:
