@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 
 from zeroforge.trainer.config import CONF_DIR, ConfigError, compose_config
 from zeroforge.trainer.deepspeed_config import deepspeed_config
-from zeroforge.trainer.validate import validate
+from zeroforge.trainer.validate import job_topology, validate
 
 GROUPS = ["model", "data", "optim", "deepspeed", "cluster", "logging", "experiment"]
 
@@ -21,7 +21,8 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
     cfg = compose_config([f"{group}={option}"])
-    plan = validate(cfg, world_size=1, cuda=False)
+    # An experiment names the cluster it is for: it is validated for that job.
+    plan = job_topology(cfg) if group == "experiment" else validate(cfg, world_size=1, cuda=False)
     assert plan.grad_accum * cfg.train.micro_batch_size == cfg.train.global_batch_size
     if group == "experiment":
         assert cfg.run.name == option
