@@ -202,6 +202,7 @@ class Planner:
                 chunk_tokens=self.train.loss_chunk_tokens,
                 liger_kernels=self.model.liger_kernels,
                 sequence=setup.sequence,
+                tiled_mlp=self.model.tiled_mlp,
             )
             for checkpointing in (setup.activation_checkpointing, not setup.activation_checkpointing)
         )

@@ -192,6 +192,7 @@ def activation_bytes(
     chunk_tokens: int = 1024,
     liger_kernels: bool = False,
     sequence: int = 1,
+    tiled_mlp: bool = False,
 ) -> Activations:
     """What a Llama-shaped decoder (RMSNorm, gated MLP, fused attention) keeps for its backward.
 
@@ -202,6 +203,9 @@ def activation_bytes(
     Liger's kernels (liger_kernels) keep each norm's input in the model's dtype instead of fp32,
     and SwiGLU keeps gate and up only (from Liger's saved tensors; not measurable on the CPU).
     Other model types get the same figure as an approximation.
+
+    The tiled MLP (model.tiled_mlp) keeps only its input (the norm's output, counted there) and
+    holds its intermediates for one slice of about hidden-size tokens a row at a time.
 
     Sequence parallelism (`sequence` ranks, Ulysses) leaves each rank seq_len / sequence tokens
     of every window, attention included (the whole sequence for its share of the heads is the
@@ -216,12 +220,15 @@ def activation_bytes(
     """
     h, i, vocab = shape.hidden, shape.intermediate, shape.vocab_size
     norm = 2 * e * h if liger_kernels else 4 * h + 2 * e * h
-    per_layer = 2 * norm + 2 * e * h + 2 * e * shape.kv_hidden + (3 if liger_kernels else 4) * e * i
+    mlp = (3 if liger_kernels else 4) * e * i
+    per_layer = 2 * norm + 2 * e * h + 2 * e * shape.kv_hidden + (0 if tiled_mlp else mlp)
     if eager:
         # fp32 probabilities for the softmax backward, and in bf16 their cast copy for the matmul.
         per_layer += (4 + (e if e < 4 else 0)) * shape.heads * seq_len
     tokens = micro_batch * seq_len // sequence
     all_to_all = 2 * tokens * e * (2 * h + 2 * shape.kv_hidden) if sequence > 1 else 0
+    # One slice's intermediates, while the tiled MLP runs it (forward, or backward's recompute).
+    tile = min(micro_batch * h, tokens) * mlp if tiled_mlp else 0
     # The final norm as in every layer; the loss's share per token and once per model.
     head, fixed = norm + (4 * vocab if loss == "plain" else 0), (0 if loss == "plain" else e * vocab * h)
     if loss == "plain":
@@ -237,7 +244,7 @@ def activation_bytes(
     else:
         saved = tokens * (shape.layers * per_layer + head) + fixed
         recomputed = 0
-    return Activations(saved=saved, peak=saved + recomputed + max(loss_peak, all_to_all))
+    return Activations(saved=saved, peak=saved + recomputed + max(loss_peak, all_to_all, tile))
 
 
 def buffer_bytes(zero_extra: dict, setup: Setup, params: int, dp: int, e: int) -> float:

@@ -81,6 +81,9 @@ class ModelConfig:
     # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (pip install liger-kernel; CUDA only),
     # patched into this model instance; off by default, since they are not bit-exact.
     liger_kernels: bool = False
+    # Long sequences: each decoder layer's MLP a slice of the sequence at a time (DeepSpeed's
+    # TiledMLP; trainer/tiled_mlp.py), at the cost of its forward again in the backward.
+    tiled_mlp: bool = False
     # Passed verbatim to AutoConfig.for_model, for fields the common ones above don't cover.
     extra: dict[str, Any] = field(default_factory=dict)
     # Continued pre-training: an HF causal LM (export directory or hub name) whose weights start

@@ -19,6 +19,7 @@ from zeroforge.trainer.loss import install_loss, installed_loss, resolve_loss
 from zeroforge.trainer.partitioned import full_shape, zero3_startup
 from zeroforge.trainer.schedule import lr_factor
 from zeroforge.trainer.sequence_parallel import SequenceSlices
+from zeroforge.trainer.tiled_mlp import tile_mlps
 from zeroforge.trainer.topology import Topology
 
 if TYPE_CHECKING:
@@ -105,6 +106,8 @@ def build_engine(
 
     if model_config.liger_kernels:
         apply_liger_kernels(model)
+    if model_config.tiled_mlp:
+        log.info("model.tiled_mlp: %d MLPs computed a slice of the sequence at a time", tile_mlps(model))
     loss = resolve_loss(train.loss, model_config.model_type)
     install_loss(model, loss, train.loss_chunk_tokens)
     if model_config.activation_checkpointing:

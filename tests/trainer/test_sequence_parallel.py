@@ -97,36 +97,44 @@ def test_each_rank_computes_half_of_every_sequence_and_the_group_gets_the_unspli
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
 
 
-PACKED = ["data.reset_position_ids=true", "data.mask_cross_document_loss=true", "train.steps=10"]
+PACKED = ["data.reset_position_ids=true", "data.mask_cross_document_loss=true"]
+
+
+@pytest.fixture(scope="module")
+def packed_reference(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process on packed documents (positions restarting per document, no loss across them)."""
+    run_dir = tmp_path_factory.mktemp("packed") / "run"
+    result = run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 0), *PACKED], cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
 
 
 @pytest.mark.slow
 def test_sequence_parallel_training_on_packed_documents_matches_one_process(
-    data_cache: Path, tmp_path: Path, two_rank_run: Callable[..., tuple[Path, str]]
+    packed_reference: Path, two_rank_run: Callable[..., tuple[Path, str]]
 ) -> None:
-    """ZeRO-2, the chunked loss, positions restarting per document and no loss across documents:
-    2 ranks that split every sequence give one process's losses."""
+    """ZeRO-2 and the chunked loss: 2 ranks that split every sequence give one process's losses."""
     run_dir, stdout = two_rank_run(2, "parallel.sequence=2", *PACKED)
     assert "world size 2 (sequence parallel 2)" in stdout and "dp 1 " in stdout and "loss chunked" in stdout
-    reference = tmp_path / "run"
-    alone = run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, reference, 2), *PACKED], cwd=REPO)
-    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
-    expected, found = train_losses(reference), train_losses(run_dir)
-    assert len(found) == len(expected) == 10
+    expected, found = train_losses(packed_reference), train_losses(run_dir)
+    assert len(found) == len(expected) == 20
     torch.testing.assert_close(torch.tensor(found), torch.tensor(expected), rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow
 def test_a_zero3_sequence_parallel_run_resumes_without_it_on_another_world_size(
-    single_process_run: Path, data_cache: Path, tmp_path: Path
+    packed_reference: Path, data_cache: Path, tmp_path: Path
 ) -> None:
-    """10 steps on 2 ranks splitting every sequence (ZeRO-3, where DeepSpeed's reduce-scatter
-    needs the backward scale), then the rest on one process through the universal checkpoint:
-    every loss is one process's."""
+    """10 steps of packed documents on 2 ranks splitting every sequence (ZeRO-3, where DeepSpeed's
+    reduce-scatter needs the backward scale), then the rest on one process through the universal
+    checkpoint: every loss is one process's."""
     run_dir = tmp_path / "run"
-    args = exact_overrides(data_cache, run_dir, 3)
+    args = [*exact_overrides(data_cache, run_dir, 3), *PACKED]
     first = run_module(
-        "zeroforge.trainer.train", [*args, "parallel.sequence=2", "train.steps=10", "checkpoint.every=10"], cwd=REPO, launcher=TORCHRUN
+        "zeroforge.trainer.train",
+        [*args, "parallel.sequence=2", "train.steps=10", "checkpoint.every=10"],
+        cwd=REPO,
+        launcher=TORCHRUN,
     )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "(sequence parallel 2)" in first.stdout
@@ -134,6 +142,6 @@ def test_a_zero3_sequence_parallel_run_resumes_without_it_on_another_world_size(
     assert then.returncode == 0, then.stdout[-3000:] + then.stderr[-3000:]
     assert "through DeepSpeed's universal checkpoint" in then.stdout + then.stderr and "(step 10)" in then.stdout + then.stderr
 
-    expected, found = train_losses(single_process_run), train_losses(run_dir)
+    expected, found = train_losses(packed_reference), train_losses(run_dir)
     assert len(found) == len(expected) == 20
     torch.testing.assert_close(torch.tensor(found), torch.tensor(expected), rtol=1e-5, atol=0)
