@@ -107,7 +107,7 @@ def sequence_parallel(model: PreTrainedModel, topology: Topology, stage: int) ->
     )
     return SequenceSlices(
         group=mpu.get_sequence_parallel_group(),
-        rank=mpu.get_sequence_parallel_rank(),
+        rank=topology.sequence_rank(dist.get_rank()),  # the layout DeepSpeed groups by, derived once
         size=topology.sequence,
         mpu=mpu,
         backward_scale=float(topology.sequence) if stage == 3 else 1.0,
