@@ -18,7 +18,7 @@ from zeroforge.data.errors import DataError
 from zeroforge.data.loader import BatchLoader, validation_batches
 from zeroforge.data.mixture import open_split
 from zeroforge.data.prepare import prepare, prepared_dir
-from zeroforge.data.shards import load_manifest
+from zeroforge.data.shards import is_prepared, load_manifest
 from zeroforge.data.stream import StreamData
 from zeroforge.data.tokenizer import load_tokenizer
 
@@ -32,7 +32,9 @@ class PreparedData:
         self.cfg = cfg
         self.prepared: Path = prepare(cfg)
         self.tokenizer = load_tokenizer(self.prepared / "tokenizer")
+        # Both splits opened now, so that a missing or truncated shard of either stops the start.
         self.train = open_split(self.prepared, "train")  # one source, or a weighted mixture
+        self.validation = open_split(self.prepared, "validation")
         self.manifest = self.train.manifest
 
     def loader(self, seed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int, pin_memory: bool = False) -> BatchLoader:
@@ -49,7 +51,7 @@ class PreparedData:
         )
 
     def validation_batches(self, batch_size: int, num_batches: int) -> list[torch.Tensor]:
-        return validation_batches(open_split(self.prepared, "validation"), self.cfg.seq_len, batch_size, num_batches)
+        return validation_batches(self.validation, self.cfg.seq_len, batch_size, num_batches)
 
 
 def open_data(cfg: DataConfig) -> Union[PreparedData, StreamData]:
@@ -63,11 +65,12 @@ def open_data(cfg: DataConfig) -> Union[PreparedData, StreamData]:
 
 def prepared_manifest(cfg: DataConfig) -> Optional[dict[str, Any]]:
     """The manifest of data already prepared (as a resumed run's is), read without preparing;
-    None for data not prepared yet, or streamed."""
+    None for data not prepared yet, or streamed; a DataError for a damaged preparation, found
+    before a job is queued."""
     if cfg.mode != "prepared":
         return None
     directory = prepared_dir(cfg)
-    return load_manifest(directory) if (directory / "manifest.json").exists() else None
+    return load_manifest(directory) if is_prepared(directory) else None
 
 
 def resume_problems(saved: dict[str, Any], manifest: dict[str, Any], cfg: DataConfig, seed: int) -> list[str]:

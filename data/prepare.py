@@ -23,7 +23,7 @@ from zeroforge.data.config import DataConfig, MixtureSourceConfig
 from zeroforge.data.corpus import describe_source, is_validation, iter_documents, source_fingerprint
 from zeroforge.data.encode import DocumentEncoder, default_workers, encode_batches, uses_bos
 from zeroforge.data.errors import DataError
-from zeroforge.data.shards import load_manifest
+from zeroforge.data.shards import is_prepared, load_manifest
 from zeroforge.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
 
 log = logging.getLogger(__name__)
@@ -146,26 +146,29 @@ def prepare(cfg: DataConfig) -> Path:
 
     The work happens in <dir>.partial, which an interrupted prepare leaves behind and the next
     call continues from its last complete shard; the directory gets its final name when done.
+    A directory of the final name without its manifest is refused (is_prepared).
     """
     if cfg.mixture:
         return _prepare_mixture(cfg)
     out = prepared_dir(cfg)
-    if (out / "manifest.json").exists():
+    if is_prepared(out):
         _check_tokenizer_unchanged(cfg, out)
         return out
     partial, lock = out.with_name(f"{out.name}.partial"), out.with_name(f"{out.name}.lock")
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(lock):
-        if (out / "manifest.json").exists():  # another process finished while this one waited
+        if is_prepared(out):  # another process finished while this one waited
             return out
-        partial.mkdir(exist_ok=True)
-        try:
-            _build(cfg, partial)
-        except DataError:
-            # Bad input: the fix changes the fingerprint, so nothing here would be reused.
-            shutil.rmtree(partial, ignore_errors=True)
-            lock.unlink(missing_ok=True)
-            raise
+        # A partial with its manifest is finished: the last attempt stopped before the rename.
+        if not (partial / "manifest.json").exists():
+            partial.mkdir(exist_ok=True)
+            try:
+                _build(cfg, partial)
+            except DataError:
+                # Bad input: the fix changes the fingerprint, so nothing here would be reused.
+                shutil.rmtree(partial, ignore_errors=True)
+                lock.unlink(missing_ok=True)
+                raise
         partial.rename(out)
     return out
 
@@ -182,7 +185,7 @@ def _prepare_mixture(cfg: DataConfig) -> Path:
     if len(set(names)) != len(names):
         raise DataError(f"data.mixture source names must differ; found {names}.")
     out = prepared_dir(cfg)
-    if (out / "manifest.json").exists():
+    if is_prepared(out):
         return out
     parts = [(p, prepare(component_config(cfg, p))) for p in cfg.mixture]
     first = load_manifest(parts[0][1])
@@ -332,4 +335,5 @@ def _build(cfg: DataConfig, build: Path) -> None:
         "splits": splits,
     }
     progress_file.unlink(missing_ok=True)
-    (build / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    # Last, and whole or not at all: a manifest in the build marks every shard complete.
+    _write_json(build / "manifest.json", manifest)

@@ -10,11 +10,32 @@ import numpy as np
 from zeroforge.data.errors import DataError
 
 
+def is_prepared(prepared: Path) -> bool:
+    """Whether `prepared` holds a finished preparation (False: nothing is there yet).
+
+    A prepare writes manifest.json last, then gives its directory the final name in one rename, so
+    a non-empty directory of that name without a manifest was damaged or changed from outside (a
+    deleted manifest, an unfinished copy). It is refused rather than prepared over, which would mix
+    new shards with its files or move away files a user may need.
+    """
+    prepared = Path(prepared)
+    if (prepared / "manifest.json").exists():
+        return True
+    if not prepared.exists() or (prepared.is_dir() and not any(prepared.iterdir())):
+        return False
+    entries = sorted(p.name for p in prepared.iterdir()) if prepared.is_dir() else []
+    found = f"{len(entries)} entries ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''})" if entries else "a file"
+    raise DataError(
+        f"{prepared} has no manifest.json, which a finished zeroforge prepare writes last; found {found}: "
+        "a damaged preparation or an unfinished copy, which is neither used nor prepared over. Finish the "
+        f"copy, or move it aside (mv {prepared} {prepared}.damaged) to prepare the data again."
+    )
+
+
 def load_manifest(prepared: Path) -> dict:
-    path = Path(prepared) / "manifest.json"
-    if not path.exists():
+    if not is_prepared(prepared):
         raise DataError(f"no manifest.json in {prepared}; expected a directory made by zeroforge prepare.")
-    return json.loads(path.read_text())
+    return json.loads((Path(prepared) / "manifest.json").read_text())
 
 
 class TokenStore:
@@ -32,7 +53,8 @@ class TokenStore:
             if found != expected:
                 raise DataError(
                     f"shard {path}: expected {expected} bytes ({shard['tokens']} tokens) as the "
-                    f"manifest says, found {found if found is not None else 'no file'}."
+                    f"manifest says, found {found if found is not None else 'no file'}: {prepared} is damaged; "
+                    "move it aside to prepare the data again."
                 )
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_module
+from zeroforge.data.build import open_data, prepared_manifest
 from zeroforge.data.corpus import embedded_files, is_validation
 from zeroforge.data.errors import DataError
 from zeroforge.data.prepare import prepare, prepared_dir
@@ -171,11 +173,16 @@ def test_unknown_tokenizer_is_named(tmp_path: Path) -> None:
 
 def _docs_cfg(tmp_path: Path, data_cache: Path, cache: str, *overrides: str):
     """300 jsonl documents of varied length, shards of about 400 tokens, the embedded tokenizer."""
+    return _data_cfg(*_docs_overrides(tmp_path, data_cache, cache, *overrides))
+
+
+def _docs_overrides(tmp_path: Path, data_cache: Path, cache: str, *overrides: str) -> list[str]:
+    """_docs_cfg's overrides, as a command line gives them."""
     if not (tmp_path / "docs.jsonl").exists():
         rows = [{"text": f"doc {i}: " + " ".join(f"word{j * i % 97}" for j in range(i % 40 + 1))} for i in range(300)]
         _write_jsonl(tmp_path / "docs.jsonl", rows)
     tokenizer_dir = prepare(_data_cfg(f"data.cache_dir={data_cache}")) / "tokenizer"
-    return _data_cfg(
+    return [
         "data.name=docs",
         "data.source=json",
         f"data.data_files=[{tmp_path}/docs.jsonl]",
@@ -184,7 +191,7 @@ def _docs_cfg(tmp_path: Path, data_cache: Path, cache: str, *overrides: str):
         "data.shard_tokens=400",
         "data.validation_fraction=0.2",
         *overrides,
-    )
+    ]
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -271,6 +278,66 @@ def test_interrupted_prepare_resumes_after_its_last_complete_shard(
     assert sum(encoded) == sum(1 for i in range(300) if i >= recorded[split_of[i]]["resume_at"]) < 250
     assert _files(resumed) == _files(reference)
     assert not partial.exists()
+
+
+def test_a_prepared_directory_without_its_manifest_is_refused_until_moved_aside(tmp_path: Path, data_cache: Path) -> None:
+    """The reported case: manifest.json deleted from a prepared directory, then `zeroforge prepare`
+    again. It used to build a second copy and die renaming it onto the first (OSError, Errno 39)."""
+    overrides = _docs_overrides(tmp_path, data_cache, "c", "data.prepare_workers=1")
+    cfg = _data_cfg(*overrides)
+    out = prepare(cfg)
+    reference = _files(out)
+    (out / "manifest.json").unlink()
+    damaged = _files(out)
+
+    result = run_module("zeroforge.launcher.prepare", overrides, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"zeroforge: data error: {out} has no manifest.json" in result.stderr, result.stderr
+    assert f"mv {out} {out}.damaged" in result.stderr
+    # Refused before any work: nothing written into it, and no second copy begun beside it.
+    assert _files(out) == damaged and not out.with_name(out.name + ".partial").exists()
+    with pytest.raises(DataError, match="has no manifest.json"):
+        prepared_manifest(cfg)  # what a Slurm submission checks before queueing
+
+    aside = out.rename(out.with_name(out.name + ".damaged"))  # as the message says
+    assert prepare(cfg) == out and _files(out) == reference
+    assert _files(aside) == damaged
+
+
+def test_a_finished_build_stopped_before_its_rename_is_committed_as_it_is(
+    tmp_path: Path, data_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zeroforge.data.prepare
+
+    cfg = _docs_cfg(tmp_path, data_cache, "c", "data.prepare_workers=1")
+    out = prepare(cfg)
+    reference = _files(out)
+    out.rename(out.with_name(out.name + ".partial"))  # manifest written, then killed
+
+    def build_again(cfg, build):
+        raise AssertionError(f"{build} holds a finished build and was prepared again")
+
+    monkeypatch.setattr(zeroforge.data.prepare, "_build", build_again)
+    assert prepare(cfg) == out and _files(out) == reference
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_a_missing_shard_stops_prepare_and_the_start_of_training(tmp_path: Path, data_cache: Path) -> None:
+    overrides = _docs_overrides(tmp_path, data_cache, "c", "data.prepare_workers=1")
+    cfg = _data_cfg(*overrides)
+    out = prepare(cfg)
+    shard = out / load_manifest(out)["splits"]["validation"]["shards"][-1]["file"]
+    shard.unlink()
+    expected = (
+        re.escape(f"shard {shard}: expected ")
+        + r"\d+ bytes \(\d+ tokens\)"
+        + re.escape(f" as the manifest says, found no file: {out} is damaged")
+    )
+    with pytest.raises(DataError, match=expected):
+        open_data(cfg)  # what the launcher's pre-flight and the trainer open first, before the model
+    result = run_module("zeroforge.launcher.prepare", overrides, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search(expected, result.stderr), result.stderr
 
 
 def test_bos_and_eos_frame_each_document_where_the_tokenizer_uses_bos(data_cache: Path) -> None:
