@@ -22,9 +22,11 @@ from omegaconf import DictConfig
 
 from zeroforge.data.config import plain
 from zeroforge.launcher.preflight import preflight
+from zeroforge.launcher.slurm import SCRIPT
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.log import setup_logging
+from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
 from zeroforge.trainer.rundir import JOB_CONFIG, read_job_config, write_job_config
 from zeroforge.trainer.validate import job_topology
 
@@ -59,6 +61,9 @@ def job_environment(cfg: DictConfig, env: Mapping[str, str]) -> dict[str, str]:
         "ZF_JOB_CONFIG": JOB_CONFIG,
         "ZF_NPROC_PER_NODE": str(c.nproc_per_node),
         "ZF_RDZV_TIMEOUT": str(c.rendezvous_timeout_s),
+        # For the script's own way out where Slurm refuses to requeue the job.
+        "ZF_SCRIPT": str(SCRIPT),
+        "ZF_REQUEUE_EXIT_CODE": str(REQUEUE_EXIT_CODE),
         **{str(k): str(v) for k, v in c.env.items()},
     }
 

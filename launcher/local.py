@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import subprocess
 import sys
 from typing import Sequence
@@ -15,7 +16,7 @@ from zeroforge.launcher.preflight import preflight
 from zeroforge.trainer.config import ClusterConfig, ConfigError
 from zeroforge.trainer.entry import USER_ERROR_EXIT_CODE
 from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
-from zeroforge.trainer.rundir import write_job_config, write_run_dir
+from zeroforge.trainer.rundir import job_config_options, write_job_config, write_run_dir
 from zeroforge.trainer.topology import accelerator_is_cuda
 from zeroforge.trainer.validate import job_topology
 
@@ -41,6 +42,7 @@ def torchrun_command(cluster: ClusterConfig, job_config: Sequence[str]) -> list[
 
 
 def launch(cfg: DictConfig) -> int:
+    """Train on this machine (or, with launcher.dry_run=true, print the torchrun command after the checks)."""
     if cfg.cluster.nodes != 1:
         raise ConfigError(
             f"cluster={cfg.cluster.name} runs on this machine alone, but cluster.nodes={cfg.cluster.nodes}; "
@@ -57,7 +59,20 @@ def launch(cfg: DictConfig) -> int:
             )
     # The memory plan before the data is prepared: a job that cannot fit is refused in seconds.
     check_fits(Planner.of(cfg, topology))
-    preflight(topology, run=cfg.run, checkpoint=cfg.checkpoint, model=cfg.model, data=cfg.data, deepspeed=cfg.deepspeed, seed=cfg.seed)
+    dry_run = cfg.launcher.dry_run
+    preflight(
+        topology,
+        run=cfg.run,
+        checkpoint=cfg.checkpoint,
+        model=cfg.model,
+        data=cfg.data,
+        deepspeed=cfg.deepspeed,
+        seed=cfg.seed,
+        prepare=not dry_run,
+    )
+    if dry_run:
+        print(shlex.join(torchrun_command(cfg.cluster, job_config_options(cfg.run.dir))))
+        return 0
     run_dir = write_run_dir(cfg)
     cmd = torchrun_command(cfg.cluster, write_job_config(cfg))
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")

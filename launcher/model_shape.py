@@ -31,10 +31,14 @@ def model_shape(m: ModelConfig, data: DataConfig) -> ModelShape:
     """Count parameters on the meta device: any AutoConfig causal LM, no memory for weights."""
     from transformers import AutoModelForCausalLM
 
-    from zeroforge.trainer.model import flops_per_token, hf_config
+    from zeroforge.trainer.model import flops_per_token, hf_config, model_fields
 
     vocab = planned_vocab_size(m, data)
     config = hf_config(m, vocab)
+    # The shape the model has, read from its config: validate() refused every field that did not reach it.
+    has = model_fields(config)
+    hidden, heads = int(has["hidden_size"]), int(has["num_heads"])
+    head_dim = getattr(config, "head_dim", None) or hidden // heads  # some configs set it apart (gemma)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())  # a tied embedding is counted once
@@ -44,11 +48,11 @@ def model_shape(m: ModelConfig, data: DataConfig) -> ModelShape:
         params=params,
         largest_layer=largest,
         vocab_size=vocab,
-        hidden=m.hidden_size,
-        kv_hidden=m.hidden_size // m.num_heads * m.num_kv_heads,
-        intermediate=m.intermediate_size,
-        layers=m.num_layers,
-        heads=m.num_heads,
+        hidden=hidden,
+        kv_hidden=head_dim * int(has["num_kv_heads"]),
+        intermediate=int(has["intermediate_size"]),
+        layers=int(has["num_layers"]),
+        heads=heads,
         flops_per_token=flops_per_token(config, params, data.seq_len),
     )
 

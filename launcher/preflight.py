@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zeroforge.data.build import open_data
+from zeroforge.data.build import open_data, prepared_manifest
 from zeroforge.data.config import DataConfig
 from zeroforge.trainer.checkpoint import check_resumable, newest_checkpoint
 from zeroforge.trainer.config import CheckpointConfig, DeepSpeedConfig, ModelConfig, RunSection
@@ -20,12 +20,18 @@ def preflight(
     data: DataConfig,
     deepspeed: DeepSpeedConfig,
     seed: int,
+    prepare: bool = True,
 ) -> None:
     """For a validated config: check the run directory, prepare the data once (ranks never race
-    to build it), or, when streaming, check that its tokenizer loads; then check_continuation."""
+    to build it), or, when streaming, check that its tokenizer loads; then check_continuation.
+
+    prepare=False (a dry run, or a Slurm job, which prepares its data when it starts) writes
+    nothing, and checks the continuation where the data is already prepared (a resume's always
+    is), so that a mismatch is found now rather than after the wait in the queue."""
     check_run_dir(run, checkpoint)
-    manifest = open_data(data).manifest
-    check_continuation(manifest, topology, checkpoint=checkpoint, model=model, data=data, deepspeed=deepspeed, seed=seed)
+    manifest = open_data(data).manifest if prepare else prepared_manifest(data)
+    if manifest is not None:
+        check_continuation(manifest, topology, checkpoint=checkpoint, model=model, data=data, deepspeed=deepspeed, seed=seed)
 
 
 def check_continuation(

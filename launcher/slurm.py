@@ -11,17 +11,16 @@ import re
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from omegaconf import DictConfig
 
-from zeroforge.data.build import prepared_manifest
 from zeroforge.launcher.estimate import Planner
 from zeroforge.launcher.plan import check_fits
-from zeroforge.launcher.preflight import check_continuation
+from zeroforge.launcher.preflight import preflight
 from zeroforge.trainer.config import ClusterConfig, ConfigError, RunSection
-from zeroforge.trainer.rundir import check_run_dir, job_config_options, write_job_config, write_run_dir
-from zeroforge.trainer.validate import job_topology
+from zeroforge.trainer.rundir import job_config_options, write_job_config, write_run_dir
+from zeroforge.trainer.validate import job_topology, slurm_time_limit_s
 
 log = logging.getLogger("zeroforge")
 
@@ -45,25 +44,11 @@ def sbatch_command(c: ClusterConfig, run: RunSection, job_config: Sequence[str])
     return [*cmd, str(SCRIPT), *job_config]
 
 
-def time_limit_s(value: str) -> Optional[int]:
-    """Seconds in a Slurm --time value (minutes, minutes:seconds, hours:minutes:seconds,
-    days-hours[:minutes[:seconds]]); None for UNLIMITED or any form left for sbatch to judge."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
-    if match is None:
-        return None
-    days, first, second, third = match.groups()
-    parts = [int(first), int(second or 0), int(third or 0)]
-    if days is not None:  # days-hours[:minutes[:seconds]]
-        return ((int(days) * 24 + parts[0]) * 60 + parts[1]) * 60 + parts[2]
-    if third is not None:  # hours:minutes:seconds
-        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
-    return parts[0] * 60 + parts[1]  # minutes[:seconds]
-
-
 def check_time_limit(c: ClusterConfig) -> None:
     """A limit no longer than the warning gets the warning as the job starts, which then dies with
-    an empty log: Slurm's USR1 arrives before the script can handle it."""
-    limit = time_limit_s(str(c.time))
+    an empty log: Slurm's USR1 arrives before the script can handle it. The time's format was
+    checked with the other fields (validate())."""
+    limit = slurm_time_limit_s(str(c.time))
     if limit is not None and limit <= c.warning_s:
         raise ConfigError(
             f"cluster.time={c.time} ({limit} s) must be longer than cluster.warning_s={c.warning_s}: Slurm "
@@ -77,14 +62,17 @@ def submit(cfg: DictConfig) -> int:
     topology = job_topology(cfg)
     check_time_limit(cfg.cluster)
     check_fits(Planner.of(cfg, topology))  # before the queue, not after hours in it
-    check_run_dir(cfg.run, cfg.checkpoint)
-    # Data is prepared in the job; where it already is (a resume's data always is), the run's
-    # continuation is checked now too, rather than after the wait in the queue.
-    manifest = prepared_manifest(cfg.data)
-    if manifest is not None:
-        check_continuation(
-            manifest, topology, checkpoint=cfg.checkpoint, model=cfg.model, data=cfg.data, deepspeed=cfg.deepspeed, seed=cfg.seed
-        )
+    # The job prepares its data once it starts.
+    preflight(
+        topology,
+        run=cfg.run,
+        checkpoint=cfg.checkpoint,
+        model=cfg.model,
+        data=cfg.data,
+        deepspeed=cfg.deepspeed,
+        seed=cfg.seed,
+        prepare=False,
+    )
     if cfg.launcher.dry_run:
         cmd = sbatch_command(cfg.cluster, cfg.run, job_config_options(cfg.run.dir))
         print(shlex.join(cmd))

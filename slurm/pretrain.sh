@@ -28,6 +28,50 @@
 
 # Not -e: the script must outlive a failed training step to decide whether to requeue.
 set -uo pipefail
+
+# After the trainer committed a checkpoint and asked to continue: requeue this job, which then
+# resumes from that checkpoint. Where Slurm refuses (a job or cluster that does not allow requeueing,
+# a controller out of reach), exiting 0 would leave the job COMPLETED with training unfinished: the
+# job fails instead, with why and the command that resumes the run, and the trainer's exit code for
+# "stopped at a committed checkpoint, start me again" (75, EX_TEMPFAIL), which tells it apart from a
+# failed training (1) or a refused config (2).
+requeue_or_fail() {
+    local out
+    if out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
+        exit 0
+    fi
+    {
+        echo "zeroforge: scontrol requeue ${SLURM_JOB_ID} failed: ${out:-no message}"
+        echo "zeroforge: training is unfinished; resubmit the job to resume from the checkpoint it just committed:"
+        resubmit_command "$@"
+    } >&2
+    exit "$ZF_REQUEUE_EXIT_CODE"
+}
+
+# A new job that resumes the run: the launcher's own sbatch command where it submitted this job with
+# the config it froze, else this installation's script with the same arguments from the directory
+# it was submitted from, on the allocation the job can see.
+resubmit_command() {
+    if [[ -f "$ZF_RUN_DIR/sbatch.txt" && "$*" == "--config-path $ZF_RUN_DIR --config-name $ZF_JOB_CONFIG" ]]; then
+        echo "    $(cat "$ZF_RUN_DIR/sbatch.txt")"
+        return
+    fi
+    local cmd=(sbatch "--job-name=$SLURM_JOB_NAME" "--nodes=$SLURM_JOB_NUM_NODES")
+    local flag variable
+    for flag in partition account qos; do
+        variable="SLURM_JOB_${flag^^}"
+        if [[ -n "${!variable:-}" ]]; then cmd+=("--$flag=${!variable}"); fi
+    done
+    if [[ -n "${SLURM_GPUS_PER_NODE:-}" ]]; then cmd+=("--gpus-per-node=$SLURM_GPUS_PER_NODE"); fi
+    printf '    cd %q &&' "$SLURM_SUBMIT_DIR"
+    printf ' %q' "${cmd[@]}" "$ZF_SCRIPT" "$@"
+    echo
+    echo "zeroforge: add the other sbatch flags it was submitted with (such as --time), which a job cannot see."
+}
+
+# Sourced (by the tests), the script only defines its functions.
+[[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
+
 : "${SLURM_JOB_ID:?zeroforge: submit this script with sbatch (see its first lines); it needs a Slurm job}"
 
 # Compose the arguments (the generic Slurm cluster unless they name another, the allocation's node
@@ -86,8 +130,7 @@ done
 if [[ -f "$ZF_RUN_DIR/requeue.json" ]]; then
     echo "zeroforge: the trainer committed a checkpoint and asked to continue ($(cat "$ZF_RUN_DIR/requeue.json")); requeueing job ${SLURM_JOB_ID}"
     rm -f "$ZF_RUN_DIR/requeue.json"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    requeue_or_fail "$@"
 fi
 echo "zeroforge: job ${SLURM_JOB_ID} training exited with status ${status}"
 exit "$status"

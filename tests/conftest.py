@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import pytest
+from filelock import FileLock
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -32,15 +34,55 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
+# Started first under `pytest -n 2 --dist loadfile --no-loadscope-reorder` (without that flag
+# xdist starts the files with the most tests first): the longest files, so that they run beside
+# the many short ones instead of alone at the end.
+LONGEST_FILES = (
+    "tests/trainer/test_resume.py",
+    "tests/test_quickstart.py",
+    "tests/slurm/test_pretrain.py",
+    "tests/trainer/test_partitioned.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def first(item: pytest.Item) -> int:
+        where = item.path.relative_to(REPO).as_posix()
+        return LONGEST_FILES.index(where) if where in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=first)
+
+
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The directory `name`, made by build(directory) once per test session. Under pytest-xdist
+    (`pytest -n 2`) the workers share it: the first to ask builds it, the others wait on its lock;
+    so a session fixture costs its run once, not once per worker. A failed build is retried by the
+    next worker that asks (and fails it too)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's directory, above the workers' own
+    out = base / "shared" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = out.with_name(f"{name}.done")
+    with FileLock(str(out.with_name(f"{name}.lock"))):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """The embedded corpus, prepared once for the whole session (every test shares the cache)."""
     from zeroforge.data.prepare import prepare
     from zeroforge.trainer.config import compose_config
 
-    cache = tmp_path_factory.mktemp("data-cache")
-    prepare(compose_config([f"data.cache_dir={cache}"]).data)
-    return cache
+    def build(cache: Path) -> None:
+        prepare(compose_config([f"data.cache_dir={cache}"]).data)
+
+    return once_per_session(tmp_path_factory, "data-cache", build)
 
 
 @pytest.fixture
@@ -95,10 +137,14 @@ def exact_overrides(data_cache: Path, run_dir: Path, stage: int) -> list[str]:
 @pytest.fixture(scope="session")
 def single_process_run(data_cache: Path, tmp_path_factory) -> Path:
     """`zeroforge train` in one process without ZeRO: what every variant is compared to."""
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, 0), cwd=REPO)
+    return once_per_session(tmp_path_factory, "single", lambda base: _train(exact_overrides(data_cache, base / "run", 0))) / "run"
+
+
+def _train(args: Sequence[str], launcher: Sequence[str] = (), env: Optional[dict[str, str]] = None) -> str:
+    """`zeroforge train` that must succeed: its stdout."""
+    result = run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=launcher, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+    return result.stdout
 
 
 @pytest.fixture(scope="session")
@@ -106,17 +152,15 @@ def two_rank_run(data_cache: Path, tmp_path_factory) -> Callable[..., tuple[Path
     """`exact_overrides` on 2 ranks under ZeRO-`stage`, plus `extra` overrides: its run directory
     and stdout. Each runs once per session; the multi-rank, resume and Slurm tests compare against
     the same run."""
-    runs: dict[tuple[str, ...], tuple[Path, str]] = {}
 
     def run(stage: int, *extra: str) -> tuple[Path, str]:
-        key = (str(stage), *extra)
-        if key not in runs:
-            run_dir = tmp_path_factory.mktemp(f"two-ranks-zero{stage}") / "run"
-            args = [*exact_overrides(data_cache, run_dir, stage), *extra]
-            result = run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=TORCHRUN)
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-            runs[key] = run_dir, result.stdout
-        return runs[key]
+        def build(base: Path) -> None:
+            args = [*exact_overrides(data_cache, base / "run", stage), *extra]
+            (base / "stdout").write_text(_train(args, launcher=TORCHRUN))
+
+        key = hashlib.sha256(json.dumps([stage, *extra]).encode()).hexdigest()[:12]
+        base = once_per_session(tmp_path_factory, f"two-ranks-zero{stage}-{key}", build)
+        return base / "run", (base / "stdout").read_text()
 
     return run
 
@@ -170,12 +214,10 @@ def smoke_run_overrides(data_cache: Path, run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def zero3_smoke_run(data_cache: Path, tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("zero3-smoke")
-    run_dir = base / "run"
-    env = {**os.environ, "WANDB_DIR": str(base / "wandb")}
-    result = run_module("zeroforge.trainer.train", smoke_run_overrides(data_cache, run_dir), cwd=REPO, launcher=TORCHRUN, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+    def build(base: Path) -> None:
+        _train(smoke_run_overrides(data_cache, base / "run"), launcher=TORCHRUN, env={**os.environ, "WANDB_DIR": str(base / "wandb")})
+
+    return once_per_session(tmp_path_factory, "zero3-smoke", build) / "run"
 
 
 @dataclass(frozen=True)
@@ -210,38 +252,51 @@ def user_project(tmp_path_factory) -> UserProject:
     network or build isolation; the venv sees this interpreter's packages (torch and the rest)
     through a .pth file of plain paths, so an editable zeroforge installed here stays invisible."""
 
-    root = tmp_path_factory.mktemp("user")
-    source = root / "source"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("launcher", "trainer", "data", "conf", "slurm"):
-        shutil.copytree(REPO / name, source / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"), str(source)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=600)
-    (Path(next((venv / "lib").glob("python*/site-packages"))) / "zeroforge-test-deps.pth").write_text(
-        "\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n"
-    )
-    wheel = next((root / "dist").glob("zeroforge-*.whl"))
-    subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    project = root / "project"
-    (project / "myconf" / "experiment").mkdir(parents=True)
-    for module in ("data", "trainer", "launcher"):
-        # A user's own modules of those names; importing any of them would leave a mark.
-        (project / f"{module}.py").write_text("from pathlib import Path\nPath(__file__).with_suffix('.imported').touch()\n")
-    (project / "myconf" / "experiment" / "mine.yaml").write_text("# @package _global_\n" + json.dumps(USER_EXPERIMENT) + "\n")
-    return UserProject(venv, project, USER_EXPERIMENT)
+    def build(root: Path) -> None:
+        source = root / "source"
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for name in ("launcher", "trainer", "data", "conf", "slurm"):
+            shutil.copytree(REPO / name, source / name, ignore=ignore)
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(REPO / name, source / name)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "-w",
+                str(root / "dist"),
+                str(source),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        venv = root / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=600)
+        (Path(next((venv / "lib").glob("python*/site-packages"))) / "zeroforge-test-deps.pth").write_text(
+            "\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n"
+        )
+        wheel = next((root / "dist").glob("zeroforge-*.whl"))
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        project = root / "project"
+        (project / "myconf" / "experiment").mkdir(parents=True)
+        for module in ("data", "trainer", "launcher"):
+            # A user's own modules of those names; importing any of them would leave a mark.
+            (project / f"{module}.py").write_text("from pathlib import Path\nPath(__file__).with_suffix('.imported').touch()\n")
+        (project / "myconf" / "experiment" / "mine.yaml").write_text("# @package _global_\n" + json.dumps(USER_EXPERIMENT) + "\n")
+
+    root = once_per_session(tmp_path_factory, "user", build)
+    return UserProject(root / "venv", root / "project", USER_EXPERIMENT)
 
 
 def engine_for(model: PreTrainedModel, cfg: DictConfig, topology: Topology) -> DeepSpeedEngine:

@@ -4,6 +4,8 @@ A save goes through DeepSpeed into step_<N>.tmp; after every rank has written, t
 hashed (each rank a share), rank 0 writes manifest.json, renames the directory to step_<N> and
 only then moves the `latest` pointer (write, fsync, rename, fsync the directory). A checkpoint
 whose manifest does not verify is never loaded: loading falls back to the newest one that does.
+Its files are unpickled as weights only (trainer/safe_load.py), and one that pickles anything
+else is refused before any is loaded.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -27,6 +30,7 @@ from zeroforge.trainer.background_save import BackgroundWriter, file_entry
 from zeroforge.trainer.config import CheckpointConfig, ConfigError, DeepSpeedConfig, ModelConfig
 from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero, gather
 from zeroforge.trainer.model import model_differences
+from zeroforge.trainer.safe_load import foreign_types, weights_only_loads
 from zeroforge.trainer.train_state import TrainState
 
 if TYPE_CHECKING:
@@ -36,7 +40,14 @@ log = logging.getLogger("zeroforge")
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+OLD = ".old"
+_DELETING = ".deleting"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_FOREIGN = (
+    "A zeroforge checkpoint holds only tensors and the few types DeepSpeed saves (trainer/safe_load.py), "
+    "and loading anything else would run code the file names. Resume from a checkpoint this run wrote "
+    "(checkpoint.resume=<path>), or use checkpoint.resume=never in a new run.dir."
+)
 
 
 def step_tag(step: int) -> str:
@@ -130,7 +141,13 @@ class Checkpointer:
         """Load model, optimizer and scheduler state into the engine; returns the TrainState."""
         engine = self.engine
         own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in engine.optimizer.param_groups]
-        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        try:
+            with weights_only_loads():
+                _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        except pickle.UnpicklingError as err:  # what _refuse_foreign_objects could not see in the pickles
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            found = f"a file pickles {refused.group(1)}" if refused else str(err)
+            raise ConfigError(f"refusing to resume from {path}: {found}. {_FOREIGN}") from None
         # DeepSpeed's ZeRO-3 universal loader gives every parameter group the first group's
         # hyperparameters (norms and biases would start to decay), and one `step` tensor to every
         # group's Adam state (which torch's AdamW then advances once per group and step).
@@ -188,13 +205,16 @@ def _commit(root: Path, tmp: Path, final: Path, manifest: dict) -> None:
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync(tmp / MANIFEST)
     _fsync_tree(tmp)
-    # The same step saved again after a resume: the old copy goes only once the new one is in place.
-    old = final.with_name(final.name + ".old")
+    # The same step saved again after a resume: the old copy goes only once the new one is in
+    # place. A kill between the two renames leaves step_<N>.old alone, which the next start-up
+    # renames back (finish_interrupted_commits).
+    old = final.with_name(final.name + OLD)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     _fsync(root)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        _delete(old)
     pointer = root / (LATEST + ".tmp")
     pointer.write_text(final.name)
     _fsync(pointer)
@@ -234,13 +254,21 @@ def apply_retention(root: Path, keep_last: int, keep_every: Optional[int]) -> li
         if i >= keep_last and path.name != latest and not (keep_every and _step_of(path) % keep_every == 0)
     ]
     newest = _step_of(committed[0]) if committed else 0
-    doomed += [p for p in root.glob("step_*.*") if p.suffix in (".tmp", ".old", ".deleting") and _step_of(p) < newest]
+    doomed += [p for p in root.glob("step_*.*") if p.suffix in (".tmp", OLD, _DELETING) and _step_of(p) < newest]
     for path in doomed:
-        # Renamed first, so a deletion cut short never leaves a directory that looks committed.
-        dying = path if path.suffix == ".deleting" else path.rename(path.with_name(path.name.split(".")[0] + ".deleting"))
-        shutil.rmtree(dying, ignore_errors=True)
+        _delete(path)
         log.info("retention: removed %s", path)
     return doomed
+
+
+def _delete(path: Path) -> None:
+    """Renamed first, so a deletion cut short never leaves a directory that looks committed (or
+    like a step_<N>.old that start-up would restore)."""
+    dying = path.with_name(path.name.split(".")[0] + _DELETING)
+    if path != dying:
+        shutil.rmtree(dying, ignore_errors=True)  # left by a deletion cut short
+        path.rename(dying)
+    shutil.rmtree(dying, ignore_errors=True)
 
 
 def _step_of(path: Path) -> int:
@@ -254,6 +282,32 @@ def committed_checkpoints(root: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def interrupted_resaves(root: str | Path) -> list[Path]:
+    """step_<N>.old directories without their step_<N>: a save of a step that was already committed
+    was killed between moving the committed copy aside and moving the new one in, so the old copy
+    is still step N's committed checkpoint."""
+    return [p for p in _old_copies(Path(root)) if (p / MANIFEST).exists() and not p.with_suffix("").exists()]
+
+
+def _old_copies(root: Path) -> list[Path]:
+    return [p for p in root.glob(f"step_*{OLD}") if _STEP_DIR.match(p.stem)] if root.is_dir() else []
+
+
+def finish_interrupted_commits(root: Path) -> None:
+    """Rank 0 at start-up: an interrupted re-save's step_<N>.old goes back to step_<N>; one beside
+    its step_<N> (the kill came after the new copy was in place) is deleted."""
+    restored = interrupted_resaves(root)
+    for old in restored:
+        old.rename(old.with_suffix(""))
+        log.warning("restored %s: a save of the same step was cut short before it committed", old.with_suffix(""))
+    if restored:
+        _fsync(root)
+    for old in _old_copies(root):
+        if old.with_suffix("").exists():
+            _delete(old)
+            log.info("removed %s: the save that replaced it had committed", old)
 
 
 def newest_checkpoint(root: str | Path, resume: str) -> Optional[Path]:
@@ -278,11 +332,15 @@ def find_resume_checkpoint(root: str | Path, resume: str, dist: DistInfo) -> Opt
     if resume == "never":
         return None
     root = Path(root)
+    if dist.is_main:
+        finish_interrupted_commits(root)
+    barrier()
     if resume != "auto":
         path = Path(resume)
         problem = _verify(path, dist)
         if problem:
             raise ConfigError(f"checkpoint.resume={resume}: that checkpoint cannot be loaded ({problem}).")
+        _refuse_foreign_objects(path, dist)
         _abandon_newer_than(root, path, dist)
         return path
     candidates = from_rank_zero(committed_checkpoints(root) if dist.is_main else None, dist)
@@ -290,6 +348,7 @@ def find_resume_checkpoint(root: str | Path, resume: str, dist: DistInfo) -> Opt
     for candidate in candidates:
         problem = _verify(candidate, dist)
         if problem is None:
+            _refuse_foreign_objects(candidate, dist)
             _abandon_newer_than(root, candidate, dist)
             return candidate
         log.warning("checkpoint %s does not verify (%s); trying an older one", candidate, problem)
@@ -302,6 +361,31 @@ def find_resume_checkpoint(root: str | Path, resume: str, dist: DistInfo) -> Opt
     return None
 
 
+def _refuse_foreign_objects(path: Path, dist: DistInfo) -> None:
+    """ConfigError on every rank when a file of the checkpoint (its universal form included) pickles
+    anything but tensors and the types DeepSpeed saves: loading it would run code the file names.
+    Only each file's pickle is read, each rank a share. Not a fallback to an older checkpoint as
+    for a damaged one: a committed checkpoint with such a file was written by something else."""
+    # Every file DeepSpeed could load, whether the manifest lists it or not; not the scratch of a
+    # conversion to the universal form that was cut short (`*.tmp`), which is never loaded.
+    pickles = [p.relative_to(path) for p in path.rglob("*.pt")]
+    files = from_rank_zero(
+        sorted(str(p) for p in pickles if not any(d.endswith(".tmp") for d in p.parts[:-1])) if dist.is_main else None, dist
+    )
+    found = []
+    for name in _my_share(files, dist):
+        try:
+            types = foreign_types(path / name)
+        except (OSError, ValueError, RuntimeError) as err:
+            found.append(f"{name} cannot be read as a torch.save archive ({err})")
+            continue
+        if types:
+            found.append(f"{name} pickles {', '.join(types)}")
+    problems = [p for part in gather(found, dist) for p in part]
+    if problems:
+        raise ConfigError(f"refusing to resume from {path}: {'; '.join(problems)}. {_FOREIGN}")
+
+
 def _abandon_newer_than(root: Path, chosen: Path, dist: DistInfo) -> None:
     """Checkpoints newer than the one resumed belong to a timeline that is being replaced: move
     them to abandoned/, so a later auto-resume or retention never mistakes them for this run's."""
@@ -309,11 +393,21 @@ def _abandon_newer_than(root: Path, chosen: Path, dist: DistInfo) -> None:
         newer = [p for p in committed_checkpoints(root) if _step_of(p) > _step_of(chosen)]
         for path in newer:
             (root / "abandoned").mkdir(exist_ok=True)
-            path.rename(root / "abandoned" / path.name)
-            log.warning("moved %s to %s: the run resumes from the older %s", path.name, root / "abandoned", chosen.name)
+            target = _free_name(root / "abandoned" / path.name)
+            path.rename(target)
+            log.warning("moved %s to %s: the run resumes from the older %s", path.name, target, chosen.name)
         if newer:
             _fsync(root)
     barrier()
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or path.1, path.2, ... where a timeline abandoned earlier already holds that step."""
+    found, n = path, 0
+    while found.exists():
+        n += 1
+        found = path.with_name(f"{path.name}.{n}")
+    return found
 
 
 def check_resumable(

@@ -4,8 +4,8 @@ section's own schema is `zeroforge.data.config`.
 
 Hydra checks every key and type; a field's rule (range or choices) is its metadata, which
 `validate()` (trainer/validate.py) checks before anything runs: "min"/"max" inclusive,
-"above"/"below" exclusive, "choices" (with "ignore_case"), and "each" for every element of a list. Rules between
-fields live in validate().
+"above"/"below" exclusive, "choices" (with "ignore_case"), "each" for every element of a list, and
+"slurm_time" for a Slurm --time value. Rules between fields live in validate().
 """
 
 from __future__ import annotations
@@ -276,13 +276,14 @@ class ClusterConfig:
     host_memory_gb: Optional[float] = field(default=None, metadata={"above": 0})
     # GPUs Slurm allocates per node (--gpus-per-node); 0 on CPU-only nodes.
     gpus_per_node: int = field(default=0, metadata={"min": 0})
-    # Slurm placement; null: the site's default. time is Slurm's --time (e.g. 2-00:00:00).
+    # Slurm placement; null: the site's default. time is Slurm's --time (e.g. 2-00:00:00), in one
+    # of the formats sbatch accepts, checked before anything is submitted.
     account: Optional[str] = None
     partition: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
     exclude: Optional[str] = None
-    time: str = "24:00:00"
+    time: str = field(default="24:00:00", metadata={"slurm_time": True})
     # Slurm warns the job this many seconds before its time limit; the run saves and requeues.
     warning_s: int = field(default=300, metadata={"min": 1})
     # A node that cannot join the rendezvous within this many seconds fails the job (not a hang).
@@ -297,7 +298,8 @@ class ClusterConfig:
 class LauncherConfig:
     # Run held-out evaluation and sample generation on the export after training.
     harness: bool = True
-    # Slurm: print the sbatch command and script instead of submitting.
+    # After every check, print what the launch would run (locally the torchrun command, on Slurm
+    # the sbatch command and the script) and start nothing: no data prepared, no run directory.
     dry_run: bool = False
     # The pre-flight memory plan (launcher/plan.py): launch even when it says the job does not fit.
     force: bool = False

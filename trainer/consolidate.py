@@ -18,17 +18,16 @@ import math
 import mmap
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, cast
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from zeroforge.trainer.checkpoint import LATEST, MANIFEST
 from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.safe_load import checkpoint_types
 from zeroforge.trainer.safetensors_io import TensorSpec
 
 _ZERO3_MODEL = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
@@ -67,36 +66,8 @@ def read_manifest(step_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-@contextmanager
-def _deepspeed_globals() -> Iterator[None]:
-    """The few non-tensor types DeepSpeed and our client state pickle, so torch.load can stay
-    weights_only (numpy arrays hold the saved RNG states)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    from torch.torch_version import TorchVersion
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-
-    allowed = [
-        np.dtype,
-        np.ndarray,
-        np.dtypes.UInt32DType,
-        _reconstruct,
-        TorchVersion,
-        ZeroStageEnum,
-        LossScaler,
-        fragment_address,
-    ]
-    with torch.serialization.safe_globals(allowed):
-        yield
-
-
 def _load(path: Path) -> dict[str, Any]:
-    with _deepspeed_globals():
+    with torch.serialization.safe_globals(checkpoint_types()):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 

@@ -98,23 +98,44 @@ def _wandb_mode(mode: str) -> Literal["online", "offline", "disabled"]:
 
 def _set_aside_records_after(path: Path, step: int) -> None:
     """A resumed run recomputes the steps after its checkpoint: their old records move to
-    <name>.superseded.jsonl, so each step appears once in <name>.jsonl and no line is lost."""
-    lines = path.read_text().splitlines(keepends=True)
-    # A line without its newline was cut off by a kill mid-write: it is set aside, not kept.
+    <name>.superseded.jsonl, so each step appears once in <name>.jsonl and no line is lost.
+
+    A line that is not a record (cut off by a kill mid-write, or garbage) has no step to keep it
+    by: it moves there too, with a warning, so <name>.jsonl stays readable and no resume fails on it.
+    """
+    # Split at "\n" only and bytes kept as they are (even invalid UTF-8), so every line is moved intact.
+    with open(path, newline="\n", errors="surrogateescape") as f:
+        lines = list(f)
     keep: list[str] = []
     aside: list[str] = []
-    for line in lines:
-        if line.endswith("\n") and json.loads(line)["step"] <= step:
+    for number, line in enumerate(lines, 1):
+        record_step = _record_step(line)
+        if record_step is None:
+            log.warning("%s line %d is not a JSON record with a step (%r); moved to the superseded records", path, number, line[:80])
+        if record_step is not None and record_step <= step:
             keep.append(line)
         else:
             aside.append(line if line.endswith("\n") else line + "\n")
     if not aside:
         return
-    with open(path.with_name(path.stem + ".superseded.jsonl"), "a") as f:
+    with open(path.with_name(path.stem + ".superseded.jsonl"), "a", errors="surrogateescape") as f:
         f.writelines(aside)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
+    tmp.write_text("".join(keep), errors="surrogateescape")
     tmp.replace(path)
+
+
+def _record_step(line: str) -> Optional[int]:
+    """The step of a whole JSON record line; None for anything else (a line without its newline
+    was cut off by a kill, even where what was written parses)."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 class _Sinks:
@@ -195,8 +216,10 @@ class MetricsLogger:
         flops_per_token: float,
         start_step: int = 0,
         start_tokens: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
     ):
-        """steps: train.steps; peak: cluster.peak_tflops (None: detected from the GPU, if any)."""
+        """steps: train.steps; peak: cluster.peak_tflops (None: detected from the GPU, if any);
+        clock: the seconds every timing reads (a test's own clock gives exact figures)."""
         self.every = cfg.every
         self.last_step = steps
         self.world_size = dist.world_size
@@ -208,10 +231,11 @@ class MetricsLogger:
         self.progress = open_progress(dist.rank, steps, start_step)
         self.tokens = start_tokens
         # train() times loader.next_batch() with it: `with metrics.data_wait: batch = ...`.
-        self.data_wait = Stopwatch()
+        self.data_wait = Stopwatch(clock)
         # Time inside `with metrics.paused:` (evaluation, checkpoints) is left out of the throughput.
-        self.paused = Stopwatch()
-        self._last_time = time.perf_counter()
+        self.paused = Stopwatch(clock)
+        self.clock = clock
+        self._last_time = clock()
         self._last_tokens = start_tokens
         self._last_step = start_step
         self._tokens_per_s: Optional[float] = None
@@ -238,7 +262,7 @@ class MetricsLogger:
         self._loss_sum, self._loss_steps = None, 0
         # The slowest rank's wait is the one that holds every rank back at the next collective.
         data_wait = all_reduce_max(torch.tensor(self.data_wait.lap(), device=self.device)).item()
-        now = time.perf_counter()
+        now = self.clock()
         seconds = now - self._last_time - self.paused.lap()
         times = timing(self.tokens - self._last_tokens, seconds, step - self._last_step, data_wait, self.world_size)
         self._last_time, self._last_tokens, self._last_step = now, self.tokens, step

@@ -125,10 +125,10 @@ def write_run_dir(cfg: AnyConfig, probe_gpu: bool = False) -> Path:
 
 def check_run_dir(run: RunSection, checkpoint: CheckpointConfig) -> None:
     """One run per directory: a run.dir with metrics is only re-entered to resume a checkpoint."""
-    from zeroforge.trainer.checkpoint import committed_checkpoints
+    from zeroforge.trainer.checkpoint import committed_checkpoints, interrupted_resaves
 
     metrics = Path(run.dir) / "metrics.jsonl"
-    resumable = checkpoint.resume != "never" and committed_checkpoints(checkpoint.dir)
+    resumable = checkpoint.resume != "never" and (committed_checkpoints(checkpoint.dir) or interrupted_resaves(checkpoint.dir))
     if metrics.exists() and not resumable:
         raise ConfigError(
             f"run.dir={run.dir} already holds a run ({metrics} exists) with no committed checkpoint "

@@ -13,7 +13,7 @@ def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     warmup = max(0, cfg.warmup_steps)
     floor = cfg.min_lr_ratio
     schedule = Schedule(cfg.schedule)
-    decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+    decay = decay_steps(cfg, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -23,10 +23,15 @@ def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
         if schedule is Schedule.cosine:
             progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        decay_start = max(warmup, total_steps - decay_steps)
+        decay_start = max(warmup, total_steps - decay)
         if step < decay_start:
             return 1.0
         progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
         return 1.0 - (1.0 - floor) * progress
 
     return factor
+
+
+def decay_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """The wsd schedule's decay: the last decay_fraction of the steps, at least one."""
+    return max(1, round(cfg.decay_fraction * total_steps))

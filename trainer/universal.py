@@ -4,12 +4,13 @@ A ZeRO checkpoint holds each rank's shard of the optimizer state, cut for the wo
 saved it. DeepSpeed's ds_to_universal rewrites it per parameter, which any world size loads
 (with "load_universal" in the engine's config). The first resume on another world size converts
 <checkpoint>/universal under a temporary name; later ones reuse it. Retention removes it with
-its checkpoint.
+its checkpoint. The converter runs with its loads made weights-only (trainer/safe_load.py).
 """
 
 from __future__ import annotations
 
 import logging
+import runpy
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero
+from zeroforge.trainer.safe_load import weights_only_loads
 
 log = logging.getLogger("zeroforge")
 
@@ -48,7 +50,7 @@ def _convert(path: Path, target: Path) -> None:
         [
             sys.executable,
             "-m",
-            "deepspeed.checkpoint.ds_to_universal",
+            "zeroforge.trainer.universal",
             "--input_folder",
             str(path),
             "--output_folder",
@@ -63,3 +65,10 @@ def _convert(path: Path, target: Path) -> None:
         raise RuntimeError(f"ds_to_universal exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
     (path / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer, beside its output
     scratch.rename(target)
+
+
+if __name__ == "__main__":
+    # DeepSpeed's converter with its arguments, every torch.load in it (and in the worker
+    # processes it forks) weights-only.
+    with weights_only_loads():
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import re
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Optional, cast
@@ -22,7 +23,18 @@ from omegaconf.errors import OmegaConfBaseException
 from zeroforge.data.config import DataConfig
 from zeroforge.data.errors import DataError
 from zeroforge.data.partitions import check_partition_split
-from zeroforge.trainer.config import Config, ConfigError, DeepSpeedConfig, Loss, ModelConfig, ParallelConfig, TrainConfig
+from zeroforge.trainer.config import (
+    Config,
+    ConfigError,
+    DeepSpeedConfig,
+    Loss,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    Schedule,
+    TrainConfig,
+)
+from zeroforge.trainer.schedule import decay_steps
 from zeroforge.trainer.topology import Topology, accelerator_is_cuda, job_is_on_gpus, job_world_size, resolve_precision
 
 log = logging.getLogger("zeroforge")
@@ -37,9 +49,45 @@ _NOT_YET = {
 }
 
 
+# What sbatch --time accepts: its manual's formats ("a time limit of zero requests that no time
+# limit be imposed"), and the words Slurm's parser takes for none, in any case.
+SLURM_TIME_FORMATS = (
+    "minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes or "
+    "days-hours:minutes:seconds (e.g. 90, 2-00:00:00), or 0, UNLIMITED or INFINITE for no limit"
+)
+_SLURM_TIME = re.compile(r"(?:([0-9]+)-)?([0-9]+)((?::[0-9]+){0,2})")
+
+
+def slurm_time_limit_s(value: str) -> Optional[int]:
+    """The time limit a Slurm --time value sets, in seconds (Slurm rounds up to whole minutes);
+    None for no limit; ValueError for a value sbatch would refuse."""
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    match = _SLURM_TIME.fullmatch(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a Slurm time limit; expected {SLURM_TIME_FORMATS}")
+    days, first, rest = match.groups()
+    clock = [int(first), *(int(part) for part in rest.split(":")[1:])]
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = clock + [0] * (3 - len(clock))
+    elif len(clock) == 3:  # hours:minutes:seconds
+        hours, minutes, seconds = clock
+    else:  # minutes[:seconds]
+        hours = 0
+        minutes, seconds = clock + [0] * (2 - len(clock))
+    limit = ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+    return -(-limit // 60) * 60 or None
+
+
 def _rule_problems(value: Any, rule: dict[str, Any]) -> Optional[str]:
     """What `value` breaks of `rule` ("expected ..."), or None; a null value is not checked."""
     if value is None:
+        return None
+    if "slurm_time" in rule:
+        try:
+            slurm_time_limit_s(str(value))
+        except ValueError:
+            return _describe(rule)
         return None
     if "each" in rule:
         broken = [v for v in value if _rule_problems(v, rule["each"])]
@@ -60,6 +108,8 @@ def _rule_problems(value: Any, rule: dict[str, Any]) -> Optional[str]:
 
 
 def _describe(rule: dict[str, Any]) -> str:
+    if "slurm_time" in rule:
+        return f"a Slurm time limit: {SLURM_TIME_FORMATS}"
     if "choices" in rule:
         return f"one of {list(rule['choices'])}"
     words = {"min": "at least", "above": "above", "max": "at most", "below": "below"}
@@ -85,10 +135,11 @@ def field_problems(schema: type, node: Any, prefix: str = "") -> Iterator[tuple[
 
 def _check_model(m: ModelConfig, problems: list[str]) -> None:
     """Build the (weightless) transformers config now, so a bad model fails before any job starts."""
-    from zeroforge.trainer.model import HF_NAMES, hf_config
+    from zeroforge.trainer.model import HF_NAMES, hf_config, hf_names, model_fields
 
+    vocab_size = m.vocab_size or 64  # null: the tokenizer's, which is not known yet
     try:
-        config = hf_config(m, vocab_size=64)
+        config = hf_config(m, vocab_size)
     except Exception as err:  # whatever transformers' config refuses, and why, in one line
         reason = " ".join(str(err).split())
         reason = reason if len(reason) < 400 else reason[:400] + " ..."
@@ -104,14 +155,23 @@ def _check_model(m: ModelConfig, problems: list[str]) -> None:
             f"model.model_type={m.model_type!r} has no causal LM model in transformers; expected a decoder such as llama, qwen2 or gpt2"
         )
         return
-    for ours in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
-        theirs = HF_NAMES[ours]
-        found, wanted = getattr(config, theirs, None), getattr(m, ours)
-        if found != wanted:
+    # Every field, as the model built from this config will have it: a field that does not reach
+    # the config must not train (and be planned) as a model other than the one configured.
+    found, names, config_name = model_fields(config), hf_names(m.model_type), type(config).__name__
+    for ours in (key for key in HF_NAMES if key != "model_type"):  # the model type chose the config class
+        wanted = vocab_size if ours == "vocab_size" else getattr(m, ours)
+        if found[ours] == wanted:
+            continue
+        theirs, where = names[ours], f"model.{ours}={wanted} does not reach the {m.model_type} config"
+        if found[ours] is None:
+            problems.append(f"{where}: {config_name} has no {theirs}, so the model never reads it; use a model type whose config has it")
+        elif ours == "num_kv_heads" and getattr(config, theirs, None) is None:
             problems.append(
-                f"model.{ours}={wanted} did not reach the {m.model_type} config (its {theirs} is {found}); "
-                "set that model type's own field through model.extra"
+                f"{where}: {config_name} has no {theirs}, and its model gives each of its {found[ours]} attention heads "
+                f"keys and values of its own; set model.num_kv_heads={found[ours]}, or use a model type with grouped-query attention"
             )
+        else:
+            problems.append(f"{where}: its {theirs} is {found[ours]!r}; set that model type's own field through model.extra")
 
 
 def _check_kernels(m: ModelConfig, train: TrainConfig, cuda: bool, problems: list[str]) -> None:
@@ -156,6 +216,25 @@ def _check_kernels(m: ModelConfig, train: TrainConfig, cuda: bool, problems: lis
             )
         elif not cuda:
             problems.append("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only, and this run is on the CPU; use sdpa")
+
+
+def _check_schedule(optim: OptimConfig, steps: int, problems: list[str]) -> None:
+    """The learning rate reaches optim.lr, and wsd's decay has its whole length, within train.steps.
+    train.steps is the whole run's: a resumed run keeps the schedule of its absolute step."""
+    warmup, decay = optim.warmup_steps, decay_steps(optim, steps)
+    if warmup >= steps:
+        problems.append(
+            f"optim.warmup_steps={warmup} must be below train.steps={steps}: the learning rate rises to optim.lr over the "
+            f"warmup steps, so this run would spend all its {steps} steps warming up, reaching {steps / warmup:.0%} of it, "
+            f"and never decay; lower optim.warmup_steps (for example to {steps // 10}) or raise train.steps above {warmup}"
+        )
+    elif Schedule(optim.schedule) is Schedule.wsd and warmup + decay > steps:
+        problems.append(
+            f"optim.warmup_steps={warmup} and the wsd decay's {decay} steps (optim.decay_fraction={optim.decay_fraction} "
+            f"of train.steps={steps}) must fit in train.steps={steps}: the decay would start at step {warmup} and last "
+            f"{steps - warmup} steps instead of {decay}; lower optim.warmup_steps to at most {steps - decay} or "
+            "optim.decay_fraction, or raise train.steps"
+        )
 
 
 def _check(ok: bool, message: str, problems: list[str]) -> None:
@@ -304,6 +383,8 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
         f"optim.betas must be two numbers (Adam's beta1, beta2), found {list(cfg.optim.betas)}",
         problems,
     )
+    if fine("optim.warmup_steps", "optim.decay_fraction", "optim.schedule", "train.steps"):
+        _check_schedule(cfg.optim, t.steps, problems)
     _check(
         cfg.data.seq_len <= m.max_position_embeddings,
         f"data.seq_len={cfg.data.seq_len} must be between 1 and the model's maximum "
@@ -336,7 +417,8 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
         except DataError as err:
             problems.append(str(err).rstrip("."))
     _check_zero_section(cfg.deepspeed, cuda, problems)
-    if fine("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.intermediate_size"):
+    model_keys = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings", "vocab_size")
+    if fine(*(f"model.{key}" for key in model_keys)):
         _check_model(cfg.model, problems)
     _check_kernels(cfg.model, cfg.train, cuda, problems)
     if problems:

@@ -389,6 +389,7 @@ def _run_args(corpus: Corpus, run_dir: Path) -> list[str]:
         "eval.every=0",
         "logging.every=1",
         "train.steps=6",
+        "optim.warmup_steps=2",
         "checkpoint.every=3",
         "data.mode=stream",
         "data.source=json",

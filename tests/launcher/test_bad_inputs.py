@@ -36,6 +36,16 @@ CONFIG_MISTAKES = [
     ("launch", ["model.max_position_embeddings=32"], ["data.seq_len=128 must be between 1 and", "model.max_position_embeddings=32"]),
     ("launch", ["model.vocab_size=256"], ["the tokenizer has 4096 tokens but model.vocab_size=256"]),
     ("launch", ["model.init_from=/no/such/model"], ["model.init_from=/no/such/model", "no causal LM config could be read there"]),
+    (
+        "launch",
+        ["model.model_type=gpt2", "model.intermediate_size=9999", "model.num_kv_heads=1"],
+        ["model.num_kv_heads=1 does not reach the gpt2 config: GPT2Config has no num_key_value_heads", "its 4 attention heads"],
+    ),
+    (
+        "launch",
+        ["model.model_type=bloom"],
+        ["model.intermediate_size=384 does not reach the bloom config: BloomConfig has no intermediate_size"],
+    ),
     # data
     ("launch", ["data=nosuch"], ["data/nosuch", "embedded"]),
     ("launch", ["data.seq_len=0"], ["data.seq_len must be at least 1, found 0"]),
@@ -55,6 +65,16 @@ CONFIG_MISTAKES = [
     ("launch", ["optim.min_lr_ratio=2"], ["optim.min_lr_ratio must be at least 0 and at most 1, found 2.0"]),
     ("launch", ["optim.schedule=linearr"], ["optim.schedule", "linearr", "cosine"]),
     ("launch", ["optim.warmup_steps=-5"], ["optim.warmup_steps must be at least 0, found -5"]),
+    (
+        "launch",
+        ["optim.warmup_steps=500", "train.steps=10"],
+        ["optim.warmup_steps=500 must be below train.steps=10", "lower optim.warmup_steps"],
+    ),
+    (
+        "launch",
+        ["optim=adamw_wsd", "optim.warmup_steps=650"],
+        ["optim.warmup_steps=650 and the wsd decay's 140 steps", "last 50 steps instead of 140", "at most 560"],
+    ),
     # parallel
     (
         "launch",
@@ -91,6 +111,12 @@ CONFIG_MISTAKES = [
         ["cluster=slurm", "cluster.nproc_per_node=1", "cluster.time=00:05:00"],
         ["cluster.time=00:05:00 (300 s) must be longer than cluster.warning_s=300"],
     ),
+    (
+        "launch",
+        ["cluster=slurm", "cluster.nproc_per_node=1", "cluster.time=forever"],
+        ["cluster.time must be a Slurm time limit", "days-hours:minutes:seconds", "UNLIMITED", "found 'forever'"],
+    ),
+    ("plan", ["cluster=h100", "cluster.time=2h"], ["cluster.time must be a Slurm time limit", "found '2h'"]),
     ("launch", ["cluster.gpu_memory_gb=-1"], ["cluster.gpu_memory_gb must be above 0, found -1.0"]),
     # logging
     ("launch", ["logging.every=0"], ["logging.every must be at least 1, found 0"]),

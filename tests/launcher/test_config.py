@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
+from transformers import AutoModelForCausalLM
 
+from zeroforge.launcher.model_shape import model_shape
 from zeroforge.trainer.config import CONF_DIR, ConfigError, compose_config
 from zeroforge.trainer.deepspeed_config import deepspeed_config
+from zeroforge.trainer.model import hf_config
 from zeroforge.trainer.validate import job_topology, validate
 
 GROUPS = ["model", "data", "optim", "deepspeed", "cluster", "logging", "experiment"]
@@ -146,3 +150,38 @@ def test_model_fields_that_do_not_reach_the_hf_config_are_named() -> None:
     assert plan.dp_size == 1
     with pytest.raises(ConfigError, match="logging.level must be one of .*, found 'LOUD'"):
         validate(compose_config(["logging.level=LOUD"]), 1, cuda=False)
+
+
+def test_a_model_field_that_reaches_the_config_is_what_the_plan_counts() -> None:
+    cfg = compose_config(["model.intermediate_size=1000"])  # llama's config has intermediate_size itself
+    validate(cfg, 1, cuda=False)
+    assert hf_config(cfg.model, 64).intermediate_size == 1000
+    assert model_shape(cfg.model, cfg.data).intermediate == 1000
+
+
+def test_gpt2_takes_the_model_fields_under_its_own_names() -> None:
+    # Its attribute_map makes hidden_size n_embd and num_heads n_head; its MLP width is n_inner.
+    fields = ["model.hidden_size=96", "model.num_heads=3", "model.num_kv_heads=3", "model.intermediate_size=200"]
+    cfg = compose_config(["model.model_type=gpt2", *fields])
+    validate(cfg, 1, cuda=False)
+    config = hf_config(cfg.model, 64)
+    assert (config.n_embd, config.n_head, config.n_inner) == (96, 3, 200)
+    assert "num_key_value_heads" not in config.to_dict()  # not kept where GPT-2 never reads it
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert model.transformer.h[0].mlp.c_fc.nf == 200
+    shape = model_shape(cfg.model, cfg.data)
+    assert (shape.hidden, shape.heads, shape.kv_hidden, shape.intermediate) == (96, 3, 96, 200)
+
+
+@pytest.mark.parametrize(
+    "model_type,expected",
+    [
+        ("bloom", "model.max_position_embeddings=1024 does not reach the bloom config: BloomConfig has no max_position_embeddings"),
+        ("falcon", "model.num_kv_heads=4 does not reach the falcon config: its num_key_value_heads is 1"),  # multi-query
+    ],
+)
+def test_a_model_field_the_config_does_not_take_is_refused_with_what_it_has(model_type: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([f"model.model_type={model_type}"]), 1, cuda=False)
+    assert expected in str(err.value)

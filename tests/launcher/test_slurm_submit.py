@@ -6,11 +6,14 @@ import os
 import shlex
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, run_module
 from zeroforge.launcher.job import first_config, job_arguments
-from zeroforge.launcher.slurm import SCRIPT, sbatch_command, time_limit_s
+from zeroforge.launcher.slurm import SCRIPT, sbatch_command
 from zeroforge.trainer.config import compose_config
 from zeroforge.trainer.rundir import job_config_options, write_job_config
+from zeroforge.trainer.validate import check_fields, slurm_time_limit_s
 
 H100_1B = ["cluster=h100", "model=llama-1b", "train.global_batch_size=512"]
 
@@ -81,13 +84,24 @@ def test_a_sweep_submits_one_job_per_point_each_in_its_own_run_directory(tmp_pat
 
 
 def test_slurm_time_limits_in_seconds() -> None:
-    assert time_limit_s("30") == 30 * 60
-    assert time_limit_s("5:30") == 5 * 60 + 30
-    assert time_limit_s("24:00:00") == 24 * 3600
-    assert time_limit_s("1-12") == 36 * 3600
-    assert time_limit_s("2-00:30") == 48 * 3600 + 30 * 60
-    assert time_limit_s("2-00:00:10") == 48 * 3600 + 10
-    assert time_limit_s("UNLIMITED") is None
+    # Every format sbatch --time accepts; Slurm rounds seconds up to whole minutes.
+    assert slurm_time_limit_s("30") == 30 * 60
+    assert slurm_time_limit_s("5:00") == 5 * 60
+    assert slurm_time_limit_s("5:30") == 6 * 60
+    assert slurm_time_limit_s("24:00:00") == 24 * 3600
+    assert slurm_time_limit_s("1:90:00") == 150 * 60
+    assert slurm_time_limit_s("1-12") == 36 * 3600
+    assert slurm_time_limit_s("2-00:30") == 48 * 3600 + 30 * 60
+    assert slurm_time_limit_s("2-00:00:10") == 48 * 3600 + 60
+    for no_limit in ("0", "00:00:00", "UNLIMITED", "INFINITE", "unlimited"):
+        assert slurm_time_limit_s(no_limit) is None
+
+
+@pytest.mark.parametrize("value", ["forever", "", "2h", "1.5", "30 ", "1:2:3:4", "1-2:3:4:5", "1-2-3", ":30", "٣٠"])
+def test_a_time_sbatch_refuses_is_not_a_slurm_time_limit(value: str) -> None:
+    with pytest.raises(ValueError, match="not a Slurm time limit"):
+        slurm_time_limit_s(value)
+    assert "cluster.time" in check_fields(compose_config([f"cluster.time='{value}'"]))
 
 
 def test_a_time_limit_within_the_warning_is_refused_before_submitting(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, exact_overrides, run_module
+from tests.conftest import REPO, exact_overrides, once_per_session, run_module
 
 
 def save_tiny_model(data_cache: Path, out: Path, seed: int, overrides: list[str] = ()) -> Path:
@@ -56,8 +56,10 @@ def draft_export(data_cache: Path, tmp_path_factory) -> Path:
 def plain_loss_run(data_cache: Path, tmp_path_factory) -> Path:
     """The single-process reference run with every throughput feature off, as the trainer ran
     before them: the plain `logits.float()` loss, torch's unfused AdamW, no compile."""
-    run_dir = tmp_path_factory.mktemp("plain") / "run"
-    overrides = [*exact_overrides(data_cache, run_dir, 0), "train.loss=plain", "optim.fused=false", "model.compile=off"]
-    result = run_module("zeroforge.trainer.train", overrides, cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+
+    def build(base: Path) -> None:
+        overrides = [*exact_overrides(data_cache, base / "run", 0), "train.loss=plain", "optim.fused=false", "model.compile=off"]
+        result = run_module("zeroforge.trainer.train", overrides, cwd=REPO)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    return once_per_session(tmp_path_factory, "plain", build) / "run"

@@ -38,7 +38,7 @@ def test_a_failed_background_write_is_reported(tmp_path: Path) -> None:
 def test_async_checkpoints_commit_and_resume_exactly(single_process_run: Path, data_cache: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*exact_overrides(data_cache, run_dir, 2), "checkpoint.async_save=true", "checkpoint.every=5"]
-    result = run_module("zeroforge.trainer.train", [*args, "train.steps=12"], cwd=REPO)
+    result = run_module("zeroforge.trainer.train", [*args, "train.exit_interval=12"], cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_0000005", "step_0000010", "step_0000012"]

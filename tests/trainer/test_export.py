@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,10 +61,13 @@ def test_export_entry_point_turns_a_zero3_checkpoint_into_the_same_model(zero3_s
 
     from zeroforge.trainer.consolidate import checkpoint_weights
 
-    step_dir = zero3_smoke_run / "checkpoints" / "step_0000020"
+    # A copy: the default output lands in the run directory, which other tests read at the same time.
+    run = tmp_path / "run"
+    shutil.copytree(zero3_smoke_run, run)
+    step_dir = run / "checkpoints" / "step_0000020"
     result = run_module("zeroforge.trainer.export", [f"checkpoint={step_dir}"], cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = zero3_smoke_run / "export_step_0000020"
+    out = run / "export_step_0000020"
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin")) and not out.with_suffix(".tmp").exists()
     assert json.loads((out / "zeroforge.json").read_text())["step"] == 20
 
@@ -107,6 +111,7 @@ def test_checkpoints_of_every_stage_load_as_the_export(stage: int, precision: st
         f"deepspeed=zero{stage}",
         f"train.precision={precision}",
         "train.steps=3",
+        "optim.warmup_steps=1",
         "eval.every=0",
         "checkpoint.every=0",
     ]

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -66,80 +65,89 @@ def test_timing_fields_from_known_inputs() -> None:
     }
 
 
-class FakeClock:
-    def __init__(self, tick: float):
-        self.now, self.tick = 0.0, tick
+class ManualClock:
+    """Seconds that pass only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
 
     def __call__(self) -> float:
-        self.now += self.tick
         return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def test_stopwatch_sums_the_time_inside_blocks_until_a_lap() -> None:
-    watch = Stopwatch(clock=FakeClock(0.5))  # every block lasts 0.5 s on this clock
+    clock = ManualClock()
+    watch = Stopwatch(clock=clock)
     for _ in range(3):
         with watch:
-            pass
-    assert watch.lap() == pytest.approx(1.5)
+            clock.advance(0.5)
+        clock.advance(1.0)  # outside the blocks: not counted
+    assert watch.lap() == 1.5
     assert watch.lap() == 0.0
 
 
-def test_every_record_times_the_steps_since_the_last_one(tmp_path: Path) -> None:
-    cfg = compose_config([f"run.dir={tmp_path}", "logging.wandb.mode=disabled", "logging.every=3", "train.steps=6"])
+def _logger(tmp_path: Path, every: int, steps: int, world_size: int, seq_len: int, clock: ManualClock) -> MetricsLogger:
+    """One sample a rank per step, so a step is world_size x seq_len tokens."""
+    cfg = compose_config([f"run.dir={tmp_path}", "logging.wandb.mode=disabled", f"logging.every={every}", f"train.steps={steps}"])
     topology = Topology(
-        world_size=2, sequence=1, tensor=1, expert=1, micro_batch_size=1, global_batch_size=2, seq_len=500, device="cpu", precision="fp32"
-    )  # 1,000 tokens a step
-    logger = MetricsLogger(
+        world_size=world_size,
+        sequence=1,
+        tensor=1,
+        expert=1,
+        micro_batch_size=1,
+        global_batch_size=world_size,
+        seq_len=seq_len,
+        device="cpu",
+        precision="fp32",
+    )
+    return MetricsLogger(
         cfg.logging,
         run=cfg.run,
         run_config={},
-        steps=cfg.train.steps,
+        steps=steps,
         peak=None,
-        dist=DistInfo(rank=0, world_size=2, local_rank=0),
+        dist=DistInfo(rank=0, world_size=world_size, local_rank=0),
         topology=topology,
         flops_per_token=1e6,
+        clock=clock,
     )
-    logger.data_wait.clock = FakeClock(0.25)  # each next_batch() waits 0.25 s
+
+
+def test_every_record_times_the_steps_since_the_last_one(tmp_path: Path) -> None:
+    clock = ManualClock()
+    logger = _logger(tmp_path, every=3, steps=6, world_size=2, seq_len=500, clock=clock)  # 1,000 tokens a step
     records = []
     for step in range(1, 7):
-        with logger.data_wait:
-            pass
+        with logger.data_wait:  # next_batch() waits 0.25 s
+            clock.advance(0.25)
+        clock.advance(0.75 if step <= 3 else 1.75)  # 1 s a step, then 2 s from step 4 on
         records.append(logger.step(step, torch.tensor(2.0), torch.tensor(1.0), 1e-3))
     logger.close()
     logged = [r for r in records if r is not None]
-    assert [r["step"] for r in logged] == [1, 3, 6]
-    assert [r["data_wait_s"] for r in logged] == pytest.approx([0.25, 0.5, 0.75])
-    previous_tokens = 0
-    for record, steps in zip(logged, [1, 2, 3]):
-        seconds = record["step_time_s"] * steps
-        assert record["tokens_per_s"] * seconds == pytest.approx(record["tokens"] - previous_tokens) == 1000 * steps
-        assert record["tokens_per_s_per_gpu"] == pytest.approx(record["tokens_per_s"] / 2)
-        assert record["data_wait_share"] == pytest.approx(record["data_wait_s"] / seconds)
-        previous_tokens = record["tokens"]
+    fields = ["step", "tokens", "tokens_per_s", "tokens_per_s_per_gpu", "step_time_s", "data_wait_s", "data_wait_share"]
+    # The records at steps 1, 3 and 6 time steps 1, 2-3 and 4-6.
+    assert [[r[k] for k in fields] for r in logged] == [
+        [1, 1000, 1000.0, 500.0, 1.0, 0.25, 0.25],
+        [3, 3000, 1000.0, 500.0, 1.0, 0.5, 0.25],
+        [6, 6000, 500.0, 250.0, 2.0, 0.75, 0.125],
+    ]
     assert read_metrics(tmp_path) == logged
 
 
 def test_time_inside_paused_is_left_out_of_the_throughput(tmp_path: Path) -> None:
-    cfg = compose_config([f"run.dir={tmp_path}", "logging.wandb.mode=disabled", "logging.every=2", "train.steps=2"])
-    topology = Topology(
-        world_size=1, sequence=1, tensor=1, expert=1, micro_batch_size=1, global_batch_size=1, seq_len=100, device="cpu", precision="fp32"
-    )
-    logger = MetricsLogger(
-        cfg.logging,
-        run=cfg.run,
-        run_config={},
-        steps=2,
-        peak=None,
-        dist=DistInfo(rank=0, world_size=1, local_rank=0),
-        topology=topology,
-        flops_per_token=1e6,
-    )
+    clock = ManualClock()
+    logger = _logger(tmp_path, every=2, steps=2, world_size=1, seq_len=100, clock=clock)
+    clock.advance(2.0)
     logger.step(1, torch.tensor(2.0), None, 1e-3)
     with logger.paused:  # a checkpoint or a validation between the steps
-        time.sleep(0.5)
+        clock.advance(5.0)
+    clock.advance(0.5)
     record = logger.step(2, torch.tensor(2.0), None, 1e-3)
     logger.close()
-    assert record is not None and record["step_time_s"] < 0.25  # without the pause it would be over 0.5 s
+    assert record is not None and record["step_time_s"] == 0.5 and record["tokens_per_s"] == 200.0
 
 
 def test_smoke_run_records_throughput_step_time_and_data_wait(single_process_run: Path) -> None:
@@ -180,3 +188,23 @@ def test_a_restarted_run_continues_the_same_wandb_run(tmp_path: Path, monkeypatc
     assert ids[0] == ids[1] == (run_dir / "wandb_id").read_text().strip()
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and all(p.name.endswith(ids[0]) for p in attempts)
+
+
+def test_lines_that_are_not_records_never_stop_a_resume_and_are_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = compose_config([f"run.dir={run_dir}", "logging.wandb.mode=disabled"])
+    record = [b'{"step": %d, "loss": 8.0}\n' % step for step in range(1, 5)]
+    garbage = b"\xff\xfe not json, not UTF-8\n"
+    torn = b'{"step": 5, "lo'  # a kill mid-write
+    (run_dir / "metrics.jsonl").write_bytes(record[0] + record[1] + garbage + record[2] + record[3] + torn)
+
+    with caplog.at_level("WARNING", logger="zeroforge"):
+        _Sinks(cfg.logging, cfg.run, {}, start_step=3).close()
+    assert (run_dir / "metrics.jsonl").read_bytes() == record[0] + record[1] + record[2]
+    # Nothing is lost: every other line, byte for byte and in order, is with the superseded records.
+    assert (run_dir / "metrics.superseded.jsonl").read_bytes() == garbage + record[3] + torn + b"\n"
+    assert "metrics.jsonl line 3 is not a JSON record" in caplog.text and "metrics.jsonl line 6" in caplog.text
+
+    _Sinks(cfg.logging, cfg.run, {}, start_step=3).close()  # resumed again: nothing left to move
+    assert (run_dir / "metrics.jsonl").read_bytes() == record[0] + record[1] + record[2]

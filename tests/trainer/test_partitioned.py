@@ -17,6 +17,9 @@ from tests.conftest import REPO, TORCHRUN, engine_for, model_for_training, read_
 
 # llama-125m's shape with a 32,000-token vocabulary (tied): 109.5M parameters, 418 MiB in fp32.
 MODEL_110M = ["model=llama-125m", "model.vocab_size=32000"]
+# Enough steps for the losses of the two constructions to be compared bit for bit after several
+# optimizer updates; each step of this model is seconds on a CPU.
+STEPS = 4
 STARTUP = re.compile(
     r"start-up: model and engine in [\d.]+ s \((.*?)\) \| peak host memory per rank: ([\d, ]+) MiB \(before the model: ([\d, ]+) MiB\)"
 )
@@ -45,6 +48,7 @@ def _run_110m(data_cache: Path, run_dir: Path, steps: int, deepspeed: list[str])
         "train.micro_batch_size=1",
         "train.global_batch_size=2",
         f"train.steps={steps}",
+        "optim.warmup_steps=0",  # one of the runs is a single step
         "logging.every=1",
         "eval.every=0",
         "checkpoint.every=0",
@@ -54,10 +58,10 @@ def _run_110m(data_cache: Path, run_dir: Path, steps: int, deepspeed: list[str])
 
 @pytest.fixture(scope="module")
 def partitioned_110m(data_cache: Path, tmp_path_factory) -> tuple[Path, str]:
-    """10 steps of the 110M model under ZeRO-3 with partitioned construction (ends with a
+    """STEPS steps of the 110M model under ZeRO-3 with partitioned construction (ends with a
     checkpoint and the run's export)."""
     run_dir = tmp_path_factory.mktemp("partitioned") / "run"
-    return run_dir, _run_110m(data_cache, run_dir, 10, ["deepspeed=zero3"])
+    return run_dir, _run_110m(data_cache, run_dir, STEPS, ["deepspeed=zero3"])
 
 
 @pytest.mark.slow
@@ -65,12 +69,12 @@ def test_partitioned_startup_holds_a_shard_and_trains_like_the_whole_model(
     partitioned_110m: tuple[Path, str], data_cache: Path, tmp_path: Path
 ) -> None:
     run_dir, output = partitioned_110m
-    whole = _run_110m(data_cache, tmp_path / "whole", 10, ["deepspeed=zero3", "deepspeed.zero_init=false"])
+    whole = _run_110m(data_cache, tmp_path / "whole", STEPS, ["deepspeed=zero3", "deepspeed.zero_init=false"])
     zero2 = _run_110m(data_cache, tmp_path / "zero2", 1, ["deepspeed=zero2"])
 
     # The same seed gives the same weights: the losses are those of building the whole model first, bit for bit.
     losses = train_losses(run_dir)
-    assert len(losses) == 10 and losses == train_losses(tmp_path / "whole")
+    assert len(losses) == STEPS and losses == train_losses(tmp_path / "whole")
 
     how, peaks, befores = _startup(output)
     assert how == "partitioned construction"
@@ -119,7 +123,7 @@ def test_a_zero3_checkpoint_exports_in_shards_with_bounded_host_memory(partition
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "export", dtype=torch.float32).eval()  # gathered from the engine
     reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out)).eval()  # DeepSpeed's own consolidation
-    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_0000010")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{STEPS:07d}")
     reference.load_state_dict(state, strict=False)
     tokenizer = AutoTokenizer.from_pretrained(out)
     batch = tokenizer(["import os\nimport sys\n", "def main(argv):\n    return 0\n"], return_tensors="pt", padding=True)
@@ -148,7 +152,7 @@ def test_init_from_under_zero3_starts_at_the_hf_models_own_loss(tiny_export: Pat
     assert len(list(sharded.glob("model-*.safetensors"))) > 2
 
     run_dir = tmp_path / "run"
-    args = [*exact_overrides(data_cache, run_dir, 3), "train.steps=1", f"model.init_from={sharded}"]
+    args = [*exact_overrides(data_cache, run_dir, 3), "train.steps=1", "optim.warmup_steps=0", f"model.init_from={sharded}"]
     output = _ok(run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=TORCHRUN))
     assert "each rank reading its own shard" in output and "partitioned construction" in output
     first = read_metrics(run_dir)[0]["loss"]

@@ -32,8 +32,9 @@ def _ok(result) -> str:
 
 
 # ZeRO-2 runs with attention dropout, so the losses after the resume depend on every rank's
-# restored RNG state, not only on weights, optimizer and data position.
-@pytest.mark.parametrize("stage,extra", [(1, []), (2, ["+model.extra.attention_dropout=0.2"]), (3, [])])
+# restored RNG state, not only on weights, optimizer and data position; and with a 5-step warmup,
+# so it resumes well into the cosine decay (the others resume as the 10-step warmup ends).
+@pytest.mark.parametrize("stage,extra", [(1, []), (2, ["+model.extra.attention_dropout=0.2", "optim.warmup_steps=5"]), (3, [])])
 def test_stop_and_resume_is_bit_identical(
     stage: int, extra: list[str], data_cache: Path, tmp_path: Path, two_rank_run: Callable[..., tuple[Path, str]]
 ) -> None:
@@ -49,6 +50,7 @@ def test_stop_and_resume_is_bit_identical(
 
     assert train_losses(resumed) == train_losses(straight)  # bit-identical, every step once
     assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 21))
+    assert [r["lr"] for r in read_metrics(resumed)] == [r["lr"] for r in read_metrics(straight)]
     a = load_file(straight / "export" / "model.safetensors")
     b = load_file(resumed / "export" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -82,6 +84,12 @@ def test_unverifiable_checkpoints_are_never_loaded(data_cache: Path, tmp_path: P
     assert [r["loss"] for r in records[:15]] == [r["loss"] for r in first]
     assert (ckpts / "latest").read_text() == "step_0000020"
     assert not list(ckpts.glob("*.tmp"))
+    # The damaged step 15 was newer than the one resumed: it moved whole to abandoned/ rather than
+    # being saved over, and retention (keep_last=3) counted only this timeline's steps.
+    abandoned = ckpts / "abandoned" / "step_0000015"
+    assert (abandoned / shard.relative_to(ckpts / "step_0000015")).read_bytes() == bytes(data)
+    assert (abandoned / "manifest.json").exists()
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000010", "step_0000015", "step_0000020"]
 
 
 def test_no_verifiable_checkpoint_is_an_error_not_a_fresh_start(data_cache: Path, tmp_path: Path) -> None:
@@ -115,7 +123,7 @@ def test_killed_at_random_moments_always_resumes_from_a_committed_checkpoint(dat
     cmd = [sys.executable, "-m", "zeroforge.trainer.train", *exact_overrides(data_cache, killed, 2), *args]
     rng = random.Random(1234)
     kills = 0
-    for _ in range(10):
+    for _ in range(7):
         before = _committed_step(killed)
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
         # Armed once this restart has committed a step of its own, so the kill lands in the

@@ -132,7 +132,7 @@ def test_a_zero3_sequence_parallel_run_resumes_without_it_on_another_world_size(
     args = [*exact_overrides(data_cache, run_dir, 3), *PACKED]
     first = run_module(
         "zeroforge.trainer.train",
-        [*args, "parallel.sequence=2", "train.steps=10", "checkpoint.every=10"],
+        [*args, "parallel.sequence=2", "train.exit_interval=10"],
         cwd=REPO,
         launcher=TORCHRUN,
     )

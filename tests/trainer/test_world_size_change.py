@@ -26,7 +26,7 @@ def test_resume_on_another_world_size_continues_the_run(
 ) -> None:
     run_dir = tmp_path / "run"
     args = exact_overrides(data_cache, run_dir, stage)
-    _ok(run_module("zeroforge.trainer.train", [*args, "train.steps=10", "checkpoint.every=10"], cwd=REPO, launcher=first))
+    _ok(run_module("zeroforge.trainer.train", [*args, "train.exit_interval=10"], cwd=REPO, launcher=first))
     output = _ok(run_module("zeroforge.trainer.train", args, cwd=REPO, launcher=then))
     assert "resuming on" in output and "through DeepSpeed's universal checkpoint" in output
     assert (run_dir / "checkpoints" / "step_0000010" / "universal").is_dir()
