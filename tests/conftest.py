@@ -34,25 +34,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
-# Started first under `pytest -n 2 --dist loadfile --no-loadscope-reorder` (without that flag
-# xdist starts the files with the most tests first): the longest files, so that they run beside
-# the many short ones instead of alone at the end.
-LONGEST_FILES = (
-    "tests/trainer/test_resume.py",
-    "tests/test_quickstart.py",
-    "tests/slurm/test_pretrain.py",
-    "tests/trainer/test_partitioned.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def first(item: pytest.Item) -> int:
-        where = item.path.relative_to(REPO).as_posix()
-        return LONGEST_FILES.index(where) if where in LONGEST_FILES else len(LONGEST_FILES)
-
-    items.sort(key=first)
-
-
 def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """The directory `name`, made by build(directory) once per test session. Under pytest-xdist
     (`pytest -n 2`) the workers share it: the first to ask builds it, the others wait on its lock;
