@@ -21,10 +21,15 @@ def is_prepared(prepared: Path) -> bool:
     prepared = Path(prepared)
     if (prepared / "manifest.json").exists():
         return True
-    if not prepared.exists() or (prepared.is_dir() and not any(prepared.iterdir())):
+    if not prepared.exists():
         return False
-    entries = sorted(p.name for p in prepared.iterdir()) if prepared.is_dir() else []
-    found = f"{len(entries)} entries ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''})" if entries else "a file"
+    if prepared.is_dir():
+        entries = sorted(p.name for p in prepared.iterdir())
+        if not entries:
+            return False
+        found = f"{len(entries)} entries ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''})"
+    else:
+        found = "a file"
     raise DataError(
         f"{prepared} has no manifest.json, which a finished zeroforge prepare writes last; found {found}: "
         "a damaged preparation or an unfinished copy, which is neither used nor prepared over. Finish the "
