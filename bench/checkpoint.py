@@ -1,16 +1,30 @@
 """Checkpoint cost: how long the training loop is blocked by a save, bare DeepSpeed against
-zeroforge's atomic commit, synchronous and asynchronous.
+zeroforge's atomic commit, synchronous and asynchronous; and the disk's write rate.
 
     python bench/checkpoint.py [--repeats 3] [overrides ...]      (default model=llama-125m, ZeRO-2, one CPU rank)
 
-In one process and one engine, for --repeats rounds each:
-- bare: DeepSpeed's engine.save_checkpoint (the baseline: no fsync, no checksums, no manifest);
+In one process and one engine, --repeats rounds, each saving once in each of three ways:
+- bare: DeepSpeed's engine.save_checkpoint, then fsync of every file and directory it wrote (the
+  baseline: the same durability as zeroforge's commit, without checksums, manifest or renames);
 - sync: zeroforge's Checkpointer.save (DeepSpeed's save, fsync, sha256 of every file, manifest,
   rename, `latest`);
 - async: Checkpointer.save with checkpoint.async_save (the snapshot), then one training step,
   then commit_pending (whatever of the write the step did not hide, and the commit).
-Each keeps its best round, since a shared machine only ever makes a save slower. Prints a table
-and writes bench/results/checkpoint.json. Goal: async blocks the loop for less than half of sync.
+Round i starts at the i-th way (bare, sync, async; then sync, async, bare; ...), so that neither
+a slow stretch of a shared machine nor going first or last falls on one way only (a multiple of 3
+rounds puts each way in each place equally often). Each save's
+output is deleted before the next save starts: every save finds the same free disk, and the page
+cache holds none of an earlier save's pages (deleting a file drops its cached pages; fsync only
+writes them out). The cache is not dropped otherwise (that needs root), so sync's sha256 reads
+what it just wrote from memory, as it does in training. The saves go to a new directory under
+$TMPDIR (default /tmp): point TMPDIR at the filesystem whose rate you want (a cluster's shared one).
+
+The table shows each way's median over the rounds, every round's figure, and the median of the
+rounds' ratios to the same round's bare save. The disk write rate is the checkpoint's bytes over
+the median bare save: what a save achieves on this filesystem with fsync (serializing included,
+so at most the disk's own rate), not the page cache's.
+Prints a table and writes bench/results/checkpoint.json.
+Goal: async blocks the loop for less than half of sync.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -27,12 +42,39 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+WAYS = ("bare", "sync", "async")
+
+
+def _fsync_written(root: Path) -> None:
+    """fsync every file and directory under root, and root's own entry in its parent: what
+    zeroforge's commit makes durable before `latest` moves."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(Path(directory) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(root.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _bytes_under(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each saves once in each way")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
@@ -83,50 +125,87 @@ def main() -> None:
 
     one_step()  # optimizer states exist from here on, as in any real save
     identity = {"tokenizer_hash": "", "world_size": 1, "config": {"model": {}}}
-    sync = Checkpointer(engine, compose_config([*base, f"checkpoint.dir={scratch}/sync"]).checkpoint, dist, identity)
-    rounds: dict[str, list[float]] = {"bare": [], "sync": [], "async": []}
-    step_s: list[float] = []
-    size = 0
-    for r in range(args.repeats):
-        started = time.perf_counter()
-        engine.save_checkpoint(str(scratch / "bare"), tag=f"round_{r}", save_latest=False)
-        rounds["bare"].append(time.perf_counter() - started)
-        size = sum(p.stat().st_size for p in (scratch / "bare").rglob("*") if p.is_file())
-        shutil.rmtree(scratch / "bare")
-        rounds["sync"].append(sync.save(TrainState(step=step + r)))
+    dirs = {way: scratch / way for way in WAYS}
+    direct = engine.checkpoint_engine
+    sync = Checkpointer(engine, compose_config([*base, f"checkpoint.dir={dirs['sync']}"]).checkpoint, dist, identity)
+    # An async Checkpointer installs its background writer as the engine's checkpoint engine;
+    # each way below puts back the one it saves through.
     asynchronous = Checkpointer(
-        engine, compose_config([*base, f"checkpoint.dir={scratch}/async", "checkpoint.async_save=true"]).checkpoint, dist, identity
+        engine, compose_config([*base, f"checkpoint.dir={dirs['async']}", "checkpoint.async_save=true"]).checkpoint, dist, identity
     )
-    for _ in range(args.repeats):
-        blocked = asynchronous.save(TrainState(step=step))  # step advances below: each save is a new step_<N>
-        step_s.append(one_step())
-        blocked += asynchronous.commit_pending()
-        rounds["async"].append(blocked)
+    writer = engine.checkpoint_engine
+    saves = size = 0
+    step_s: list[float] = []
+
+    def save(way: str) -> float:
+        """One save the given way: the seconds the loop was blocked."""
+        nonlocal saves, size
+        saves += 1  # a new step_<N> every save, as in training
+        state = TrainState(step=saves)
+        if way == "bare":
+            engine.checkpoint_engine = direct
+            started = time.perf_counter()
+            engine.save_checkpoint(str(dirs[way]), tag=f"save_{saves}", save_latest=False)
+            _fsync_written(dirs[way])
+            blocked = time.perf_counter() - started
+            size = _bytes_under(dirs[way])
+        elif way == "sync":
+            engine.checkpoint_engine = direct
+            blocked = sync.save(state)
+        else:
+            engine.checkpoint_engine = writer
+            blocked = asynchronous.save(state)
+            step_s.append(one_step())
+            blocked += asynchronous.commit_pending()
+        shutil.rmtree(dirs[way])
+        return blocked
+
+    rounds: list[dict[str, float]] = []
+    orders: list[tuple[str, ...]] = []
+    for r in range(args.repeats):
+        order = WAYS[r % len(WAYS) :] + WAYS[: r % len(WAYS)]
+        orders.append(order)
+        rounds.append({way: save(way) for way in order})
+    engine.checkpoint_engine = direct
     shutil.rmtree(scratch, ignore_errors=True)
 
-    best = {k: min(v) for k, v in rounds.items()}
+    median = {way: statistics.median(r[way] for r in rounds) for way in WAYS}
+    # Each round's ratio to that round's baseline, then their median: a slow stretch of the
+    # machine moves both sides of a ratio alike.
+    over_bare = {way: statistics.median(r[way] / r["bare"] for r in rounds) for way in WAYS}
+    async_over_sync = statistics.median(r["async"] / r["sync"] for r in rounds)
+    write_gib_s = size / 2**30 / median["bare"]
     result = {
         "model": cfg.model.name,
         "zero_stage": cfg.deepspeed.stage,
         "device": device,
         "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
         "checkpoint_bytes": size,
-        "step_s": min(step_s),
-        "blocked_s": best,
-        "rounds_s": rounds,
-        "sync_over_bare": best["sync"] / best["bare"],
-        "async_over_sync": best["async"] / best["sync"],
+        "step_s": statistics.median(step_s),
+        "blocked_s": median,
+        "rounds_s": {way: [r[way] for r in rounds] for way in WAYS},
+        "round_orders": orders,
+        "over_bare": over_bare,
+        "sync_over_bare": over_bare["sync"],
+        "async_over_sync": async_over_sync,
+        "disk_write_gib_s": write_gib_s,
+        "disk_write_gib_s_rounds": [size / 2**30 / r["bare"] for r in rounds],
     }
     print(
-        f"{cfg.model.name}, ZeRO-{cfg.deepspeed.stage}, {device}: checkpoint {size / 2**30:.2f} GiB, one training step {min(step_s):.2f} s"
+        f"{cfg.model.name}, ZeRO-{cfg.deepspeed.stage}, {device}: checkpoint {size / 2**30:.2f} GiB, "
+        f"one training step {result['step_s']:.2f} s; medians of {args.repeats} rotated rounds"
     )
-    print(f"{'save':<8}{'loop blocked (s)':>18}{'x bare':>9}")
-    for kind in ("bare", "sync", "async"):
-        print(f"{kind:<8}{best[kind]:>18.2f}{best[kind] / best['bare']:>9.2f}")
-    print(f"async / sync = {result['async_over_sync']:.2f} (goal < 0.5)")
+    print(f"{'save':<8}{'loop blocked (s)':>18}{'x bare':>9}   each round (s)")
+    for way in WAYS:
+        each = " ".join(f"{r[way]:.2f}" for r in rounds)
+        print(f"{way:<8}{median[way]:>18.2f}{over_bare[way]:>9.2f}   {each}")
+    print(f"disk write rate (bare save, fsynced) = {write_gib_s:.2f} GiB/s")
+    print(f"async / sync = {async_over_sync:.2f} (goal < 0.5)")
     out = REPO / "bench" / "results" / "checkpoint.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     distributed.close()
 
 
