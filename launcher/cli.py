@@ -11,6 +11,7 @@ COMMANDS = {
     "launch": ("zeroforge.launcher", "validate, prepare, train (torchrun or sbatch), export, evaluate, sample"),
     "train": ("zeroforge.trainer.train", "the trainer alone (under torchrun for several processes)"),
     "prepare": ("zeroforge.launcher.prepare", "tokenize and shard the data ahead of time"),
+    "universal": ("zeroforge.launcher.universal", "convert the checkpoint a run resumes on another world size (launch does it)"),
     "plan": ("zeroforge.launcher.plan", "the pre-flight memory and time plan"),
     "evaluate": ("zeroforge.trainer.evaluate", "held-out loss and perplexity of an export or a checkpoint"),
     "generate": ("zeroforge.trainer.generate", "samples from an export or a checkpoint"),

@@ -3,8 +3,10 @@ the topology (launcher/memory.py counts the parts)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 from zeroforge.data.config import DataConfig, plain
@@ -18,13 +20,51 @@ from zeroforge.launcher.memory import (
     Setup,
     activation_bytes,
     buffer_bytes,
+    conversion_budget,
     host_memory,
     model_states,
 )
 from zeroforge.launcher.model_shape import ModelShape, model_shape
-from zeroforge.trainer.config import AnyConfig, ClusterConfig, DeepSpeedConfig, LauncherConfig, ModelConfig, TrainConfig
+from zeroforge.trainer.checkpoint import MANIFEST, newest_checkpoint
+from zeroforge.trainer.config import AnyConfig, CheckpointConfig, ClusterConfig, DeepSpeedConfig, LauncherConfig, ModelConfig, TrainConfig
 from zeroforge.trainer.loss import resolve_loss
 from zeroforge.trainer.topology import Topology, accelerator_is_cuda
+from zeroforge.trainer.universal import UNIVERSAL, CheckpointSizes, ConversionPlan, checkpoint_sizes, model_sizes, plan_conversion
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a job resumes from, where its optimizer state is cut for the ranks that saved
+    it (ZeRO 1-3 without offload) and not converted to DeepSpeed's universal form yet."""
+
+    path: Path
+    world_size: int
+    sizes: CheckpointSizes
+
+
+def unconverted_resume(checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig) -> Optional[Resume]:
+    """The Resume of checkpoint.resume (its manifest says which world size saved it), if any."""
+    path = newest_checkpoint(checkpoint.dir, checkpoint.resume)
+    offload = deepspeed.offload_optimizer or deepspeed.offload_params
+    if path is None or deepspeed.stage == 0 or offload or (path / UNIVERSAL).is_dir():
+        return None
+    run = json.loads((path / MANIFEST).read_text()).get("run")
+    return None if run is None else Resume(path, int(run["world_size"]), checkpoint_sizes(path))
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The conversion to DeepSpeed's universal form that a resume on another world size needs
+    (trainer/universal.py), on one node before the ranks start."""
+
+    plan: ConversionPlan
+    # Its time limit: checkpoint.universal_timeout_s, or the default for this plan.
+    timeout_s: float
+    # The ranks that saved the checkpoint.
+    saved_by: int
+    # The checkpoint this job resumes and converts first; None: the plan is for this job's own
+    # checkpoints, resumed on another world size later.
+    checkpoint: Optional[Path]
 
 
 @dataclass(frozen=True)
@@ -52,6 +92,9 @@ class MemoryPlan:
     peak_tflops: Optional[float]
     assumed_mfu: float
     steps: int
+    # None: its checkpoints are never converted (ZeRO-0's load on any world size as they are,
+    # ZeRO-Offload's resume on their own world size only).
+    conversion: Optional[Conversion]
 
     @property
     def world_size(self) -> int:
@@ -90,9 +133,16 @@ class MemoryPlan:
         return None if self.host_memory is None else self.host.per_node <= self.host_memory
 
     @property
+    def conversion_fits(self) -> Optional[bool]:
+        """Whether the conversion this job runs before its ranks start fits a node's host memory;
+        None where it runs none, or the memory is unknown."""
+        c = self.conversion
+        return None if c is None or c.checkpoint is None else c.plan.fits
+
+    @property
     def fits(self) -> Optional[bool]:
-        """False when either memory is known not to suffice; None when neither is known."""
-        verdicts = [v for v in (self.gpu_fits, self.host_fits) if v is not None]
+        """False when any memory is known not to suffice; None when none is known."""
+        verdicts = [v for v in (self.gpu_fits, self.host_fits, self.conversion_fits) if v is not None]
         return all(verdicts) if verdicts else None
 
     @property
@@ -125,9 +175,11 @@ class Planner:
     deepspeed: DeepSpeedConfig
     cluster: ClusterConfig
     launcher: LauncherConfig
+    checkpoint: CheckpointConfig
     topology: Topology
     shape: ModelShape
     configured: Setup
+    resume: Optional[Resume]
 
     @classmethod
     def of(cls, config: AnyConfig, topology: Topology) -> Planner:
@@ -152,9 +204,11 @@ class Planner:
             deepspeed=ds,
             cluster=config.cluster,
             launcher=config.launcher,
+            checkpoint=config.checkpoint,
             topology=topology,
             shape=model_shape(model, config.data),
             configured=configured,
+            resume=unconverted_resume(config.checkpoint, ds),
         )
 
     def topology_of(self, setup: Setup) -> Topology:
@@ -229,7 +283,21 @@ class Planner:
             peak_tflops=self.peak_tflops(),
             assumed_mfu=launcher.assumed_mfu,
             steps=self.train.steps,
+            conversion=self.conversion(setup, topology, e),
         )
+
+    def conversion(self, setup: Setup, topology: Topology, e: int) -> Optional[Conversion]:
+        """The conversion this job runs before its ranks start (it resumes a checkpoint saved by
+        another world size), or else the one its own checkpoints would need, on the model's size."""
+        budget, timeout = conversion_budget(self.cluster.host_memory_gb), self.checkpoint.universal_timeout_s
+        resume = self.resume
+        if resume is not None and resume.world_size != topology.world_size:
+            plan = plan_conversion(resume.sizes, budget)
+            return Conversion(plan, plan.timeout_s(timeout), resume.world_size, resume.path)
+        if setup.stage == 0 or setup.offload_optimizer or setup.offload_params:
+            return None
+        plan = plan_conversion(model_sizes(self.shape.params, self.shape.largest_layer, topology.world_size, setup.stage, e), budget)
+        return Conversion(plan, plan.timeout_s(timeout), topology.world_size, None)
 
     def estimate(self) -> MemoryPlan:
         """The plan of the configuration as it is."""

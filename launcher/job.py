@@ -5,7 +5,9 @@ config of `zeroforge launch` (--config-path/--config-name), or a user's override
 (`sbatch slurm/pretrain.sh --config-dir ./myconf experiment=mine`), composed on the generic
 cluster=slurm unless they choose a cluster. It sets cluster.nodes to the allocation's node count,
 checks the config against the allocation, prepares the data (once, so that ranks never race to
-build it), freezes the config into run.dir/job.yaml for the ranks, and writes the per-node
+build it), converts the checkpoint a resume on another world size continues from (here on the
+batch host, which has its node's memory to itself before srun starts the ranks; not on the login
+node at submission), freezes the config into run.dir/job.yaml for the ranks, and writes the per-node
 settings as shell `export` lines to the file named by $ZF_JOB_ENV, which the script then sources.
 """
 
@@ -42,11 +44,21 @@ def job_arguments(args: Sequence[str], env: Mapping[str, str]) -> list[str]:
 
 
 def job_environment(cfg: DictConfig, env: Mapping[str, str]) -> dict[str, str]:
-    """Check the config against this allocation, prepare the data, freeze the config for the
-    ranks; the variables every node needs."""
+    """Check the config against this allocation, prepare the data, convert a checkpoint saved by
+    another world size, freeze the config for the ranks; the variables every node needs."""
     c = cfg.cluster
     topology = job_topology(cfg)
-    preflight(topology, run=cfg.run, checkpoint=cfg.checkpoint, model=cfg.model, data=cfg.data, deepspeed=cfg.deepspeed, seed=cfg.seed)
+    preflight(
+        topology,
+        run=cfg.run,
+        checkpoint=cfg.checkpoint,
+        model=cfg.model,
+        data=cfg.data,
+        deepspeed=cfg.deepspeed,
+        cluster=c,
+        seed=cfg.seed,
+        force=cfg.launcher.force,
+    )
     gpus = env.get("SLURM_GPUS_ON_NODE", "")
     if topology.device == "cuda" and gpus.isdigit() and c.nproc_per_node > int(gpus):
         raise ConfigError(

@@ -57,6 +57,10 @@ def launch(cfg: DictConfig) -> int:
                 f"cluster.nproc_per_node={cfg.cluster.nproc_per_node} but this machine has "
                 f"{torch.cuda.device_count()} GPUs; expected at most one process per GPU."
             )
+    if cfg.launcher.harness and cfg.eval.tasks:
+        from zeroforge.trainer.lm_eval_tasks import select_tasks
+
+        select_tasks(list(cfg.eval.tasks))  # a misspelt task is refused now, not after the training
     # The memory plan before the data is prepared: a job that cannot fit is refused in seconds.
     check_fits(Planner.of(cfg, topology))
     dry_run = cfg.launcher.dry_run
@@ -67,8 +71,10 @@ def launch(cfg: DictConfig) -> int:
         model=cfg.model,
         data=cfg.data,
         deepspeed=cfg.deepspeed,
+        cluster=cfg.cluster,
         seed=cfg.seed,
         prepare=not dry_run,
+        force=cfg.launcher.force,
     )
     if dry_run:
         print(shlex.join(torchrun_command(cfg.cluster, job_config_options(cfg.run.dir))))

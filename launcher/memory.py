@@ -29,6 +29,7 @@ cluster.host_memory_gb.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from zeroforge.launcher.model_shape import ModelShape
 
@@ -141,6 +142,15 @@ class HostMemory:
     def highest(self) -> str:
         phases = self.phases()
         return max(phases, key=lambda phase: phases[phase])
+
+
+def conversion_budget(host_memory_gb: Optional[float]) -> Optional[float]:
+    """Bytes the conversion to DeepSpeed's universal form (trainer/universal.py) may hold on a node
+    of host_memory_gb, which it has to itself before the ranks start: what a phase may hold there,
+    before the allocator's slack and the system's share. None where the node's memory is unknown."""
+    if host_memory_gb is None:
+        return None
+    return (host_memory_gb - HOST_SYSTEM_GIB) * GIB / (1 + HOST_FRAGMENTATION)
 
 
 def model_states(params: int, largest_layer: int, setup: Setup, dp: int, e: int, sub_group: float = DS_SUB_GROUP_SIZE) -> ModelStates:

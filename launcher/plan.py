@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig
 
-from zeroforge.launcher.estimate import MemoryPlan, Planner
+from zeroforge.launcher.estimate import Conversion, MemoryPlan, Planner
 from zeroforge.launcher.fixes import MAX_NODE_DOUBLINGS, fixes
 from zeroforge.launcher.memory import CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, HOST_FRAGMENTATION, HOST_SYSTEM_GIB
-from zeroforge.trainer.config import ConfigError
+from zeroforge.trainer.config import ClusterConfig, ConfigError
 from zeroforge.trainer.entry import entry_point
+from zeroforge.trainer.universal import PROCESS_GIB, ConversionPlan
 from zeroforge.trainer.validate import job_topology
 
 log = logging.getLogger("zeroforge")
@@ -64,11 +66,47 @@ def _host_breakdown(plan: MemoryPlan) -> str:
     )
 
 
+def conversion_refusal(path: Path, plan: ConversionPlan, cluster: ClusterConfig) -> str:
+    """Why converting the checkpoint at `path` to DeepSpeed's universal form cannot fit a node."""
+    s = plan.sizes
+    return (
+        f"cannot resume from {path} on another world size: converting it to DeepSpeed's universal checkpoint "
+        f"(before the ranks start, on one node) needs {_gib(plan.peak)} of host memory even with 1 extract and 1 merge "
+        f"worker, but cluster.host_memory_gb={cluster.host_memory_gb} ({cluster.name}) leaves it {_gib(plan.budget or 0.0)} "
+        f"after {HOST_SYSTEM_GIB:.0f} GiB and {HOST_FRAGMENTATION:.0%} for the system: one rank's optimizer state (the "
+        f"largest file) {_gib(s.shard)} (loaded with one of its three states copied: {_gib(s.shard * 4 / 3)}), the module file "
+        f"{_gib(s.module)}, four fp32 copies of the largest parameter {_gib(16 * s.largest_param)}, {PROCESS_GIB} GiB a "
+        f"process. Resume on the world size that saved it ({s.files} ranks), or convert it on a node with more host "
+        "memory: `zeroforge universal` with this run's overrides and that node's cluster.host_memory_gb."
+    )
+
+
+def _conversion_line(conversion: Optional[Conversion], world_size: int) -> str:
+    if conversion is None:
+        return "resume on another world size: its checkpoints load as they are (ZeRO-0) or only on this world size (ZeRO-Offload)"
+    p = conversion.plan
+    figures = f"{p.describe()} (time limit {_duration(conversion.timeout_s)})"
+    if p.fits is None:
+        figures += "; host memory unknown: 1 worker each"
+    if conversion.checkpoint is None:
+        return (
+            f"resume on another world size: this job's checkpoints ({world_size} ranks) are converted to DeepSpeed's "
+            f"universal checkpoint before the ranks start, {figures}"
+        )
+    verdict = "" if p.fits is None else f", {'fits in' if p.fits else 'DOES NOT FIT in'} {_gib(p.budget or 0.0)}"
+    return (
+        f"resume on another world size: {conversion.checkpoint} (saved by {conversion.saved_by} ranks, this job has "
+        f"{world_size}) is converted to DeepSpeed's universal checkpoint before the ranks start, {figures}{verdict}"
+    )
+
+
 def refusal(planner: Planner, plan: MemoryPlan) -> str:
     """Why the job does not fit, with the numbers and the changes that would make it fit."""
     found = fixes(planner, plan)
     cluster = planner.cluster
     lines = []
+    if plan.conversion is not None and plan.conversion.checkpoint is not None and plan.conversion_fits is False:
+        lines.append(conversion_refusal(plan.conversion.checkpoint, plan.conversion.plan, cluster))
     if plan.gpu_fits is False:
         lines.append(
             f"{plan.model.name} needs {_gib(plan.total)} per GPU but cluster.gpu_memory_gb={cluster.gpu_memory_gb} "
@@ -85,7 +123,7 @@ def refusal(planner: Planner, plan: MemoryPlan) -> str:
     if found:
         lines.append("Changes that fit, cheapest first:")
         lines += [f"  {overrides}  ->  {_gib(p.total)} per GPU, {_gib(p.host.per_node)} host per node" for overrides, p in found]
-    else:
+    elif plan.gpu_fits is False or plan.host_fits is False:
         lines.append(
             f"No change of ZeRO stage, checkpointing, micro batch, offload, loss, parallel.sequence or (on Slurm) up to "
             f"{2**MAX_NODE_DOUBLINGS}x the nodes fits."
@@ -114,6 +152,8 @@ def check_fits(planner: Planner) -> MemoryPlan:
             plan.tokens_per_step * plan.steps,
             100 * plan.assumed_mfu,
         )
+    if plan.conversion is not None and plan.conversion.checkpoint is not None:
+        log.info("plan: %s", _conversion_line(plan.conversion, plan.world_size))
     return plan
 
 
@@ -199,6 +239,7 @@ def format_plan(planner: Planner, plan: MemoryPlan) -> str:
         *_host_table(plan),
         "",
         f"host verdict: {host_verdict}",
+        _conversion_line(plan.conversion, plan.world_size),
         "",
     ]
     lines += [

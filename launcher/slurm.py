@@ -70,6 +70,7 @@ def submit(cfg: DictConfig) -> int:
         model=cfg.model,
         data=cfg.data,
         deepspeed=cfg.deepspeed,
+        cluster=cfg.cluster,
         seed=cfg.seed,
         prepare=False,
     )

@@ -187,6 +187,9 @@ class CheckpointConfig:
     # for a copy of the state in host memory, and the checkpoint commits after the next step.
     async_save: bool = False
     export_dir: str = "${run.dir}/export"
+    # Seconds the conversion to DeepSpeed's universal form (resume on another world size, before
+    # the ranks start) may take; null: 4x the plan's estimate, at least 10 min (trainer/universal.py).
+    universal_timeout_s: Optional[int] = field(default=None, metadata={"min": 1})
 
 
 @dataclass
@@ -200,7 +203,8 @@ class EvalConfig:
     model_path: str = "${checkpoint.export_dir}"
     # auto: bf16 on a GPU, fp32 on the CPU.
     precision: Precision = Precision.auto
-    # lm-evaluation-harness tasks, run through its HF adapter when lm_eval is installed.
+    # lm-evaluation-harness tasks: its task names, or paths of task YAMLs (a file, or a directory of
+    # them); run through its HF adapter when the eval extra is installed.
     tasks: list[str] = field(default_factory=list)
     # At most this many examples per task (null: all).
     tasks_limit: Optional[int] = field(default=None, metadata={"min": 1})

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -17,7 +16,8 @@ from zeroforge.data.tokenizer import tokenizer_hash
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.engine import validation_loss
 from zeroforge.trainer.entry import entry_point
-from zeroforge.trainer.inference_model import LoadedModel, inference_dtype, load_model, pick_device
+from zeroforge.trainer.inference_model import inference_dtype, load_model, pick_device
+from zeroforge.trainer.lm_eval_tasks import prepare_tasks, run_tasks
 from zeroforge.trainer.log import setup_logging
 
 log = logging.getLogger("zeroforge")
@@ -26,6 +26,7 @@ log = logging.getLogger("zeroforge")
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Mean loss over the fixed validation windows (the same numbers every run), and the
     lm-evaluation-harness tasks of eval.tasks where lm_eval is installed."""
+    tasks = prepare_tasks(list(cfg.eval.tasks)) if cfg.eval.tasks else None
     device = pick_device()
     loaded = load_model(cfg.eval.model_path, device, inference_dtype(cfg.eval.precision, device))
     # The data the weights were trained on, where known and still there; else cfg.data (prepared,
@@ -61,31 +62,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         tokens,
         result["tokens_per_s"],
     )
-    if cfg.eval.tasks:
-        tasks = run_lm_eval(loaded, list(cfg.eval.tasks), cfg.eval.batch_size, cfg.eval.tasks_limit)
-        if tasks is not None:
-            result["tasks"] = tasks
+    if tasks is not None:
+        result["tasks"] = run_tasks(loaded, tasks, cfg.eval.batch_size, cfg.eval.tasks_limit)
     return result
-
-
-def run_lm_eval(loaded: LoadedModel, tasks: list[str], batch_size: int, limit: Optional[int]) -> Optional[dict]:
-    """Benchmark tasks through lm-evaluation-harness's HF adapter; None (and a warning saying
-    why) where lm_eval is not installed, since it is an optional extra."""
-    if importlib.util.find_spec("lm_eval") is None:
-        log.warning(
-            "eval.tasks=%s not run: lm-evaluation-harness is not installed (pip install 'zeroforge[eval]' "
-            "or pip install lm-eval); the held-out perplexity above does not need it.",
-            tasks,
-        )
-        return None
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    adapter = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=adapter, tasks=tasks, limit=limit)["results"]
-    for task, metrics in results.items():
-        log.info("%s: %s", task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    return results
 
 
 @entry_point

@@ -10,6 +10,8 @@ mistakes as separate processes, through torchrun too.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -137,6 +139,8 @@ CONFIG_MISTAKES = [
     ("launch", ["train.exit_interval=0"], ["train.exit_interval must be at least 1, found 0"]),
     # checkpoint
     ("launch", ["checkpoint.keep_last=0"], ["checkpoint.keep_last must be at least 1, found 0"]),
+    ("launch", ["checkpoint.universal_timeout_s=0"], ["checkpoint.universal_timeout_s must be at least 1, found 0"]),
+    ("universal", [], ["checkpoint.resume=auto finds no committed checkpoint in", "expected one to convert"]),
     (
         "launch",
         ["checkpoint.resume=/no/such/checkpoint"],
@@ -146,6 +150,8 @@ CONFIG_MISTAKES = [
     # eval and generate
     ("launch", ["eval.batches=0"], ["eval.batches must be at least 1, found 0"]),
     ("evaluate", ["eval.every=-1"], ["eval.every must be at least 0, found -1"]),
+    ("launch", ["eval.tasks=[./no/such/task.yaml]"], ["eval.tasks: no task YAML at", "no/such/task.yaml", "lm-eval ls tasks"]),
+    ("evaluate", ["eval.tasks=[/no/such/tasks/]"], ["eval.tasks: no task YAML at /no/such/tasks", "a directory of them"]),
     ("generate", ["generate.top_p=0"], ["generate.top_p must be above 0 and at most 1, found 0.0"]),
     ("generate", ["generate.max_new_tokens=0"], ["generate.max_new_tokens must be at least 1, found 0"]),
     # throughput switches (issue 14) and streaming (issue 15)
@@ -240,6 +246,23 @@ def test_a_resume_of_another_run_is_refused_before_any_rank_starts(
     for text in expected:
         assert text in output, f"{text!r} not in:\n{output[-2000:]}"
     assert sorted(p.name for p in zero3_smoke_run.iterdir()) == before  # nothing written to the run
+
+
+def test_a_resume_whose_universal_conversion_cannot_fit_is_refused_before_anything_starts(
+    refuse, zero3_smoke_run: Path, tmp_path: Path
+) -> None:
+    """The 2-rank ZeRO-3 smoke run resumed on 1 rank, its optimizer-state files made 300 GiB each
+    (sparse): converting one needs more host memory than cluster.host_memory_gb leaves."""
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(zero3_smoke_run / "checkpoints", run_dir / "checkpoints")
+    for optimizer_states in (run_dir / "checkpoints" / "step_0000020").glob("*optim_states.pt"):
+        os.truncate(optimizer_states, 300 * 2**30)
+    before = sorted(run_dir.rglob("*"))
+    output = refuse("launch", ["experiment=smoke", "deepspeed=zero3", "train.precision=fp32", "cluster.host_memory_gb=64"], run_dir=run_dir)
+    assert "step_0000020 on another world size: converting it to DeepSpeed's universal checkpoint" in output
+    assert "needs 400.5 GiB of host memory even with 1 extract and 1 merge worker" in output
+    assert "cluster.host_memory_gb=64.0 (local)" in output and "Resume on the world size that saved it (2 ranks)" in output
+    assert sorted(run_dir.rglob("*")) == before  # nothing converted, and nothing of the run written
 
 
 def test_a_slurm_submission_refuses_a_resume_of_another_run_before_queueing(refuse, zero3_smoke_run: Path) -> None:

@@ -4,6 +4,7 @@ and model hold on the CPU, its refusals, and its wiring into the launch path."""
 from __future__ import annotations
 
 import gc
+import json
 import re
 import warnings
 from dataclasses import replace
@@ -15,13 +16,14 @@ from deepspeed.runtime.zero import stage3, stage_1_and_2
 
 from tests.conftest import REPO, engine_for, run_module
 from zeroforge.launcher.estimate import Planner
-from zeroforge.launcher.memory import GIB, activation_bytes
+from zeroforge.launcher.memory import GIB, activation_bytes, conversion_budget
 from zeroforge.launcher.model_shape import model_shape
 from zeroforge.launcher.plan import check_fits, format_plan
 from zeroforge.trainer.config import ConfigError, compose_config
 from zeroforge.trainer.engine import causal_lm_loss
 from zeroforge.trainer.loss import install_loss
 from zeroforge.trainer.model import build_model
+from zeroforge.trainer.universal import conversion_peak, model_sizes, plan_conversion
 from zeroforge.trainer.validate import job_topology
 
 # A model a few times the tiny one, so that DeepSpeed's printed GB figures have digits to compare.
@@ -379,6 +381,15 @@ def test_plan_cli_prints_host_memory_per_node_and_refuses_too_little() -> None:
     assert [r[0] for r in rows] == ["start-up", "resume", "save", "export"]
     assert all(0 < float(per_node) < 2048 for _, _, per_node in rows)
 
+    # Its checkpoints, converted to resume on another world size: 788 GiB of optimizer state, one
+    # rank's 64th at a time per extract worker, DeepSpeed's default workers within 2 TB.
+    assert re.search(
+        r"^resume on another world size: this job's checkpoints \(64 ranks\) are converted to DeepSpeed's universal checkpoint "
+        r"before the ranks start, peak host memory 83.9 GiB with 4 extract \+ 2 merge workers, about 40 min \(time limit 2.7 h\)$",
+        fits.stdout,
+        flags=re.M,
+    ), fits.stdout[-3000:]
+
     small = run_module("zeroforge.launcher.plan", [*LLAMA_70B_8_NODES, "cluster.host_memory_gb=64"], cwd=REPO, timeout=120)
     assert small.returncode == 0, small.stderr[-2000:]
     assert "host verdict: DOES NOT FIT in 64.0 GiB per node" in small.stdout
@@ -464,3 +475,67 @@ def test_a_head_count_the_degree_does_not_divide_is_never_offered() -> None:
     # 6 heads: parallel.sequence=4 or 8 cannot split them, so no fix offers it.
     cfg = compose_config([*LONG_CONTEXT, "model.num_heads=6", "model.num_kv_heads=6", "model.hidden_size=3072"])
     assert Planner.of(cfg, job_topology(cfg)).sequence_splits(1) == [1, 2]
+
+
+def test_the_universal_conversion_holds_one_shard_a_worker_and_as_many_workers_as_fit() -> None:
+    """llama-70b's optimizer state is 788 GiB (12 bytes a parameter), but ds_to_universal never holds
+    it all: each extract worker loads one rank's file, each merge worker one parameter's fragments."""
+    params, embedding = 70_553_706_496, 1_050_673_152  # llama-70b at vocabulary 128256 (model_shape)
+    one_node = model_sizes(params, embedding, world_size=8, stage=3, element_bytes=2)
+    assert one_node.optimizer / GIB == pytest.approx(788.5, abs=0.1) and one_node.shard == one_node.optimizer / 8
+    node = conversion_budget(2048)
+    plan = plan_conversion(one_node, node)
+    assert (plan.extract_workers, plan.merge_workers) == (4, 2) and plan.fits  # DeepSpeed's defaults fit 2 TB
+    # Extracting is the peak: 4 workers, each a 98.6 GiB shard with one of its three states copied
+    # again and one fp32 fragment of the embedding, 0.5 GiB a process (and the main one).
+    shard, embedding_fp32 = one_node.shard / GIB, 4 * embedding / GIB
+    assert plan.peak / GIB == pytest.approx(5 * 0.5 + 4 * (shard * 4 / 3 + embedding_fp32))
+    assert conversion_peak(one_node, 1, 1) < conversion_peak(one_node, 2, 1) < plan.peak
+    # A node of 512 GiB: fewer workers, so that it fits; unknown memory: one of each, the least.
+    assert plan_conversion(one_node, conversion_budget(512)).extract_workers == 3
+    assert plan_conversion(one_node, None).extract_workers == 1 and plan_conversion(one_node, None).fits is None
+    # Saved by one rank, its one file is the whole 788 GiB: one extract worker, which needs more
+    # than a 1 TB node has, and fits a 2 TB one.
+    alone = model_sizes(params, embedding, world_size=1, stage=3, element_bytes=2)
+    assert plan_conversion(alone, node).extract_workers == 1 and plan_conversion(alone, node).fits
+    assert plan_conversion(alone, conversion_budget(1024)).fits is False
+    assert plan.timeout_s(None) == 4 * plan.seconds and plan.timeout_s(7200) == 7200
+    assert plan_conversion(model_sizes(10**6, 10**5, 2, 2, 4), None).timeout_s(None) == 600  # the least
+
+
+def test_a_resume_on_another_world_size_counts_its_conversion_against_host_memory(tmp_path: Path) -> None:
+    """The plan reads a checkpoint's own files: which world size saved it (its manifest), its
+    optimizer-state files' sizes, and its largest parameter (the model states' shapes)."""
+    checkpoint = tmp_path / "step_0000010"
+    checkpoint.mkdir()
+    (checkpoint / "manifest.json").write_text(json.dumps({"step": 10, "run": {"world_size": 2}, "files": {}}))
+    torch.save({"param_shapes": [{"w": torch.Size([1000, 1000])}]}, checkpoint / "mp_rank_00_model_states.pt")
+    for rank in range(2):
+        with open(checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", "wb") as f:
+            f.truncate(60 * GIB)  # sparse: its size, without the disk
+    base = [f"checkpoint.resume={checkpoint}", "cluster.host_memory_gb=256"]
+    cfg, plan = _plan(base)
+    conversion = plan.conversion
+    assert conversion.checkpoint == checkpoint and conversion.saved_by == 2 and plan.world_size == 1
+    assert conversion.plan.sizes.largest_param == 10**6 and conversion.plan.sizes.shard == 60 * GIB
+    assert (conversion.plan.extract_workers, conversion.plan.merge_workers) == (2, 2) and plan.fits
+    planner = Planner.of(cfg, job_topology(cfg))
+    assert f"resume on another world size: {checkpoint} (saved by 2 ranks, this job has 1) is converted" in format_plan(planner, plan)
+
+    _, small = _plan([*base, "cluster.host_memory_gb=64"])
+    assert small.host_fits and small.conversion_fits is False and small.fits is False
+    cfg = compose_config([*base, "cluster.host_memory_gb=64"])
+    with pytest.raises(ConfigError) as refused:
+        check_fits(Planner.of(cfg, job_topology(cfg)))
+    message = str(refused.value)
+    assert f"cannot resume from {checkpoint} on another world size: converting it" in message
+    assert "needs 80.5 GiB of host memory even with 1 extract and 1 merge worker" in message
+    assert (
+        "one rank's optimizer state (the largest file) 60.0 GiB" in message
+        and "Resume on the world size that saved it (2 ranks)" in message
+    )
+    assert "No change of" not in message  # nothing in the training setup makes a conversion smaller
+
+    (checkpoint / "universal").mkdir()  # converted: nothing left to plan for it
+    _, converted = _plan([*base, "cluster.host_memory_gb=64"])
+    assert converted.conversion.checkpoint is None and converted.fits

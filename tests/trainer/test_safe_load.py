@@ -18,7 +18,7 @@ from zeroforge.trainer.background_save import file_entry
 from zeroforge.trainer.checkpoint import MANIFEST, Checkpointer, find_resume_checkpoint, step_tag
 from zeroforge.trainer.config import ConfigError, compose_config
 from zeroforge.trainer.distributed import DistInfo
-from zeroforge.trainer.universal import universal_checkpoint
+from zeroforge.trainer.universal import CheckpointSizes, checkpoint_sizes, convert, plan_conversion
 
 ONE_PROCESS = DistInfo(0, 1, 0)
 
@@ -74,16 +74,22 @@ def test_deepspeeds_own_loads_are_made_weights_only(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_the_conversion_to_the_universal_form_loads_weights_only(tmp_path: Path) -> None:
+def test_the_conversion_to_the_universal_form_loads_weights_only(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     marker = tmp_path / "marker"
     # Enough of a ZeRO checkpoint for DeepSpeed's converter to load its files.
     evil = {"extra": _WritesMarker(marker)}
     step_dir = _committed(tmp_path, {"mp_rank_00_model_states.pt": evil, "zero_pp_rank_0_mp_rank_00_optim_states.pt": evil})
-    convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir)]
-    subprocess.run([*convert, "--output_folder", str(tmp_path / "out"), "--inject_missing_state"], capture_output=True)
+    deepspeed_convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir)]
+    subprocess.run([*deepspeed_convert, "--output_folder", str(tmp_path / "out"), "--inject_missing_state"], capture_output=True)
     assert marker.read_text() == "ran"  # DeepSpeed's converter on its own runs the code
     marker.unlink()
 
-    with pytest.raises(ConfigError, match="Unsupported global: GLOBAL exec"):
-        universal_checkpoint(step_dir, ONE_PROCESS)
+    # The launcher's plan reads the parameter shapes from a model-states file's pickle alone.
+    with pytest.raises(ConfigError, match="cannot read the parameter shapes in .*mp_rank_00_model_states.pt"):
+        checkpoint_sizes(step_dir)
     assert not marker.exists()
+    capfd.readouterr()
+    with pytest.raises(ConfigError, match="converting it to DeepSpeed's universal checkpoint failed"):
+        convert(step_dir, plan_conversion(CheckpointSizes(1, 1.0, 1.0, 1.0, 1), None), None)
+    assert "Unsupported global: GLOBAL exec" in capfd.readouterr().err
+    assert not marker.exists() and not (step_dir / "universal").exists() and not (step_dir / "universal.tmp").exists()

@@ -127,7 +127,7 @@ def test_a_zero3_sequence_parallel_run_resumes_without_it_on_another_world_size(
 ) -> None:
     """10 steps of packed documents on 2 ranks splitting every sequence (ZeRO-3, where DeepSpeed's
     reduce-scatter needs the backward scale), then the rest on one process through the universal
-    checkpoint: every loss is one process's."""
+    checkpoint (converted by `zeroforge universal`): every loss is one process's."""
     run_dir = tmp_path / "run"
     args = [*exact_overrides(data_cache, run_dir, 3), *PACKED]
     first = run_module(
@@ -138,6 +138,10 @@ def test_a_zero3_sequence_parallel_run_resumes_without_it_on_another_world_size(
     )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "(sequence parallel 2)" in first.stdout
+    # A rank started by hand loads the universal form that `zeroforge universal` converts for it.
+    converted = run_module("zeroforge.launcher.universal", args, cwd=REPO)
+    assert converted.returncode == 0, converted.stdout[-3000:] + converted.stderr[-3000:]
+    assert converted.stdout.splitlines()[-1] == str(run_dir / "checkpoints" / "step_0000010" / "universal")
     then = run_module("zeroforge.trainer.train", args, cwd=REPO)
     assert then.returncode == 0, then.stdout[-3000:] + then.stderr[-3000:]
     assert "through DeepSpeed's universal checkpoint" in then.stdout + then.stderr and "(step 10)" in then.stdout + then.stderr
