@@ -292,11 +292,12 @@ class Planner:
         budget, timeout = conversion_budget(self.cluster.host_memory_gb), self.checkpoint.universal_timeout_s
         resume = self.resume
         if resume is not None and resume.world_size != topology.world_size:
-            plan = plan_conversion(resume.sizes, budget)
+            plan = plan_conversion(resume.sizes, budget, self.cluster.storage_gb_s)
             return Conversion(plan, plan.timeout_s(timeout), resume.world_size, resume.path)
         if setup.stage == 0 or setup.offload_optimizer or setup.offload_params:
             return None
-        plan = plan_conversion(model_sizes(self.shape.params, self.shape.largest_layer, topology.world_size, setup.stage, e), budget)
+        sizes = model_sizes(self.shape.params, self.shape.largest_layer, topology.world_size, setup.stage, e)
+        plan = plan_conversion(sizes, budget, self.cluster.storage_gb_s)
         return Conversion(plan, plan.timeout_s(timeout), topology.world_size, None)
 
     def estimate(self) -> MemoryPlan:

@@ -78,7 +78,7 @@ def convert_for_resume(path: Path, *, cluster: ClusterConfig, checkpoint: Checkp
     """Convert the checkpoint at `path` to DeepSpeed's universal form on this node, before any rank
     starts, with as many workers as cluster.host_memory_gb allows (trainer/universal.py); refused
     with the numbers where not even one of each fits, unless forced (launcher.force)."""
-    plan = plan_conversion(checkpoint_sizes(path), conversion_budget(cluster.host_memory_gb))
+    plan = plan_conversion(checkpoint_sizes(path), conversion_budget(cluster.host_memory_gb), cluster.storage_gb_s)
     if plan.fits is False:
         if not force:
             raise ConfigError(conversion_refusal(path, plan, cluster))

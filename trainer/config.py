@@ -292,6 +292,9 @@ class ClusterConfig:
     warning_s: int = field(default=300, metadata={"min": 1})
     # A node that cannot join the rendezvous within this many seconds fails the job (not a hang).
     rendezvous_timeout_s: int = field(default=300, metadata={"min": 1})
+    # GiB/s one process reads or writes checkpoint files at on the checkpoint filesystem: the time
+    # the plan gives the universal conversion (and its default time limit) comes from it.
+    storage_gb_s: float = field(default=0.5, metadata={"above": 0})
     # Exported on every node before torchrun starts (NCCL and InfiniBand settings).
     env: dict[str, str] = field(default_factory=dict)
     # Passed verbatim to sbatch, for flags the fields above don't cover (e.g. --mem=0, --exclusive).

@@ -59,9 +59,6 @@ MAX_MERGE_WORKERS = 2
 # One converter process before it loads a file: Python, torch and DeepSpeed on the CPU (0.25 GiB
 # measured), with room for a CUDA build's host-side libraries, which it loads but never uses.
 PROCESS_GIB = 0.5
-# What one process reads or writes checkpoint files at, for the time estimate: the checkpoint
-# bench's 0.53 GiB/s per writing process (bench/RESULTS.md, a local disk).
-DISK_GIB_PER_S = 0.5
 # The default time limit (checkpoint.universal_timeout_s=null): a shared filesystem under other
 # jobs' load, written in the converter's many small fragment files, is several times slower than
 # the bench's local disk, and even a small checkpoint needs its processes started; a hung
@@ -139,6 +136,8 @@ class ConversionPlan:
     merge_workers: int
     # Bytes the conversion may hold on its node; None: unknown (cluster.host_memory_gb unset).
     budget: Optional[float]
+    # GiB/s each of its processes reads or writes at (cluster.storage_gb_s).
+    storage_gib_s: float
 
     @property
     def peak(self) -> float:
@@ -153,10 +152,10 @@ class ConversionPlan:
         """Estimated: extracting reads every optimizer-state file and writes it again as fragments,
         merging reads those and writes the merged parameters (each phase spread over its workers);
         the main process reads the module file twice and copies it, and reads rank 0's
-        optimizer-state file twice; every process at DISK_GIB_PER_S."""
+        optimizer-state file twice; every process at storage_gib_s."""
         s = self.sizes
         moved = 2 * s.optimizer / self.extract_workers + 2 * s.optimizer / self.merge_workers + 4 * s.module + 2 * s.shard
-        return moved / (DISK_GIB_PER_S * GIB)
+        return moved / (self.storage_gib_s * GIB)
 
     def timeout_s(self, configured: Optional[int]) -> float:
         """checkpoint.universal_timeout_s, or by default TIMEOUT_FACTOR x the estimate, at least MIN_TIMEOUT_S."""
@@ -169,7 +168,7 @@ class ConversionPlan:
         )
 
 
-def plan_conversion(sizes: CheckpointSizes, budget: Optional[float]) -> ConversionPlan:
+def plan_conversion(sizes: CheckpointSizes, budget: Optional[float], storage_gib_s: float) -> ConversionPlan:
     """The most workers, up to DeepSpeed's defaults (and no more extracting than there are files),
     whose peak fits `budget` bytes; one of each where the budget is unknown, or where not even
     that fits (the plan's `fits` then says so)."""
@@ -180,7 +179,7 @@ def plan_conversion(sizes: CheckpointSizes, budget: Optional[float]) -> Conversi
 
     extract = most(min(MAX_EXTRACT_WORKERS, sizes.files), lambda w: conversion_peak(sizes, w, 1))
     merge = most(MAX_MERGE_WORKERS, lambda w: conversion_peak(sizes, 1, w))
-    return ConversionPlan(sizes, extract, merge, budget)
+    return ConversionPlan(sizes, extract, merge, budget, storage_gib_s)
 
 
 def _minutes(seconds: float) -> str:

@@ -484,7 +484,7 @@ def test_the_universal_conversion_holds_one_shard_a_worker_and_as_many_workers_a
     one_node = model_sizes(params, embedding, world_size=8, stage=3, element_bytes=2)
     assert one_node.optimizer / GIB == pytest.approx(788.5, abs=0.1) and one_node.shard == one_node.optimizer / 8
     node = conversion_budget(2048)
-    plan = plan_conversion(one_node, node)
+    plan = plan_conversion(one_node, node, 0.5)
     assert (plan.extract_workers, plan.merge_workers) == (4, 2) and plan.fits  # DeepSpeed's defaults fit 2 TB
     # Extracting is the peak: 4 workers, each a 98.6 GiB shard with one of its three states copied
     # again and one fp32 fragment of the embedding, 0.5 GiB a process (and the main one).
@@ -492,15 +492,16 @@ def test_the_universal_conversion_holds_one_shard_a_worker_and_as_many_workers_a
     assert plan.peak / GIB == pytest.approx(5 * 0.5 + 4 * (shard * 4 / 3 + embedding_fp32))
     assert conversion_peak(one_node, 1, 1) < conversion_peak(one_node, 2, 1) < plan.peak
     # A node of 512 GiB: fewer workers, so that it fits; unknown memory: one of each, the least.
-    assert plan_conversion(one_node, conversion_budget(512)).extract_workers == 3
-    assert plan_conversion(one_node, None).extract_workers == 1 and plan_conversion(one_node, None).fits is None
+    assert plan_conversion(one_node, conversion_budget(512), 0.5).extract_workers == 3
+    assert plan_conversion(one_node, None, 0.5).extract_workers == 1 and plan_conversion(one_node, None, 0.5).fits is None
     # Saved by one rank, its one file is the whole 788 GiB: one extract worker, which needs more
     # than a 1 TB node has, and fits a 2 TB one.
     alone = model_sizes(params, embedding, world_size=1, stage=3, element_bytes=2)
-    assert plan_conversion(alone, node).extract_workers == 1 and plan_conversion(alone, node).fits
-    assert plan_conversion(alone, conversion_budget(1024)).fits is False
+    assert plan_conversion(alone, node, 0.5).extract_workers == 1 and plan_conversion(alone, node, 0.5).fits
+    assert plan_conversion(alone, conversion_budget(1024), 0.5).fits is False
     assert plan.timeout_s(None) == 4 * plan.seconds and plan.timeout_s(7200) == 7200
-    assert plan_conversion(model_sizes(10**6, 10**5, 2, 2, 4), None).timeout_s(None) == 600  # the least
+    assert plan_conversion(one_node, node, 1.0).seconds == pytest.approx(plan.seconds / 2)  # cluster.storage_gb_s
+    assert plan_conversion(model_sizes(10**6, 10**5, 2, 2, 4), None, 0.5).timeout_s(None) == 600  # the least
 
 
 def test_a_resume_on_another_world_size_counts_its_conversion_against_host_memory(tmp_path: Path) -> None:

@@ -90,6 +90,6 @@ def test_the_conversion_to_the_universal_form_loads_weights_only(tmp_path: Path,
     assert not marker.exists()
     capfd.readouterr()
     with pytest.raises(ConfigError, match="converting it to DeepSpeed's universal checkpoint failed"):
-        convert(step_dir, plan_conversion(CheckpointSizes(1, 1.0, 1.0, 1.0, 1), None), None)
+        convert(step_dir, plan_conversion(CheckpointSizes(1, 1.0, 1.0, 1.0, 1), None, 0.5), None)
     assert "Unsupported global: GLOBAL exec" in capfd.readouterr().err
     assert not marker.exists() and not (step_dir / "universal").exists() and not (step_dir / "universal.tmp").exists()

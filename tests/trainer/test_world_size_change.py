@@ -61,7 +61,7 @@ def test_a_rank_never_converts_and_names_the_command_that_does(tmp_path: Path) -
 def test_a_conversion_past_its_time_limit_is_stopped_with_its_workers(tmp_path: Path) -> None:
     checkpoint = tmp_path / "step_0000010"
     checkpoint.mkdir()
-    plan = plan_conversion(CheckpointSizes(1, 1.0, 1.0, 1.0, 1), None)
+    plan = plan_conversion(CheckpointSizes(1, 1.0, 1.0, 1.0, 1), None, 0.5)
     with pytest.raises(ConfigError, match="took longer than its time limit of 1 s.*checkpoint.universal_timeout_s"):
         convert(checkpoint, plan, timeout_s=1)  # the converter takes longer than that to import DeepSpeed
     assert not any(checkpoint.iterdir())
