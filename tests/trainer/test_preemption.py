@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -36,13 +37,13 @@ def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} not found")
 
 
-def test_sigusr1_to_one_rank_saves_everywhere_and_resumes_exactly(data_cache: Path, tmp_path: Path) -> None:
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    args = ["train.steps=60"]
-    result = run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, straight, 2), *args], cwd=REPO, launcher=TORCHRUN)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    cmd = [*TORCHRUN, "-m", "zeroforge.trainer.train", *exact_overrides(data_cache, stopped, 2), *args]
+def test_sigusr1_to_one_rank_saves_everywhere_and_resumes_exactly(
+    data_cache: Path, tmp_path: Path, two_rank_run: Callable[..., tuple[Path, str]]
+) -> None:
+    straight, _ = two_rank_run(2)  # the same run, uninterrupted
+    steps = len(train_losses(straight))
+    stopped = tmp_path / "stopped"
+    cmd = [*TORCHRUN, "-m", "zeroforge.trainer.train", *exact_overrides(data_cache, stopped, 2)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
     _wait_for_step(stopped, 5, proc)
     _rank_process(proc, 1).send_signal(signal.SIGUSR1)
@@ -52,14 +53,14 @@ def test_sigusr1_to_one_rank_saves_everywhere_and_resumes_exactly(data_cache: Pa
     assert f"exit code {REQUEUE_EXIT_CODE}" in output
     latest = (stopped / "checkpoints" / "latest").read_text()
     saved_step = int(latest.split("_")[1])
-    assert 5 <= saved_step < 60
+    assert 5 <= saved_step < steps
     # Both ranks saved the same step.
     assert output.count(f"saved step {saved_step};") == 2
 
-    result = run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, stopped, 2), *args], cwd=REPO, launcher=TORCHRUN)
+    result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, stopped, 2), cwd=REPO, launcher=TORCHRUN)
     assert result.returncode == 0, result.stderr[-3000:]
     assert train_losses(stopped) == train_losses(straight)
-    assert [r["step"] for r in read_metrics(stopped)] == list(range(1, 61))
+    assert [r["step"] for r in read_metrics(stopped)] == list(range(1, steps + 1))
 
 
 def test_sigterm_alone_exits_with_the_requeue_code(data_cache: Path, tmp_path: Path) -> None:

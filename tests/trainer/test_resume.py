@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,10 +57,24 @@ def test_stop_and_resume_is_bit_identical(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_unverifiable_checkpoints_are_never_loaded(data_cache: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def stopped_at_15(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A single-process ZeRO-2 run with checkpoints at steps 5, 10 and 15, stopped by
+    train.exit_interval=15. The tests below each resume (or refuse to resume) a copy of it."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    args = [*exact_overrides(data_cache, run_dir, 2), "checkpoint.every=5", "train.exit_interval=15"]
+    _ok(run_module("zeroforge.trainer.train", args, cwd=REPO))
+    return run_dir
+
+
+def _copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_unverifiable_checkpoints_are_never_loaded(stopped_at_15: Path, data_cache: Path, tmp_path: Path) -> None:
+    run_dir = _copy_of(stopped_at_15, tmp_path)
     args = [*exact_overrides(data_cache, run_dir, 2), "checkpoint.every=5"]
-    _ok(run_module("zeroforge.trainer.train", [*args, "train.exit_interval=15"], cwd=REPO))
     first = read_metrics(run_dir)
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000005", "step_0000010", "step_0000015"]
@@ -92,20 +107,19 @@ def test_unverifiable_checkpoints_are_never_loaded(data_cache: Path, tmp_path: P
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000010", "step_0000015", "step_0000020"]
 
 
-def test_no_verifiable_checkpoint_is_an_error_not_a_fresh_start(data_cache: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.exit_interval=10"], cwd=REPO))
-    (run_dir / "checkpoints" / "step_0000010" / "manifest.json").unlink()
+def test_no_verifiable_checkpoint_is_an_error_not_a_fresh_start(stopped_at_15: Path, data_cache: Path, tmp_path: Path) -> None:
+    run_dir = _copy_of(stopped_at_15, tmp_path)
+    steps = ["step_0000005", "step_0000010", "step_0000015"]
+    for step in steps:
+        (run_dir / "checkpoints" / step / "manifest.json").unlink()
     result = run_module("zeroforge.trainer.train", exact_overrides(data_cache, run_dir, 2), cwd=REPO)
-    assert result.returncode != 0 and "no checkpoint in" in result.stderr and "step_0000010" in result.stderr
-    assert len(read_metrics(run_dir)) == 10  # nothing was set aside or overwritten
+    assert result.returncode != 0 and "no checkpoint in" in result.stderr and all(step in result.stderr for step in steps)
+    assert len(read_metrics(run_dir)) == 15  # nothing was set aside or overwritten
 
 
-def test_resume_refuses_another_model(data_cache: Path, tmp_path: Path) -> None:
+def test_resume_refuses_another_model(stopped_at_15: Path, data_cache: Path, tmp_path: Path) -> None:
     """(Another world size is allowed: tests/trainer/test_world_size_change.py.)"""
-    run_dir = tmp_path / "run"
-    _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 2), "train.exit_interval=10"], cwd=REPO))
-
+    run_dir = _copy_of(stopped_at_15, tmp_path)
     changed = run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, run_dir, 2), "model.hidden_size=64"], cwd=REPO)
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
     assert "model.hidden_size: checkpoint 128, now 64" in changed.stderr
