@@ -3,7 +3,6 @@ the topology (launcher/memory.py counts the parts)."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,11 +24,19 @@ from zeroforge.launcher.memory import (
     model_states,
 )
 from zeroforge.launcher.model_shape import ModelShape, model_shape
-from zeroforge.trainer.checkpoint import MANIFEST, newest_checkpoint
+from zeroforge.trainer.checkpoint import newest_checkpoint, saved_run
 from zeroforge.trainer.config import AnyConfig, CheckpointConfig, ClusterConfig, DeepSpeedConfig, LauncherConfig, ModelConfig, TrainConfig
 from zeroforge.trainer.loss import resolve_loss
 from zeroforge.trainer.topology import Topology, accelerator_is_cuda
-from zeroforge.trainer.universal import UNIVERSAL, CheckpointSizes, ConversionPlan, checkpoint_sizes, model_sizes, plan_conversion
+from zeroforge.trainer.universal import (
+    UNIVERSAL,
+    CheckpointSizes,
+    ConversionPlan,
+    checkpoint_sizes,
+    converts,
+    model_sizes,
+    plan_conversion,
+)
 
 
 @dataclass(frozen=True)
@@ -45,11 +52,9 @@ class Resume:
 def unconverted_resume(checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig) -> Optional[Resume]:
     """The Resume of checkpoint.resume (its manifest says which world size saved it), if any."""
     path = newest_checkpoint(checkpoint.dir, checkpoint.resume)
-    offload = deepspeed.offload_optimizer or deepspeed.offload_params
-    if path is None or deepspeed.stage == 0 or offload or (path / UNIVERSAL).is_dir():
+    if path is None or not converts(deepspeed) or (path / UNIVERSAL).is_dir():
         return None
-    run = json.loads((path / MANIFEST).read_text()).get("run")
-    return None if run is None else Resume(path, int(run["world_size"]), checkpoint_sizes(path))
+    return Resume(path, int(saved_run(path)["world_size"]), checkpoint_sizes(path))
 
 
 @dataclass(frozen=True)
@@ -294,7 +299,7 @@ class Planner:
         if resume is not None and resume.world_size != topology.world_size:
             plan = plan_conversion(resume.sizes, budget, self.cluster.storage_gb_s)
             return Conversion(plan, plan.timeout_s(timeout), resume.world_size, resume.path)
-        if setup.stage == 0 or setup.offload_optimizer or setup.offload_params:
+        if not converts(setup):
             return None
         sizes = model_sizes(self.shape.params, self.shape.largest_layer, topology.world_size, setup.stage, e)
         plan = plan_conversion(sizes, budget, self.cluster.storage_gb_s)

@@ -13,6 +13,7 @@ from zeroforge.trainer.checkpoint import newest_checkpoint
 from zeroforge.trainer.config import ConfigError
 from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.log import setup_logging
+from zeroforge.trainer.universal import converts
 
 
 @entry_point
@@ -22,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     path = newest_checkpoint(c.dir, c.resume)
     if path is None:
         raise ConfigError(f"checkpoint.resume={c.resume} finds no committed checkpoint in {c.dir}; expected one to convert.")
-    if ds.stage == 0 or ds.offload_optimizer or ds.offload_params:
+    if not converts(ds):
         raise ConfigError(
             f"deepspeed={ds.name} (ZeRO-{ds.stage}{' with offload' if ds.stage else ''}): its checkpoints are never converted; "
             "expected ZeRO 1-3 without offload. ZeRO-0's load on any world size as they are, ZeRO-Offload's resume "

@@ -32,6 +32,7 @@ from zeroforge.trainer.distributed import DistInfo, barrier, from_rank_zero, gat
 from zeroforge.trainer.model import model_differences
 from zeroforge.trainer.safe_load import foreign_types, weights_only_loads
 from zeroforge.trainer.train_state import TrainState
+from zeroforge.trainer.universal import converts
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -410,6 +411,14 @@ def _free_name(path: Path) -> Path:
     return found
 
 
+def saved_run(path: Path) -> dict[str, Any]:
+    """The run that saved a committed checkpoint (model, data, tokenizer, world size), from its manifest."""
+    run = json.loads((path / MANIFEST).read_text()).get("run")
+    if run is None:
+        raise ConfigError(f"cannot resume from {path}: its manifest has no run section (an older format).")
+    return run
+
+
 def check_resumable(
     path: Path, *, model: ModelConfig, data: DataConfig, seed: int, deepspeed: DeepSpeedConfig, data_manifest: dict, world_size: int
 ) -> bool:
@@ -418,9 +427,7 @@ def check_resumable(
     Returns whether the checkpoint was saved by another world size with partitioned (ZeRO)
     optimizer state, which only DeepSpeed's universal form of it can load.
     """
-    run = json.loads((path / MANIFEST).read_text()).get("run")
-    if run is None:
-        raise ConfigError(f"cannot resume from {path}: its manifest has no run section (an older format).")
+    run = saved_run(path)
     problems = model_differences(run["model"], plain(model))
     problems += resume_problems(run["data"], data_manifest, data, seed)
     if run["tokenizer_hash"] != data_manifest["tokenizer_hash"]:
@@ -433,7 +440,7 @@ def check_resumable(
         )
     if run["world_size"] == world_size or deepspeed.stage == 0:
         return False  # without ZeRO every rank holds the whole optimizer state: any world size loads it
-    if deepspeed.offload_optimizer or deepspeed.offload_params:
+    if not converts(deepspeed):
         raise ConfigError(
             f"cannot resume from {path}: it was saved by {run['world_size']} ranks and this run has "
             f"{world_size}; with ZeRO-Offload (deepspeed={deepspeed.name}) zeroforge resumes only on "

@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -60,11 +60,29 @@ MAX_MERGE_WORKERS = 2
 # measured), with room for a CUDA build's host-side libraries, which it loads but never uses.
 PROCESS_GIB = 0.5
 # The default time limit (checkpoint.universal_timeout_s=null): a shared filesystem under other
-# jobs' load, written in the converter's many small fragment files, is several times slower than
-# the bench's local disk, and even a small checkpoint needs its processes started; a hung
+# jobs' load, written in the converter's many small fragment files, can be several times slower
+# than cluster.storage_gb_s, and even a small checkpoint needs its processes started; a hung
 # filesystem or worker still ends.
 TIMEOUT_FACTOR = 4
 MIN_TIMEOUT_S = 600
+
+
+class ZeroSetup(Protocol):
+    """The deepspeed section, or a setup the planner tries."""
+
+    @property
+    def stage(self) -> int: ...
+    @property
+    def offload_optimizer(self) -> bool: ...
+    @property
+    def offload_params(self) -> bool: ...
+
+
+def converts(zero: ZeroSetup) -> bool:
+    """Whether checkpoints of this ZeRO setup resume on another world size through the universal
+    form: only partitioned optimizer state needs it. ZeRO-0's ranks each hold it whole, which any
+    world size loads as it is; ZeRO-Offload's resume only on the world size that saved them."""
+    return zero.stage > 0 and not (zero.offload_optimizer or zero.offload_params)
 
 
 @dataclass(frozen=True)
