@@ -243,7 +243,7 @@ class Planner:
         """The plan of `setup` (the configured one, or a fix's)."""
         c, launcher, shape = self.cluster, self.launcher, self.shape
         topology = self.topology_of(setup)
-        e = 2 if topology.precision == "bf16" else 4
+        e = 2 if topology.bf16 else 4
         # ZeRO partitions over the data- and sequence-parallel ranks together.
         seq, shards = topology.seq_len, topology.zero_shards
         zero_extra = plain(self.deepspeed.zero_extra)
@@ -262,6 +262,7 @@ class Planner:
                 liger_kernels=self.model.liger_kernels,
                 sequence=setup.sequence,
                 tiled_mlp=self.model.tiled_mlp,
+                fp8=topology.precision == "fp8",
             )
             for checkpointing in (setup.activation_checkpointing, not setup.activation_checkpointing)
         )

@@ -203,6 +203,7 @@ def activation_bytes(
     liger_kernels: bool = False,
     sequence: int = 1,
     tiled_mlp: bool = False,
+    fp8: bool = False,
 ) -> Activations:
     """What a Llama-shaped decoder (RMSNorm, gated MLP, fused attention) keeps for its backward.
 
@@ -227,6 +228,12 @@ def activation_bytes(
     place of the output layer's saved input) and of the output weight, and at its peak holds
     one chunk's fp32 logits (with their 16-bit copy and gradient in bf16); Liger's loss holds
     its chunk in the model's dtype.
+
+    FP8 (torchao's float8 linear layers) saves the same bf16 tensors for the backward; what it adds
+    are the float8 casts of one linear layer's matmuls while they run: its weight and input in the
+    forward, its weight transposed, the output gradient and the input again in the backward (one
+    byte each, for the largest layer: hidden x intermediate). Like the loss's chunk, they are
+    transient, so the peak takes the larger of them.
     """
     h, i, vocab = shape.hidden, shape.intermediate, shape.vocab_size
     norm = 2 * e * h if liger_kernels else 4 * h + 2 * e * h
@@ -239,6 +246,7 @@ def activation_bytes(
     all_to_all = 2 * tokens * e * (2 * h + 2 * shape.kv_hidden) if sequence > 1 else 0
     # One slice's intermediates, while the tiled MLP runs it (forward, or backward's recompute).
     tile = min(micro_batch * h, tokens) * mlp if tiled_mlp else 0
+    casts = 2 * h * i + tokens * (2 * i + h) if fp8 else 0  # the MLP's down projection: input i, output h
     # The final norm as in every layer; the loss's share per token and once per model.
     head, fixed = norm + (4 * vocab if loss == "plain" else 0), (0 if loss == "plain" else e * vocab * h)
     if loss == "plain":
@@ -254,7 +262,7 @@ def activation_bytes(
     else:
         saved = tokens * (shape.layers * per_layer + head) + fixed
         recomputed = 0
-    return Activations(saved=saved, peak=saved + recomputed + max(loss_peak, all_to_all, tile))
+    return Activations(saved=saved, peak=saved + recomputed + max(loss_peak, all_to_all, tile, casts))
 
 
 def buffer_bytes(zero_extra: dict, setup: Setup, params: int, dp: int, e: int) -> float:

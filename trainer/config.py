@@ -35,6 +35,14 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class TrainPrecision(str, Enum):
+    auto = "auto"  # bf16 on a GPU, fp32 on the CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+    # bf16, with the decoder's linear layers computed in float8 (torchao; trainer/fp8.py)
+    fp8 = "fp8"
+
+
 class Compile(str, Enum):
     off = "off"  # eager
     regional = "regional"  # each decoder block compiled in place (module.compile()): names stay plain
@@ -137,7 +145,10 @@ class TrainConfig:
     steps: int = field(default=700, metadata={"min": 1})
     micro_batch_size: int = field(default=16, metadata={"min": 1})
     global_batch_size: int = field(default=16, metadata={"min": 1})
-    precision: Precision = Precision.auto
+    precision: TrainPrecision = TrainPrecision.auto
+    # train.precision=fp8: torchao's scaling of each float8 cast, tensorwise (one scale a tensor,
+    # the fastest) or rowwise (one scale a row: more accurate, a little slower).
+    fp8_recipe: str = field(default="tensorwise", metadata={"choices": ["tensorwise", "rowwise"]})
     # Save a checkpoint and stop after every this many steps (as Megatron-LM's --exit-interval):
     # a job that must end inside a time limit resumes where it stopped.
     exit_interval: Optional[int] = field(default=None, metadata={"min": 1})
@@ -278,6 +289,9 @@ class ClusterConfig:
     # Host (CPU) memory of one node in GiB; null: unknown, the planner reports host memory but never
     # refuses for it.
     host_memory_gb: Optional[float] = field(default=None, metadata={"above": 0})
+    # The GPUs' compute capability (9.0 H100, 10.0 B200): what a launch checks train.precision=fp8
+    # against where the job's GPUs are not this machine's; null: unknown, the ranks check.
+    gpu_capability: Optional[float] = field(default=None, metadata={"min": 0})
     # GPUs Slurm allocates per node (--gpus-per-node); 0 on CPU-only nodes.
     gpus_per_node: int = field(default=0, metadata={"min": 0})
     # Slurm placement; null: the site's default. time is Slurm's --time (e.g. 2-00:00:00), in one

@@ -31,7 +31,7 @@ def deepspeed_config(*, optim: OptimConfig, deepspeed: DeepSpeedConfig, topology
         "gradient_accumulation_steps": topology.grad_accum,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": topology.precision == "bf16"},
+        "bf16": {"enabled": topology.bf16},
         "checkpoint": {"load_universal": load_universal},
         # zeroforge logs its own metrics; DeepSpeed's periodic prints would duplicate them.
         "steps_per_print": 2**31 - 1,

@@ -15,6 +15,7 @@ from zeroforge.data.boundaries import IGNORE_INDEX, DocumentBoundaries
 from zeroforge.trainer.config import Compile, ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig, TrainConfig
 from zeroforge.trainer.deepspeed_config import deepspeed_config
 from zeroforge.trainer.faults import FaultGuard, SkippableAdamW
+from zeroforge.trainer.fp8 import apply_fp8
 from zeroforge.trainer.loss import install_loss, installed_loss, resolve_loss
 from zeroforge.trainer.partitioned import full_shape, zero3_startup
 from zeroforge.trainer.schedule import lr_factor
@@ -81,6 +82,12 @@ def compile_blocks(model: PreTrainedModel) -> None:
             f"model.compile=regional compiles the decoder's blocks (`get_decoder().layers`), which "
             f"{type(model).__name__} does not have; use model.compile=full or off"
         )
+    if model.is_gradient_checkpointing:
+        # transformers' checkpointed blocks set and reset a context variable in their forward
+        # (the kernels package's per-model function table): a side effect dynamo refuses inside
+        # a checkpoint, so without this every block would fall back to eager. Not replaying that
+        # set-and-reset in the backward's recompute changes nothing.
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for block in layers:
         block.compile()
 
@@ -96,7 +103,7 @@ def build_engine(
     sequence: Optional[SequenceSlices] = None,
     load_universal: bool = False,
 ) -> DeepSpeedEngine:
-    """The plain `model` wrapped for training: kernels, loss, checkpointing, the optimizer and
+    """The plain `model` wrapped for training: kernels (and FP8's linear layers), loss, checkpointing, the optimizer and
     schedule, DeepSpeed's engine on the generated config (with the sequence-parallel groups of
     `sequence`), then compile."""
     import deepspeed as ds
@@ -108,6 +115,8 @@ def build_engine(
         apply_liger_kernels(model)
     if model_config.tiled_mlp:
         log.info("model.tiled_mlp: %d MLPs computed a slice of the sequence at a time", tile_mlps(model))
+    if topology.precision == "fp8":
+        apply_fp8(model, train.fp8_recipe, topology.device, compiled=Compile(model_config.compile) != Compile.off)
     loss = resolve_loss(train.loss, model_config.model_type)
     install_loss(model, loss, train.loss_chunk_tokens)
     if model_config.activation_checkpointing:

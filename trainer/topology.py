@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zeroforge.trainer.config import ClusterConfig, Precision, Scheduler
+from zeroforge.trainer.config import ClusterConfig, Precision, Scheduler, TrainPrecision
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,12 @@ class Topology:
     # "cuda" or "cpu", and the training precision with auto decided for that device.
     device: str
     precision: str
+
+    @property
+    def bf16(self) -> bool:
+        """Parameters, gradients and activations in bf16: bf16 runs, and fp8 runs (bf16 but for the
+        float8 matmuls of the decoder's linear layers)."""
+        return self.precision in ("bf16", "fp8")
 
     @property
     def dp_size(self) -> int:
@@ -86,8 +92,8 @@ def job_is_on_gpus(cluster: ClusterConfig) -> bool:
     return cluster.scheduler != Scheduler.slurm and accelerator_is_cuda()
 
 
-def resolve_precision(precision: Precision | str, cuda: bool) -> str:
-    """auto: bf16 on GPUs, fp32 on the CPU; bf16 and fp32 as they are."""
+def resolve_precision(precision: Precision | TrainPrecision | str, cuda: bool) -> str:
+    """auto: bf16 on GPUs, fp32 on the CPU; bf16, fp32 (and for training fp8) as they are."""
     if precision == Precision.auto:  # a str Enum: equal to its value, as strings are
         return "bf16" if cuda else "fp32"
-    return Precision(precision).value
+    return TrainPrecision(precision).value

@@ -32,8 +32,10 @@ from zeroforge.trainer.config import (
     OptimConfig,
     ParallelConfig,
     Schedule,
+    Scheduler,
     TrainConfig,
 )
+from zeroforge.trainer.fp8 import fp8_problems, gpu_capability
 from zeroforge.trainer.schedule import decay_steps
 from zeroforge.trainer.topology import Topology, accelerator_is_cuda, job_is_on_gpus, job_world_size, resolve_precision
 
@@ -326,6 +328,8 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
     topology of a config that can run. `cuda`: whether the job's machines have GPUs (None: this
     machine's accelerator, as a rank asks)."""
     broken = check_fields(cfg)  # key -> why
+    # A rank, or a local launch, runs on this machine's accelerator; a cluster's nodes are described by its config.
+    here = cuda is None or cfg.cluster.scheduler == Scheduler.local
     if cuda is None:
         cuda = accelerator_is_cuda()
     problems = list(broken.values())
@@ -421,6 +425,8 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
     if fine(*(f"model.{key}" for key in model_keys)):
         _check_model(cfg.model, problems)
     _check_kernels(cfg.model, cfg.train, cuda, problems)
+    if topology.precision == "fp8" and fine("train.fp8_recipe"):
+        problems += fp8_problems(t.fp8_recipe, cuda, gpu_capability() if here else cfg.cluster.gpu_capability)
     if problems:
         raise ConfigError("; ".join(problems) + ".")
     log.debug("config validated: %s", topology)

@@ -540,3 +540,18 @@ def test_a_resume_on_another_world_size_counts_its_conversion_against_host_memor
     (checkpoint / "universal").mkdir()  # converted: nothing left to plan for it
     _, converted = _plan([*base, "cluster.host_memory_gb=64"])
     assert converted.conversion.checkpoint is None and converted.fits
+
+
+def test_fp8_adds_one_layers_float8_casts_where_they_exceed_the_loss_chunk() -> None:
+    base = [*H100, "model=llama-8b", "deepspeed=zero3", "train.global_batch_size=64", "model.activation_checkpointing=true"]
+    for micro, larger in ((1, False), (8, True)):
+        bf16, fp8 = (_plan([*base, f"train.precision={p}", f"train.micro_batch_size={micro}"])[1] for p in ("bf16", "fp8"))
+        assert fp8.topology.precision == "fp8" and fp8.states.total == bf16.states.total  # bf16 states
+        # The casts of one linear layer at a time: one byte per weight and per token of its input
+        # and output, transient like the loss's chunk, so the peak takes the larger.
+        h, i, tokens = 4096, 14336, micro * fp8.topology.seq_len
+        casts = 2 * h * i + tokens * (2 * i + h)
+        assert (fp8.activations > bf16.activations) is larger, micro
+        if larger:
+            chunk = 1024 * fp8.model.vocab_size * 8  # the chunked loss's fp32 logits and their bf16 copy and gradient
+            assert fp8.activations - bf16.activations == casts - chunk
