@@ -24,7 +24,7 @@ export PYTHONPATH=/tmp/zf:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     nproc; python3 -c "import torch, deepspeed, transformers; print(torch.__version__, torch.version.cuda, deepspeed.__version__, transformers.__version__)"
-    python3 -c "import importlib.util as u; print({m: u.find_spec(m) is not None for m in ('flash_attn', 'liger_kernel', 'triton')})"
+    python3 -c "import importlib.util as u; print({m: u.find_spec(m) is not None for m in ('flash_attn', 'liger_kernel', 'triton', 'torchao')})"
 } > "$OUT/env.txt" 2>&1
 echo "setup: $(( $(date +%s) - started )) s"; cat "$OUT/env.txt"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fill .whl/ (git-ignored) with the wheels bench/device_sweep.sh installs on a lent GPU machine,
 # whose image has torch, triton, tokenizers, safetensors, numpy, pandas, pyarrow, psutil and
-# huggingface-hub but not DeepSpeed, Hydra, datasets, Liger or this transformers. Run it here,
+# huggingface-hub but not DeepSpeed, Hydra, datasets, Liger, torchao or this transformers. Run it here,
 # where PyPI is reachable, with the project's Python (its versions are the ones pinned); then
 # name .whl in the device call's carry. About 20 MiB.
 set -euo pipefail
@@ -19,6 +19,9 @@ for name in hydra-core omegaconf datasets dill multiprocess pydantic pydantic-co
 done
 # Liger's Triton kernels (pure Python): the sweep runs its variant only where it is installed.
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel
+# torchao's float8 training, for the sweep's fp8 runs (its kernels are built for CUDA: cp310-abi3).
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${platforms[@]}" -d .whl "torchao==$(version torchao)"
 # Published as source only: built here into pure-Python wheels (DeepSpeed without its C++ ops,
 # which the trainer does not use: torch's AdamW steps, NCCL communicates).
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl \

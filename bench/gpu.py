@@ -14,12 +14,14 @@ train_step (ZeRO-2, bf16, seq_len 2048, vocabulary 32,000, global batch = micro 
 tokens, at the largest power-of-two micro batch (up to --max-micro-batch) that launcher/plan.py
 says fits that variant on this GPU. Variants: all features off (the setup measured before: plain
 loss, unfused AdamW, eager), all on (chunked loss, fused AdamW, regional compile), and all on
-but one; flash_attention_2 and Liger only where installed. Each run: --warmup untimed steps
+but one; all on in fp8 (train.precision=fp8, tensorwise and rowwise) where torchao is installed;
+flash_attention_2 and Liger only where installed. Each run: --warmup untimed steps
 (compilation included), then steps for --seconds. Also checks, once per model, that sdpa runs
 on its flash backend. Writes bench/results/gpu_sweep.json and a Markdown table beside it
 (gpu_sweep.md); a run that does not fit, fails or finds the budget spent is recorded as such.
 --dry-run prints the runs and their planned memory without a GPU (and without torch.cuda).
-MFU uses the detected GPU's dense bf16 peak (trainer/metrics.py PEAK_TFLOPS).
+MFU uses the detected GPU's dense bf16 peak (trainer/metrics.py PEAK_TFLOPS), fp8 runs too (as
+torchtitan reports them).
 """
 
 from __future__ import annotations
@@ -84,15 +86,22 @@ def run(model: str, steps: int, log_every: int, overrides: list[str]) -> dict:
     }
 
 
-def sweep_variants(flash: bool, liger: bool) -> list[tuple[str, dict[str, str]]]:
-    """(name, overrides): off, all on, and all on with one feature turned back (then the extras)."""
+def sweep_variants(flash: bool, liger: bool, fp8: bool = False) -> list[tuple[str, dict[str, str]]]:
+    """(name, overrides): off, all on, all on in fp8 (tensorwise: compared with all on), and all
+    on with one feature turned back (then the extras, fp8 rowwise first)."""
     variants = [
         ("all off (before)", ALL_OFF),
         ("all on", ALL_ON),
+    ]
+    if fp8:
+        variants.append(("all on + fp8 tensorwise", {**ALL_ON, "train.precision": "fp8"}))
+    variants += [
         ("all on, loss plain", {**ALL_ON, "train.loss": "plain"}),
         ("all on, AdamW unfused", {**ALL_ON, "optim.fused": "false"}),
         ("all on, compile off", {**ALL_ON, "model.compile": "off"}),
     ]
+    if fp8:
+        variants.append(("all on + fp8 rowwise", {**ALL_ON, "train.precision": "fp8", "train.fp8_recipe": "rowwise"}))
     if flash:
         variants.append(("all on + flash_attention_2", {**ALL_ON, "model.attn_implementation": "flash_attention_2"}))
     if liger:
@@ -117,7 +126,9 @@ def _sweep_config(model: str, overrides: dict[str, str], gpu_memory_gb: float, m
     )
 
 
-def plan_runs(models: list[str], gpu_memory_gb: float, max_micro: int, flash: bool, liger: bool, extra: list[str]) -> list[dict]:
+def plan_runs(
+    models: list[str], gpu_memory_gb: float, max_micro: int, flash: bool, liger: bool, extra: list[str], fp8: bool = False
+) -> list[dict]:
     """Every run of the sweep with its micro batch and planned memory (no GPU needed)."""
     from zeroforge.launcher.estimate import Planner
     from zeroforge.trainer.validate import job_topology
@@ -125,7 +136,7 @@ def plan_runs(models: list[str], gpu_memory_gb: float, max_micro: int, flash: bo
     runs = []
     # Variant by variant across the models (off and on for every model first), so that a budget
     # that runs out loses ablations, not a model.
-    for name, overrides in sweep_variants(flash, liger):
+    for name, overrides in sweep_variants(flash, liger, fp8):
         for model in models:
             cfg = _sweep_config(model, overrides, gpu_memory_gb, max_micro, extra)
             best = Planner.of(cfg, job_topology(cfg)).best_micro_batch(limit=max_micro)
@@ -237,6 +248,7 @@ def measure(run: dict, gpu_memory_gb: float, seconds: float, warmup: int, extra:
 def run_sweep(args: argparse.Namespace) -> None:
     flash = importlib.util.find_spec("flash_attn") is not None
     liger = importlib.util.find_spec("liger_kernel") is not None
+    fp8 = importlib.util.find_spec("torchao") is not None
     device = "no GPU (dry run)"
     gpu_memory_gb = args.gpu_memory_gb
     if not args.dry_run:
@@ -247,8 +259,9 @@ def run_sweep(args: argparse.Namespace) -> None:
         device = torch.cuda.get_device_name()
         gpu_memory_gb = gpu_memory_gb or torch.cuda.get_device_properties(0).total_memory / GIB
     gpu_memory_gb = round(gpu_memory_gb or 80.0, 1)
-    runs = plan_runs(args.models, gpu_memory_gb, args.max_micro_batch, flash, liger, args.overrides)
+    runs = plan_runs(args.models, gpu_memory_gb, args.max_micro_batch, flash, liger, args.overrides, fp8)
     extras = [
+        f"torchao {'installed' if fp8 else 'not installed: no fp8 runs'}",
         f"flash-attn {'installed' if flash else 'not installed: no flash_attention_2 run'}",
         f"liger-kernel {'installed' if liger else 'not installed: no Liger run'}",
     ]

@@ -24,6 +24,8 @@ def test_the_sweep_dry_run_plans_every_variant_within_the_gpu(tmp_path: Path) ->
     assert {r["model"] for r in runs} == {"llama-125m", "llama-1b"}
     variants = {r["variant"] for r in runs}
     assert {"all off (before)", "all on", "all on, loss plain", "all on, AdamW unfused", "all on, compile off"} <= variants
+    # torchao is installed (the fp8 extra): the fp8 rows, each planned with its float8 casts.
+    assert {"all on + fp8 tensorwise", "all on + fp8 rowwise"} <= variants
     for r in runs:
         assert r["micro_batch"] >= 1 and r["planned_gib"] <= 80, r
         assert f"{r['planned_gib']:.1f}" in result.stdout
@@ -32,4 +34,6 @@ def test_the_sweep_dry_run_plans_every_variant_within_the_gpu(tmp_path: Path) ->
     for model in ("llama-125m", "llama-1b"):
         on, plain = by[model, "all on"], by[model, "all on, loss plain"]
         assert on["micro_batch"] > plain["micro_batch"] or on["planned_gib"] < plain["planned_gib"]
+        fp8 = by[model, "all on + fp8 tensorwise"]
+        assert fp8["micro_batch"] < on["micro_batch"] or fp8["planned_gib"] >= on["planned_gib"]
     assert (tmp_path / "gpu_sweep.md").read_text().count("planned only") == len(runs)
