@@ -8,7 +8,8 @@ sequence length and threads per rank (the machine's cores shared by the ranks). 
 the real `zeroforge train`, read back from its metrics.jsonl, so it pays for everything a run
 does at every step: the agreed stop flag (an all-reduce), the fault guard, the metrics, the
 checkpointer's and validator's cadence checks. The bare loop is DeepSpeed's engine with the
-trainer's model, loss, optimizer and generated config, and nothing else.
+trainer's model, loss, optimizer, generated config and data loader (its batches drawn inside the
+timed step, as the trainer's are), and nothing else.
 
 A loop's speed is its median step after the warm-up (the trainer logs every step for it, a cost
 the bare loops do not pay), so that a stretch in which the machine is slow moves few of the
@@ -83,7 +84,6 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> None:
         dp_rank=env.rank,
         dp_size=topology.dp_size,
     )
-    batches = [[b.to(torch.long) for b in loader.next_batch()] for _ in range(steps)]
     model = _model(cfg)
     o = cfg.optim
     # torch's AdamW as the trainer builds it (its SkippableAdamW only adds a flag), fused or not alike.
@@ -114,9 +114,10 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> None:
 
     model.train()
     seconds = []
-    for i, micro_batches in enumerate(batches):
+    for i in range(steps):
         start = time.perf_counter()
-        step(micro_batches)
+        # Drawn inside the step, as the trainer draws its batches (its steps pay for the loader).
+        step([b.to(torch.long) for b in loader.next_batch()])
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
     distributed.close()
