@@ -37,6 +37,7 @@ from zeroforge.trainer.universal import (
     model_sizes,
     plan_conversion,
 )
+from zeroforge.trainer.watchdog import DEFAULT_HANG_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ class MemoryPlan:
     # None: its checkpoints are never converted (ZeRO-0's load on any world size as they are,
     # ZeRO-Offload's resume on their own world size only).
     conversion: Optional[Conversion]
+    # cluster.storage_gb_s, and cluster.hang_timeout_s as configured (None: derived below).
+    storage_gb_s: float = 0.5
+    configured_hang_timeout_s: Optional[int] = None
 
     @property
     def world_size(self) -> int:
@@ -167,6 +171,38 @@ class MemoryPlan:
     def total_time_s(self) -> Optional[float]:
         step = self.step_time_s
         return None if step is None else step * self.steps
+
+    @property
+    def save_time_s(self) -> float:
+        """Rank 0's share of a checkpoint at cluster.storage_gb_s: its optimizer partition (fp32
+        master, Adam m and v) and the module's weights (all of them at ZeRO 0-2, its shard at 3)."""
+        n, shards, e = self.model.params, self.topology.zero_shards, 2 if self.topology.bf16 else 4
+        optimizer = 12 * n / (shards if self.setup.stage >= 1 else 1)
+        weights = e * n / (shards if self.setup.stage == 3 else 1)
+        return (optimizer + weights) / (self.storage_gb_s * GIB)
+
+    @property
+    def hang_timeout_s(self) -> int:
+        """cluster.hang_timeout_s, or where null: 10 steps or 3 saves, at least 10 minutes (a step
+        with its validation and save must fit in it; trainer/watchdog.py)."""
+        if self.configured_hang_timeout_s is not None:
+            return self.configured_hang_timeout_s
+        return round(max(DEFAULT_HANG_TIMEOUT_S, 10 * (self.step_time_s or 0), 3 * self.save_time_s))
+
+    def hang_timeout_problem(self) -> Optional[str]:
+        """Why the configured hang timeout would end a healthy job, or None."""
+        configured = self.configured_hang_timeout_s
+        if configured is None:
+            return None
+        needed = {"a checkpoint save": self.save_time_s, "a step": self.step_time_s or 0.0}
+        what, seconds = max(needed.items(), key=lambda item: item[1])
+        if configured >= seconds:
+            return None
+        return (
+            f"cluster.hang_timeout_s={configured} is shorter than the time {what} of this job takes by the plan "
+            f"({seconds:.0f} s; save at cluster.storage_gb_s={self.storage_gb_s} GiB/s per rank, step at the "
+            f"assumed MFU): a healthy job would be ended as hung; raise it above {seconds:.0f}, or null to derive it"
+        )
 
 
 @dataclass(frozen=True)
@@ -290,6 +326,8 @@ class Planner:
             assumed_mfu=launcher.assumed_mfu,
             steps=self.train.steps,
             conversion=self.conversion(setup, topology, e),
+            storage_gb_s=c.storage_gb_s,
+            configured_hang_timeout_s=c.hang_timeout_s,
         )
 
     def conversion(self, setup: Setup, topology: Topology, e: int) -> Optional[Conversion]:

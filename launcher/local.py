@@ -15,10 +15,12 @@ from zeroforge.launcher.plan import check_fits
 from zeroforge.launcher.preflight import preflight
 from zeroforge.trainer.config import ClusterConfig, ConfigError
 from zeroforge.trainer.entry import USER_ERROR_EXIT_CODE
+from zeroforge.trainer.hang_report import newest_report, write_report
 from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
 from zeroforge.trainer.rundir import job_config_options, write_job_config, write_run_dir
 from zeroforge.trainer.topology import accelerator_is_cuda
 from zeroforge.trainer.validate import job_topology
+from zeroforge.trainer.watchdog import HANG_EXIT_CODE, PENDING, hangs_dir
 
 log = logging.getLogger("zeroforge")
 
@@ -62,7 +64,8 @@ def launch(cfg: DictConfig) -> int:
 
         select_tasks(list(cfg.eval.tasks))  # a misspelt task is refused now, not after the training
     # The memory plan before the data is prepared: a job that cannot fit is refused in seconds.
-    check_fits(Planner.of(cfg, topology))
+    # The ranks read the hang timeout the plan sized (trainer/watchdog.py).
+    cfg.cluster.hang_timeout_s = check_fits(Planner.of(cfg, topology)).hang_timeout_s
     dry_run = cfg.launcher.dry_run
     preflight(
         topology,
@@ -90,6 +93,11 @@ def launch(cfg: DictConfig) -> int:
         return code
     if code == USER_ERROR_EXIT_CODE:
         return code  # a rank printed why, in one paragraph
+    if code == HANG_EXIT_CODE or (hangs_dir(run_dir) / PENDING).exists():
+        # The ranks' report, or where they were killed before writing it, one from their dumps.
+        report = write_report(hangs_dir(run_dir)) or newest_report(hangs_dir(run_dir))
+        log.error("training hung; %s", report.read_text().rstrip() if report else "no rank wrote a dump")
+        return HANG_EXIT_CODE
     if code != 0:
         log.error("training exited with code %d; its log is above and in %s", code, run_dir)
         return code

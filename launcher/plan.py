@@ -136,6 +136,9 @@ def check_fits(planner: Planner) -> MemoryPlan:
     """What every launch path calls before it prepares data or submits: refuse a job that cannot
     fit, unless forced. The topology comes from validate(), so a plan is only made of a valid config."""
     plan = planner.estimate()
+    problem = plan.hang_timeout_problem()
+    if problem is not None:
+        raise ConfigError(problem + ".")
     if plan.fits is False:
         if not planner.launcher.force:
             raise ConfigError(refusal(planner, plan))
@@ -154,6 +157,7 @@ def check_fits(planner: Planner) -> MemoryPlan:
         )
     if plan.conversion is not None and plan.conversion.checkpoint is not None:
         log.info("plan: %s", _conversion_line(plan.conversion, plan.world_size))
+    log.info("plan: a rank that completes no step in %s is hung (cluster.hang_timeout_s)", _duration(plan.hang_timeout_s))
     return plan
 
 
@@ -246,6 +250,9 @@ def format_plan(planner: Planner, plan: MemoryPlan) -> str:
         f"time: {_duration(plan.step_time_s)} per step of {plan.tokens_per_step:,} tokens, "
         f"{_duration(plan.total_time_s)} for {plan.steps:,} steps ({plan.tokens_per_step * plan.steps:.3g} tokens) "
         f"at {plan.assumed_mfu:.0%} MFU of {plan.peak_tflops or '?'} TFLOP/s per GPU (launcher.assumed_mfu)",
+        f"hang timeout: {_duration(plan.hang_timeout_s)} without a completed step ends the job as hung "
+        f"({'cluster.hang_timeout_s' if plan.configured_hang_timeout_s is not None else 'derived'}; a checkpoint save "
+        f"{_duration(plan.save_time_s)} at {plan.storage_gb_s} GiB/s per rank)",
         f"inference: weights {_gib(plan.inference_weights)} + KV cache {_gib(plan.kv_cache)} "
         f"(batch {plan.inference_batch} x context {plan.inference_context}) = {_gib(inference)}"
         + ("" if plan.gpu_memory is None else f", {math.ceil(inference / (plan.gpu_memory - CUDA_CONTEXT_GIB * GIB))} GPU(s)"),

@@ -61,7 +61,9 @@ def submit(cfg: DictConfig) -> int:
     """Submit one job (or, with launcher.dry_run=true, print what would be submitted)."""
     topology = job_topology(cfg)
     check_time_limit(cfg.cluster)
-    check_fits(Planner.of(cfg, topology))  # before the queue, not after hours in it
+    # Before the queue, not after hours in it; the ranks read the hang timeout the plan sized
+    # (trainer/watchdog.py).
+    cfg.cluster.hang_timeout_s = check_fits(Planner.of(cfg, topology)).hang_timeout_s
     # The job prepares its data once it starts.
     preflight(
         topology,

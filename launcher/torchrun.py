@@ -3,8 +3,8 @@
 torchrun reports any failed rank as a `ChildFailedError` traceback and exit code 1, which would
 bury the one paragraph a rank printed for a user's mistake (exit code 2) and hide a rank's
 "stopped, requeue me" (75). This runs torchrun's own launcher and exits with the code that says
-what happened: 2 when a rank refused the job, 75 when the ranks stopped to be requeued, else the
-failed rank's own code.
+what happened: 2 when a rank refused the job, 76 when the ranks found the job hung
+(trainer/watchdog.py), 75 when the ranks stopped to be requeued, else the failed rank's own code.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from typing import Optional, Sequence
 
 from zeroforge.trainer.entry import USER_ERROR_EXIT_CODE
 from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
+from zeroforge.trainer.watchdog import HANG_EXIT_CODE
 
 
 def exit_code(rank_codes: Sequence[int]) -> int:
     """One code for the node from its ranks' codes (torchrun kills the others once one fails):
     zeroforge's own codes first, then a rank's other code, or 128 + the signal that killed it,
     as a shell reports it (137: killed, often for memory)."""
-    for code in (USER_ERROR_EXIT_CODE, REQUEUE_EXIT_CODE):
+    for code in (USER_ERROR_EXIT_CODE, HANG_EXIT_CODE, REQUEUE_EXIT_CODE):
         if code in rank_codes:
             return code
     exited = [c for c in rank_codes if c > 0]

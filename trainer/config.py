@@ -306,6 +306,14 @@ class ClusterConfig:
     warning_s: int = field(default=300, metadata={"min": 1})
     # A node that cannot join the rendezvous within this many seconds fails the job (not a hang).
     rendezvous_timeout_s: int = field(default=300, metadata={"min": 1})
+    # Seconds a rank may go without completing a training step (with that step's validation, save
+    # or export) before it counts as hung: every live rank then writes what it was doing to
+    # run.dir/hangs/ and the job ends with exit code 76 (trainer/watchdog.py). null: the launcher
+    # sizes it from the plan (10 steps or 3 saves, at least 10 min); a rank started by hand: 10 min.
+    hang_timeout_s: Optional[int] = field(default=None, metadata={"min": 1})
+    # The same before the first step completes: the rendezvous, data, model build and the first
+    # step's compilation.
+    startup_timeout_s: int = field(default=1800, metadata={"min": 1})
     # GiB/s one process reads or writes checkpoint files at on the checkpoint filesystem: the time
     # the plan gives the universal conversion (and its default time limit) comes from it.
     storage_gb_s: float = field(default=0.5, metadata={"above": 0})

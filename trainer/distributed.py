@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar, cast
+from datetime import timedelta
+from typing import Any, Callable, Optional, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -42,8 +43,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: str) -> DistInfo:
-    """Join (or, alone, create) the process group: nccl on GPUs, gloo on the CPU."""
+def init_distributed(device: str, timeout_s: Optional[float] = None) -> DistInfo:
+    """Join (or, alone, create) the process group: nccl on GPUs, gloo on the CPU. timeout_s: how
+    long a collective may wait before torch fails it (None: DeepSpeed's default)."""
     import deepspeed
 
     info = dist_env()
@@ -55,7 +57,8 @@ def init_distributed(device: str) -> DistInfo:
     if device == "cuda":
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+        extra = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False, **extra)
     return info
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import time
 
 import numpy as np
@@ -35,6 +36,7 @@ from zeroforge.trainer.train_state import TrainState, gathered_rng_states
 from zeroforge.trainer.universal import universal_checkpoint
 from zeroforge.trainer.validate import validate
 from zeroforge.trainer.validator import Validator
+from zeroforge.trainer.watchdog import DEFAULT_HANG_TIMEOUT_S, HANG_GRACE_S, Watchdog, enable_flight_recorder
 
 log = logging.getLogger("zeroforge")
 
@@ -54,7 +56,17 @@ def train(composed: DictConfig) -> dict:
     check_run_dir(cfg.run, cfg.checkpoint)
     device = f"cuda:{env.local_rank}" if topology.device == "cuda" else "cpu"
     stop = StopRequest(device, cfg.run.dir, env.rank)  # from here on, a stop request is answered by a save
-    dist = distributed.init_distributed(topology.device)
+    enable_flight_recorder()  # before the process group: what a hang report names comes from it
+    hang_timeout_s = cfg.cluster.hang_timeout_s or DEFAULT_HANG_TIMEOUT_S
+    # torch's own collective timeout only after the watchdog's, so that the watchdog names the hang.
+    dist = distributed.init_distributed(topology.device, max(hang_timeout_s, cfg.cluster.startup_timeout_s) + 2 * HANG_GRACE_S)
+    watchdog = Watchdog(
+        cfg.run.dir,
+        rank=dist.rank,
+        hosts=distributed.gather(socket.gethostname(), dist),
+        hang_timeout_s=hang_timeout_s,
+        startup_timeout_s=cfg.cluster.startup_timeout_s,
+    ).start()
 
     train_data = distributed.rank_zero_first(dist, lambda: open_data(cfg.data))  # prepared shards, or a stream
     tokenizer = train_data.tokenizer
@@ -200,6 +212,7 @@ def train(composed: DictConfig) -> dict:
             stop.request_requeue(step, "train.exit_interval")
             log.info("step %d: train.exit_interval=%d reached; stopping, a restart resumes here", step, cfg.train.exit_interval)
             break
+        watchdog.progress(step)
     stop.close()
     if step == cfg.train.steps:
         export_hf(
@@ -211,6 +224,7 @@ def train(composed: DictConfig) -> dict:
             shard_bytes=int(cfg.export.shard_size_gb * 2**30),
         )
     metrics.close()
+    watchdog.close()
     distributed.close()
     return last
 

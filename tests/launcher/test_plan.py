@@ -555,3 +555,26 @@ def test_fp8_adds_one_layers_float8_casts_where_they_exceed_the_loss_chunk() -> 
         if larger:
             chunk = 1024 * fp8.model.vocab_size * 8  # the chunked loss's fp32 logits and their bf16 copy and gradient
             assert fp8.activations - bf16.activations == casts - chunk
+
+
+def test_a_hang_timeout_shorter_than_a_save_is_refused_and_a_null_one_is_sized_from_the_plan() -> None:
+    seventy = [
+        *H100,
+        "model=llama-70b",
+        "deepspeed=zero3",
+        "model.activation_checkpointing=true",
+        "cluster.nodes=8",
+        "train.global_batch_size=64",
+    ]
+    _, plan = _plan(seventy)
+    # Rank 0 writes its optimizer partition (12 bytes a parameter over 64 ranks) and its bf16 shard.
+    n = plan.model.params
+    assert plan.save_time_s == pytest.approx((12 * n / 64 + 2 * n / 64) / (0.5 * 2**30))
+    assert plan.hang_timeout_s == max(600, round(10 * plan.step_time_s), round(3 * plan.save_time_s))
+    short = compose_config([*seventy, "cluster.hang_timeout_s=20"])
+    with pytest.raises(
+        ConfigError, match=r"cluster.hang_timeout_s=20 is shorter than the time a checkpoint save of this job takes by the plan \((\d+) s"
+    ):
+        check_fits(Planner.of(short, job_topology(short)))
+    long = compose_config([*seventy, "cluster.hang_timeout_s=3600"])
+    assert check_fits(Planner.of(long, job_topology(long))).hang_timeout_s == 3600
