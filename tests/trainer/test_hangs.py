@@ -21,13 +21,30 @@ HANG_TIMEOUT_S = 10
 
 
 def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    """The trainer of `rank`: the process that runs `-m zeroforge.trainer.train` (torchrun's agent
+    names that module among its arguments too, and may carry a RANK from the test's environment)."""
     for child in psutil.Process(launcher.pid).children(recursive=True):
         try:
-            if "zeroforge.trainer.train" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+            cmdline = child.cmdline()
+            module = cmdline[cmdline.index("-m") + 1] if "-m" in cmdline else None
+            if module == "zeroforge.trainer.train" and child.environ().get("RANK") == str(rank):
                 return child
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, IndexError):
             continue
     raise AssertionError(f"no rank {rank} among the launcher's processes")
+
+
+def _kill_tree(launcher: subprocess.Popen) -> None:
+    """A job that did not end: its torchrun and ranks go with it (they would train on for hours)."""
+    try:
+        processes = [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 class Hung(NamedTuple):
@@ -51,7 +68,9 @@ def _start(data_cache: Path, run_dir: Path) -> subprocess.Popen:
         f"cluster.hang_timeout_s={HANG_TIMEOUT_S}",
     ]
     cmd = [sys.executable, "-m", "zeroforge.launcher", *args]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Another test's process group may have left its RANK and WORLD_SIZE in this worker's environment.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +82,8 @@ def hung(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int
     victims: list[psutil.Process] = []
     try:
         stopped_at = {}
-        deadline = time.monotonic() + 300
         for stopped, (run_dir, launcher) in jobs.items():
+            deadline = time.monotonic() + 300
             while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir)) < 3:
                 assert launcher.poll() is None and time.monotonic() < deadline, (
                     f"training did not start: {launcher.communicate()[0][-3000:]}"
@@ -84,7 +103,7 @@ def hung(data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int
                 victim.kill()
         for _, launcher in jobs.values():
             if launcher.poll() is None:
-                launcher.kill()
+                _kill_tree(launcher)
 
 
 @pytest.mark.slow
