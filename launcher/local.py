@@ -93,7 +93,7 @@ def launch(cfg: DictConfig) -> int:
         return code
     if code == USER_ERROR_EXIT_CODE:
         return code  # a rank printed why, in one paragraph
-    if code == HANG_EXIT_CODE or (hangs_dir(run_dir) / PENDING).exists():
+    if code == HANG_EXIT_CODE or (code != 0 and (hangs_dir(run_dir) / PENDING).exists()):
         # The ranks' report, or where they were killed before writing it, one from their dumps.
         report = write_report(hangs_dir(run_dir)) or newest_report(hangs_dir(run_dir))
         log.error("training hung; %s", report.read_text().rstrip() if report else "no rank wrote a dump")
