@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from zeroforge.trainer.watchdog import PENDING, hangs_dir
+from zeroforge.trainer.watchdog import PENDING, hangs_dir, write_json
 
 
 def _last(dump: dict[str, Any], group: str) -> Optional[dict[str, Any]]:
@@ -91,10 +91,7 @@ def write_report(hangs: Path) -> Optional[Path]:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     v = verdict(dumps)
-    report = hangs / f"{stamp}.json"
-    partial = report.with_suffix(".partial")
-    partial.write_text(json.dumps({"time": stamp, **v, "dumps": dumps}, indent=1))
-    partial.replace(report)
+    write_json(hangs / f"{stamp}.json", {"time": stamp, **v, "dumps": dumps})
     text = hangs / f"{stamp}.txt"
     text.write_text(summary(v, stamp))
     pending.replace(hangs / stamp)

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 log = logging.getLogger("zeroforge")
 
@@ -49,6 +49,13 @@ def enable_flight_recorder() -> None:
 
 def hangs_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "hangs"
+
+
+def write_json(path: Path, value: dict[str, Any]) -> None:
+    """Whole or not at all: a reader (another rank, the launcher) never finds half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=1))
+    partial.replace(path)
 
 
 def flight_recorder() -> dict[str, Any]:
@@ -98,15 +105,12 @@ class Watchdog:
         hosts: list[str],
         hang_timeout_s: float,
         startup_timeout_s: float,
-        clock: Callable[[], float] = time.monotonic,
-        exit: Callable[[int], None] = os._exit,
     ):
         self.dir = hangs_dir(run_dir)
         self.rank, self.hosts = rank, hosts
         self.hang_timeout_s, self.startup_timeout_s = hang_timeout_s, startup_timeout_s
-        self.clock, self.exit = clock, exit
         self.step: Optional[int] = None
-        self.last = clock()
+        self.last = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="zeroforge-watchdog", daemon=True)
 
@@ -115,7 +119,7 @@ class Watchdog:
         return self
 
     def progress(self, step: int) -> None:
-        self.step, self.last = step, self.clock()
+        self.step, self.last = step, time.monotonic()
 
     @property
     def timeout_s(self) -> float:
@@ -126,7 +130,7 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
-            waited = self.clock() - self.last
+            waited = time.monotonic() - self.last
             if waited > self.timeout_s:
                 self.fire(waited)
                 return
@@ -150,12 +154,10 @@ class Watchdog:
         pending = self.dir / PENDING
         pending.mkdir(parents=True, exist_ok=True)
         path = pending / f"rank_{self.rank}.json"
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(dump, indent=1))
-        partial.replace(path)
+        write_json(path, dump)
         log.error("rank %d: no progress for %.0f s (%s, limit %.0f s); wrote %s", self.rank, waited, where, self.timeout_s, path)
-        deadline = self.clock() + HANG_GRACE_S
-        while len(list(pending.glob("rank_*.json"))) < len(self.hosts) and self.clock() < deadline:
+        deadline = time.monotonic() + HANG_GRACE_S
+        while len(list(pending.glob("rank_*.json"))) < len(self.hosts) and time.monotonic() < deadline:
             time.sleep(0.5)
         dumped = sorted(int(p.stem.split("_")[1]) for p in pending.glob("rank_*.json"))
         if dumped and dumped[0] == self.rank:
@@ -164,4 +166,4 @@ class Watchdog:
                 log.error("%s", report.read_text().rstrip())
         for handler in logging.getLogger().handlers:
             handler.flush()
-        self.exit(HANG_EXIT_CODE)
+        os._exit(HANG_EXIT_CODE)  # the main thread is stuck in a collective: no clean exit reaches it
