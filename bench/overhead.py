@@ -17,6 +17,10 @@ stretch in which the shared machine is slow does not reach (a median moved by 15
 rounds on this VM), while every step, fast or not, pays the loop's own per-step work. The loops take turns, round after round (--repeats), each round starting one loop later
 than the last: each round's trainer is divided by the same round's bare DeepSpeed, and the table
 shows the median of those ratios (every round is in the JSON). Prints a table and writes bench/results/overhead.json. Goal: trainer >= 0.97 x bare DeepSpeed at every rank count.
+
+At 2 ranks it then prices the hang watchdog and straggler timing (watch_cost): the collectives the
+Flight Recorder notes each step, times what it adds to one, plus one straggler exchange per
+logging interval, as a share of the bare loop's step. Goal: below 1% at the default logging.every.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ sys.path.insert(0, str(REPO))
 # The same global batch on every rank count (grad accumulation 2 on one rank, 1 on two).
 BASE = ["train.micro_batch_size=8", "train.global_batch_size=16"]
 GOAL = 0.97
+# The hang watchdog's and straggler timing's cost per step, as a share of a step (2 ranks).
+WATCH_GOAL = 0.01
+TINY_COLLECTIVES = 2000
+EXCHANGES = 20
 
 
 def fast_steps(tokens_per_s: list[float]) -> float:
@@ -96,11 +104,14 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> None:
     opt = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, fused=fused_adamw(o, topology)
     )
-    if kind == "deepspeed":
+    if kind in ("deepspeed", "watch", "unwatched"):
         import deepspeed
 
         from zeroforge.trainer.deepspeed_config import deepspeed_config
+        from zeroforge.trainer.watchdog import enable_flight_recorder
 
+        if kind == "watch":
+            enable_flight_recorder()  # as train() does; "unwatched" and "deepspeed" record nothing
         distributed.init_distributed("cpu")
         config = deepspeed_config(optim=cfg.optim, deepspeed=cfg.deepspeed, topology=topology)
         model, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
@@ -120,15 +131,63 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> None:
 
     model.train()
     seconds = []
+    recorded = []  # collectives the Flight Recorder had noted as the timed steps began, and ended
     for i in range(steps):
+        if i == warmup and kind == "watch":
+            recorded.append(_recorded())
         start = time.perf_counter()
         # Drawn inside the step, as the trainer draws its batches (its steps pay for the loader).
         step([b.to(torch.long) for b in loader.next_batch()])
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
+    if kind in ("watch", "unwatched"):
+        per_step = (_recorded() - recorded[0]) / len(seconds) if recorded else 0.0
+        watch_costs(kind, seconds, per_step, env)
+        return
     distributed.close()
     if env.is_main:
         print(json.dumps({"tokens_per_s": fast_steps([topology.tokens_per_step / s for s in seconds])}))
+
+
+def _recorded() -> int:
+    import pickle
+
+    from torch._C._distributed_c10d import _dump_fr_trace
+
+    entries = pickle.loads(_dump_fr_trace(True, False, False)).get("entries", [])
+    return entries[-1]["record_id"] + 1 if entries else 0
+
+
+def watch_costs(kind: str, seconds: list[float], collectives_per_step: float, env) -> None:
+    """After the bare DeepSpeed loop, with (watch) or without (unwatched) torch's Flight Recorder:
+    the median step, a tiny all-reduce (whose difference between the two is what the recorder adds
+    to each collective), and, with it, the collectives a step makes and one straggler exchange."""
+    import torch
+    import torch.distributed as dist
+
+    from zeroforge.trainer import distributed
+    from zeroforge.trainer.stragglers import StragglerWatch
+
+    info = distributed.DistInfo(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank)
+    one = torch.zeros(1)
+    tiny = []
+    for _ in range(TINY_COLLECTIVES):
+        start = time.perf_counter()
+        dist.all_reduce(one)
+        tiny.append(time.perf_counter() - start)
+    result = {"step_s": statistics.median(seconds), "tiny_all_reduce_s": statistics.median(tiny)}
+    if kind == "watch":
+        watch = StragglerWatch(info, factor=1.5, intervals=3, hosts=["bench"] * env.world_size)
+        exchanges = []
+        for _ in range(EXCHANGES):
+            start = time.perf_counter()
+            watch.interval(sum(seconds), 0.0, [])
+            exchanges.append(time.perf_counter() - start)
+        result["exchange_s"] = statistics.median(exchanges)
+        result["collectives_per_step"] = collectives_per_step
+    distributed.close()
+    if env.is_main:
+        print(json.dumps(result))
 
 
 def bare_tokens_per_s(kind: str, ranks: int, overrides: list[str], steps: int, warmup: int, env: dict) -> float:
@@ -154,13 +213,54 @@ def trainer_tokens_per_s(ranks: int, overrides: list[str], steps: int, warmup: i
     return fast_steps([r["tokens_per_s"] for r in records if "loss" in r and r["step"] > warmup])
 
 
+def watch_cost(overrides: list[str], args: argparse.Namespace) -> dict:
+    """The hang watchdog's and straggler timing's cost per step on 2 ranks: what the Flight Recorder
+    adds to each collective (a tiny all-reduce with it, less one without, the two in turns, round
+    after round) times the collectives of a step, plus one straggler exchange per logging interval."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2)), "DS_ACCELERATOR": "cpu"}
+    rounds = []
+    for i in range(args.repeats):
+        measured = {}
+        for kind in ("watch", "unwatched")[i % 2 :] + ("watch", "unwatched")[: i % 2]:
+            cmd = [*_launcher(2), __file__, "--worker", kind, "--steps", str(args.steps), "--warmup", str(args.warmup), *overrides]
+            out = subprocess.run(
+                cmd,
+                cwd=REPO,
+                env={**env, **({} if kind == "watch" else {"TORCH_FR_BUFFER_SIZE": "0"})},
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            measured[kind] = json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
+        rounds.append(measured)
+    recorder_s = statistics.median(r["watch"]["tiny_all_reduce_s"] - r["unwatched"]["tiny_all_reduce_s"] for r in rounds)
+    step_s = statistics.median(r["watch"]["step_s"] for r in rounds)
+    collectives = statistics.median(r["watch"]["collectives_per_step"] for r in rounds)
+    exchange_s = statistics.median(r["watch"]["exchange_s"] for r in rounds)
+    result = {
+        "recorder_s_per_collective": recorder_s,
+        "collectives_per_step": collectives,
+        "exchange_s": exchange_s,
+        "step_s": step_s,
+        "rounds": rounds,
+    }
+    print(f"\nhang watchdog and straggler timing, 2 ranks (median of {args.repeats} rounds):")
+    print(f"  Flight Recorder: {recorder_s * 1e6:+.1f} us per collective x {collectives:.0f} collectives a step")
+    print(f"  straggler exchange: {exchange_s * 1e3:.2f} ms per logging interval; a step: {step_s * 1e3:.1f} ms")
+    for every in (10, 1):
+        share = (max(0.0, recorder_s) * collectives + exchange_s / every) / step_s
+        result[f"share_at_logging_every_{every}"] = share
+        print(f"  logging.every={every}: {share:.2%} of a step (goal < {WATCH_GOAL:.0%}): {'met' if share < WATCH_GOAL else 'NOT met'}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each loop runs once a round")
-    parser.add_argument("--worker", choices=["deepspeed", "pytorch"])
+    parser.add_argument("--worker", choices=["deepspeed", "pytorch", "watch", "unwatched"])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "overhead.json"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -197,6 +297,7 @@ def main() -> None:
     for ranks in args.ranks:
         ratio = summary[f"{ranks}:trainer"]["vs_deepspeed"]
         print(f"{ranks} rank(s): trainer / bare DeepSpeed = {ratio:.3f} (goal >= {GOAL}): {'met' if ratio >= GOAL else 'NOT met'}")
+    watch = watch_cost(overrides, args) if 2 in args.ranks else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
@@ -207,6 +308,7 @@ def main() -> None:
                 "overrides": overrides,
                 "summary": summary,
                 "rounds": rounds,
+                "watch": watch,
                 "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
             },
             indent=2,

@@ -31,6 +31,7 @@ from zeroforge.trainer.log import setup_logging
 from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
 from zeroforge.trainer.rundir import JOB_CONFIG, read_job_config, write_job_config
 from zeroforge.trainer.validate import job_topology
+from zeroforge.trainer.watchdog import HANG_EXIT_CODE
 
 log = logging.getLogger("zeroforge")
 
@@ -73,9 +74,11 @@ def job_environment(cfg: DictConfig, env: Mapping[str, str]) -> dict[str, str]:
         "ZF_JOB_CONFIG": JOB_CONFIG,
         "ZF_NPROC_PER_NODE": str(c.nproc_per_node),
         "ZF_RDZV_TIMEOUT": str(c.rendezvous_timeout_s),
+        "ZF_MAX_HANG_REQUEUES": str(c.max_hang_requeues),
         # For the script's own way out where Slurm refuses to requeue the job.
         "ZF_SCRIPT": str(SCRIPT),
         "ZF_REQUEUE_EXIT_CODE": str(REQUEUE_EXIT_CODE),
+        "ZF_HANG_EXIT_CODE": str(HANG_EXIT_CODE),
         **{str(k): str(v) for k, v in c.env.items()},
     }
 

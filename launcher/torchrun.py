@@ -9,12 +9,14 @@ what happened: 2 when a rank refused the job, 76 when the ranks found the job hu
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from zeroforge.trainer.entry import USER_ERROR_EXIT_CODE
 from zeroforge.trainer.preemption import REQUEUE_EXIT_CODE
-from zeroforge.trainer.watchdog import HANG_EXIT_CODE
+from zeroforge.trainer.watchdog import HANG_EXIT_CODE, node_name
 
 
 def exit_code(rank_codes: Sequence[int]) -> int:
@@ -32,6 +34,9 @@ def exit_code(rank_codes: Sequence[int]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    started = os.environ.get("ZF_NODES_STARTED")
+    if started:  # this node got as far as torchrun: the rendezvous does not wait for it (launcher/hang_requeue.py)
+        (Path(started) / node_name()).touch()
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 

@@ -16,6 +16,10 @@
 # checkpoint at the next step boundary and exits, and the script requeues the job, which resumes
 # from that checkpoint. A job that finished, or failed for real, is not requeued.
 #
+# Hangs: a job whose ranks stop making progress ends with a report naming the stuck ranks' nodes
+# (exit 76, trainer/watchdog.py), as does one whose node never reaches the rendezvous; the script
+# requeues it with those nodes excluded, at most cluster.max_hang_requeues times.
+#
 #SBATCH --job-name=zeroforge
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -40,12 +44,44 @@ requeue_or_fail() {
     if out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
         exit 0
     fi
+    requeue_failed "$ZF_REQUEUE_EXIT_CODE" "scontrol requeue ${SLURM_JOB_ID} failed: ${out:-no message}" "$@"
+}
+
+# After a hang (launcher/hang_requeue.py): requeue this job without the stuck nodes ($1, a comma
+# list, may be empty). Slurm changes a job's excluded nodes only while it is pending, so the job is
+# requeued held, given its nodes to leave out, and released. The requeue signals this script, which
+# by then has nothing left to stop. Where Slurm refuses, the job fails with the hang's exit code.
+requeue_without_or_fail() {
+    local nodes=$1 out excluded
+    shift
+    trap '' USR1 TERM
+    if [[ -z "$nodes" ]]; then
+        out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1) && exit 0
+        requeue_failed "$ZF_HANG_EXIT_CODE" "scontrol requeue ${SLURM_JOB_ID} failed: ${out:-no message}" "$@"
+    fi
+    if ! out=$(scontrol requeuehold "$SLURM_JOB_ID" 2>&1); then
+        requeue_failed "$ZF_HANG_EXIT_CODE" "scontrol requeuehold ${SLURM_JOB_ID} failed: ${out:-no message}" "$@"
+    fi
+    excluded=$(scontrol show job "$SLURM_JOB_ID" | grep -oE 'ExcNodeList=[^ ]+' | cut -d= -f2)
+    [[ "$excluded" == "(null)" ]] && excluded=""
+    if ! out=$(scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="${excluded:+$excluded,}$nodes" 2>&1); then
+        echo "zeroforge: could not exclude ${nodes} from job ${SLURM_JOB_ID} (${out:-no message}); it may run there again"
+    fi
+    if ! out=$(scontrol release "$SLURM_JOB_ID" 2>&1); then
+        requeue_failed "$ZF_HANG_EXIT_CODE" "job ${SLURM_JOB_ID} is requeued but held: scontrol release failed (${out:-no message}); release it with: scontrol release ${SLURM_JOB_ID}" "$@"
+    fi
+    exit 0
+}
+
+requeue_failed() {
+    local code=$1 why=$2
+    shift 2
     {
-        echo "zeroforge: scontrol requeue ${SLURM_JOB_ID} failed: ${out:-no message}"
+        echo "zeroforge: ${why}"
         echo "zeroforge: training is unfinished; resubmit the job to resume from the checkpoint it just committed:"
         resubmit_command "$@"
     } >&2
-    exit "$ZF_REQUEUE_EXIT_CODE"
+    exit "$code"
 }
 
 # A new job that resumes the run: the launcher's own sbatch command where it submitted this job with
@@ -100,6 +136,12 @@ echo "zeroforge: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${SLUR
 # The trainer answers a stop request through files: torchrun would neither pass USR1 on nor keep
 # the trainer's exit code. A request left by an earlier job does not apply to this one.
 rm -f "$ZF_RUN_DIR/stop-requested" "$ZF_RUN_DIR/requeue.json"
+# Each node's torchrun marks its start here: a node missing after a failed rendezvous hung before it.
+ZF_NODES_STARTED="$ZF_RUN_DIR/hangs/started-${SLURM_JOB_ID}-${SLURM_RESTART_COUNT:-0}"
+export ZF_NODES_STARTED
+rm -rf "$ZF_NODES_STARTED"
+mkdir -p "$ZF_NODES_STARTED"
+touch "$ZF_NODES_STARTED/.attempt"
 request_stop() {
     echo "zeroforge: job ${SLURM_JOB_ID} got a stop signal; the trainer saves at its next step and stops"
     touch "$ZF_RUN_DIR/stop-requested"
@@ -132,5 +174,18 @@ if [[ -f "$ZF_RUN_DIR/requeue.json" ]]; then
     rm -f "$ZF_RUN_DIR/requeue.json"
     requeue_or_fail "$@"
 fi
+if [[ $status -ne 0 ]]; then
+    # A hang (the ranks' report, or a node that never started) goes again without its stuck nodes.
+    nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)
+    decision=$(python -m zeroforge.launcher.hang_requeue "$ZF_RUN_DIR" "$status" "$ZF_NODES_STARTED" "$nodes" "$ZF_MAX_HANG_REQUEUES")
+    if [[ $? -eq $ZF_HANG_EXIT_CODE ]]; then
+        status=$ZF_HANG_EXIT_CODE
+        if [[ "$decision" == requeue* ]]; then
+            rm -rf "$ZF_NODES_STARTED"
+            requeue_without_or_fail "${decision#requeue }" "$@"
+        fi
+    fi
+fi
+rm -rf "$ZF_NODES_STARTED"
 echo "zeroforge: job ${SLURM_JOB_ID} training exited with status ${status}"
 exit "$status"

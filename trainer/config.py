@@ -180,6 +180,11 @@ class WandbConfig:
 class LoggingConfig:
     name: str = "default"
     every: int = field(default=10, metadata={"min": 1})
+    # A rank whose own time (compute and data, not waiting for other ranks) over the last
+    # straggler_intervals logging intervals exceeds this many times the median rank's is named
+    # (trainer/stragglers.py); null: no rank is timed or named.
+    straggler_factor: Optional[float] = field(default=1.5, metadata={"above": 1})
+    straggler_intervals: int = field(default=3, metadata={"min": 1})
     level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"], "ignore_case": True})
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -314,6 +319,9 @@ class ClusterConfig:
     # The same before the first step completes: the rendezvous, data, model build and the first
     # step's compilation.
     startup_timeout_s: int = field(default=1800, metadata={"min": 1})
+    # On Slurm, a job that hung (or whose node never reached the rendezvous) is requeued without the
+    # stuck nodes this many times (slurm/pretrain.sh); 0: it fails instead.
+    max_hang_requeues: int = field(default=2, metadata={"min": 0})
     # GiB/s one process reads or writes checkpoint files at on the checkpoint filesystem: the time
     # the plan gives the universal conversion (and its default time limit) comes from it.
     storage_gb_s: float = field(default=0.5, metadata={"above": 0})

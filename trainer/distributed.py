@@ -70,13 +70,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
-    value = value.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

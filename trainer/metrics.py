@@ -1,4 +1,4 @@
-"""Metrics: throughput, step and data-wait time, MFU, and the sinks (console, metrics.jsonl,
+"""Metrics: throughput, step and data-wait time, MFU, stragglers (trainer/stragglers.py), and the sinks (console, metrics.jsonl,
 wandb, a progress line) that rank 0 writes."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any, Callable, Literal, Optional, cast
 import torch
 
 from zeroforge.trainer.config import LoggingConfig, RunSection
-from zeroforge.trainer.distributed import DistInfo, all_reduce_max, all_reduce_mean
+from zeroforge.trainer.distributed import DistInfo, all_reduce_mean
 from zeroforge.trainer.host_memory import peak_rss_bytes
 from zeroforge.trainer.progress import open_progress
+from zeroforge.trainer.stragglers import StragglerWatch
 from zeroforge.trainer.topology import Topology
 
 log = logging.getLogger("zeroforge")
@@ -49,22 +50,26 @@ def mfu(flops_per_token: float, tokens_per_s: float, world_size: int, peak: Opti
 
 
 class Stopwatch:
-    """Seconds spent inside `with stopwatch:` blocks, summed until the next lap()."""
+    """Seconds spent inside `with stopwatch:` blocks, summed until the next lap(); `windows` holds
+    when (wall-clock ns, as torch's Flight Recorder notes collectives) each block ran."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
         self.clock = clock
         self.seconds = 0.0
+        self.windows: list[tuple[int, int]] = []
         self._started = 0.0
+        self._started_ns = 0
 
     def __enter__(self) -> "Stopwatch":
-        self._started = self.clock()
+        self._started, self._started_ns = self.clock(), time.time_ns()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds += self.clock() - self._started
+        self.windows.append((self._started_ns, time.time_ns()))
 
     def lap(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
+        seconds, self.seconds, self.windows = self.seconds, 0.0, []
         return seconds
 
 
@@ -153,6 +158,7 @@ class _Sinks:
             _set_aside_records_after(self.samples_path, start_step)
         self.wandb = None
         mode = _wandb_mode(cfg.wandb.mode)
+        self.online = mode == "online"
         if mode != "disabled":
             import wandb
 
@@ -176,6 +182,13 @@ class _Sinks:
         self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def alert(self, title: str, text: str) -> None:
+        """A wandb alert (e-mail, Slack) where the run is online; offline runs have none to send."""
+        if self.wandb is not None and self.online:
+            from wandb.sdk.wandb_alerts import AlertLevel
+
+            self.wandb.alert(title=title, text=text, level=AlertLevel.WARN)
 
     def write_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         records = [{"step": step, **row} for row in rows]
@@ -214,6 +227,7 @@ class MetricsLogger:
         dist: DistInfo,
         topology: Topology,
         flops_per_token: float,
+        stragglers: StragglerWatch,
         start_step: int = 0,
         start_tokens: int = 0,
         clock: Callable[[], float] = time.perf_counter,
@@ -228,6 +242,7 @@ class MetricsLogger:
         self.tokens_per_step = topology.tokens_per_step
         self.peak = peak_tflops(peak, topology.device)
         self.sinks = _Sinks(cfg, run, run_config, start_step) if dist.is_main else None
+        self.stragglers = stragglers
         self.progress = open_progress(dist.rank, steps, start_step)
         self.tokens = start_tokens
         # train() times loader.next_batch() with it: `with metrics.data_wait: batch = ...`.
@@ -260,11 +275,12 @@ class MetricsLogger:
         loss_value = all_reduce_mean(self._loss_sum / self._loss_steps).item() if self._loss_sum is not None else None
         norm_value = None if grad_norm is None else float(grad_norm)
         self._loss_sum, self._loss_steps = None, 0
-        # The slowest rank's wait is the one that holds every rank back at the next collective.
-        data_wait = all_reduce_max(torch.tensor(self.data_wait.lap(), device=self.device)).item()
         now = self.clock()
+        paused = self.paused.windows
         seconds = now - self._last_time - self.paused.lap()
-        times = timing(self.tokens - self._last_tokens, seconds, step - self._last_step, data_wait, self.world_size)
+        ranks = self.stragglers.interval(seconds, self.data_wait.lap(), paused)
+        # The slowest rank's data wait is the one that holds every rank back at the next collective.
+        times = timing(self.tokens - self._last_tokens, seconds, step - self._last_step, ranks.pop("data_wait_s"), self.world_size)
         self._last_time, self._last_tokens, self._last_step = now, self.tokens, step
         self._tokens_per_s = times["tokens_per_s"]
         record = {
@@ -277,8 +293,14 @@ class MetricsLogger:
             "mfu": mfu(self.flops_per_token, times["tokens_per_s"], self.world_size, self.peak),
             "mem_gb": peak_memory_gb(self.device),
             "skipped_steps": skipped_steps,
+            **ranks,
         }
         self.write(record)
+        warning = self.stragglers.warning(record)
+        if warning is not None:
+            log.warning("step %d: %s", step, warning)
+            if self.sinks is not None:
+                self.sinks.alert("zeroforge straggler", warning)
         log.info(
             "step %d | loss %s | lr %.2e | grad_norm %s | %.0f tokens/s (%.0f per GPU) | %.3f s/step, %.0f%% waiting for data"
             " | mfu %s | mem %.2f GB",

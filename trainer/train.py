@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import time
 
 import numpy as np
@@ -32,11 +31,12 @@ from zeroforge.trainer.partitioned import build_for_training, full_numel
 from zeroforge.trainer.preemption import Preempted, StopRequest
 from zeroforge.trainer.rundir import check_run_dir, library_versions, write_run_dir
 from zeroforge.trainer.sequence_parallel import sequence_parallel
+from zeroforge.trainer.stragglers import StragglerWatch
 from zeroforge.trainer.train_state import TrainState, gathered_rng_states
 from zeroforge.trainer.universal import universal_checkpoint
 from zeroforge.trainer.validate import validate
 from zeroforge.trainer.validator import Validator
-from zeroforge.trainer.watchdog import DEFAULT_HANG_TIMEOUT_S, HANG_GRACE_S, Watchdog, enable_flight_recorder
+from zeroforge.trainer.watchdog import DEFAULT_HANG_TIMEOUT_S, HANG_GRACE_S, Watchdog, enable_flight_recorder, node_name
 
 log = logging.getLogger("zeroforge")
 
@@ -60,10 +60,11 @@ def train(composed: DictConfig) -> dict:
     hang_timeout_s = cfg.cluster.hang_timeout_s or DEFAULT_HANG_TIMEOUT_S
     # torch's own collective timeout only after the watchdog's, so that the watchdog names the hang.
     dist = distributed.init_distributed(topology.device, max(hang_timeout_s, cfg.cluster.startup_timeout_s) + 2 * HANG_GRACE_S)
+    hosts = distributed.gather(node_name(), dist)
     watchdog = Watchdog(
         cfg.run.dir,
         rank=dist.rank,
-        hosts=distributed.gather(socket.gethostname(), dist),
+        hosts=hosts,
         hang_timeout_s=hang_timeout_s,
         startup_timeout_s=cfg.cluster.startup_timeout_s,
     ).start()
@@ -163,6 +164,7 @@ def train(composed: DictConfig) -> dict:
         dist=dist,
         topology=topology,
         flops_per_token=fpt,
+        stragglers=StragglerWatch(dist, factor=cfg.logging.straggler_factor, intervals=cfg.logging.straggler_intervals, hosts=hosts),
         start_step=state.step,
         start_tokens=state.tokens,
     )

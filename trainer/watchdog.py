@@ -47,6 +47,12 @@ def enable_flight_recorder() -> None:
     os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(FLIGHT_RECORDER_ENTRIES))
 
 
+def node_name() -> str:
+    """Where Slurm started this process, Slurm's name for the node (what a job's excluded nodes
+    list takes); elsewhere the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def hangs_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "hangs"
 
@@ -110,7 +116,7 @@ class Watchdog:
         self.rank, self.hosts = rank, hosts
         self.hang_timeout_s, self.startup_timeout_s = hang_timeout_s, startup_timeout_s
         self.step: Optional[int] = None
-        self.last = time.monotonic()
+        self.last, self.last_wall = time.monotonic(), time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="zeroforge-watchdog", daemon=True)
 
@@ -119,7 +125,7 @@ class Watchdog:
         return self
 
     def progress(self, step: int) -> None:
-        self.step, self.last = step, time.monotonic()
+        self.step, self.last, self.last_wall = step, time.monotonic(), time.time()
 
     @property
     def timeout_s(self) -> float:
@@ -137,12 +143,18 @@ class Watchdog:
 
     def fire(self, waited: float) -> None:
         """Dump, wait for the others' dumps, report (the lowest live rank), exit."""
-        from zeroforge.trainer.hang_report import write_report
+        from zeroforge.trainer.hang_report import newest_report, write_report
 
         where = "start-up" if self.step is None else f"after step {self.step}"
+        reported = newest_report(self.dir)
+        if reported is not None and reported.stat().st_mtime > self.last_wall:
+            # This rank was the stopped one and has been continued (Slurm continues a job's stopped
+            # processes to end them): the others already reported this hang, naming it.
+            log.error("rank %d: no progress for %.0f s (%s); the hang is already reported in %s", self.rank, waited, where, reported)
+            os._exit(HANG_EXIT_CODE)
         dump = {
             "rank": self.rank,
-            "host": socket.gethostname(),
+            "host": node_name(),
             "pid": os.getpid(),
             "step": self.step,
             "waited_s": round(waited, 1),

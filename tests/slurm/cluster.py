@@ -1,8 +1,9 @@
-"""A real two-node Slurm cluster on this machine, from Debian's slurmctld, slurmd and munge.
+"""A real three-node Slurm cluster on this machine, from Debian's slurmctld, slurmd and munge.
 
-munged, slurmctld and two slurmd daemons (`slurmd -N n1`, `slurmd -N n2`) run from a private
-directory with free ports, so the tests need no root-owned state and never meet another cluster.
-Both nodes are this host (NodeAddr=127.0.0.1) and declare 8 GPUs backed by plain files: jobs ask
+munged, slurmctld and three slurmd daemons (`slurmd -N n1` ... `n3`) run from a private directory
+with free ports, so the tests need no root-owned state and never meet another cluster. Three, so
+that a two-node job can run again without one of them (a node excluded after a hang). Every node
+is this host (NodeAddr=127.0.0.1) and declare 8 GPUs backed by plain files: jobs ask
 for GPUs as on a real cluster, and train on the CPU (DS_ACCELERATOR=cpu).
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
+NODES = ("n1", "n2", "n3")
 
 
 def missing_binaries() -> list[str]:
@@ -46,7 +48,7 @@ class SlurmCluster:
 
     def start(self) -> None:
         root = self.root
-        for sub in ("munge", "state", "log", "spool/n1", "spool/n2", "dev"):
+        for sub in ("munge", "state", "log", "dev", *(f"spool/{name}" for name in NODES)):
             (root / sub).mkdir(parents=True, exist_ok=True)
         munge = root / "munge"
         munge.chmod(0o700)
@@ -63,11 +65,13 @@ class SlurmCluster:
         )
         for i in range(8):
             (root / "dev" / f"nvidia{i}").touch()
-        ctld, node, n1, n2 = _free_ports(4)
+        ctld, node, *ports = _free_ports(2 + len(NODES))
         host = socket.gethostname()
+        node_list = ",".join(NODES)
+        first_job_id = 1 + 50 * (ctld % 290)
         nodes = "\n".join(
             f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs=2 RealMemory=4000 Gres=gpu:8 State=UNKNOWN"
-            for name, port in (("n1", n1), ("n2", n2))
+            for name, port in zip(NODES, ports)
         )
         (root / "slurm.conf").write_text(f"""\
 ClusterName=zftest
@@ -95,15 +99,18 @@ MpiDefault=none
 ReturnToService=2
 # Finished jobs stay visible to scontrol for the whole session.
 MinJobAge=3600
+# Job ids of their own: pretrain.sh puts a job's rendezvous on port 15000 + its id, so two test
+# clusters at once (two pytest workers) must not both start at job 1.
+FirstJobId={first_job_id}
 JobRequeue=1
 GresTypes=gpu
 {nodes}
-PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
 """)
-        (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName=n1,n2 Name=gpu File={root}/dev/nvidia[0-7]\n")
+        (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={node_list} Name=gpu File={root}/dev/nvidia[0-7]\n")
         self._run(_binary("slurmctld"))
-        self._run(_binary("slurmd"), "-N", "n1")
-        self._run(_binary("slurmd"), "-N", "n2")
+        for name in NODES:
+            self._run(_binary("slurmd"), "-N", name)
         self.wait_for_idle_nodes()
 
     def _run(self, *cmd: str) -> None:
@@ -116,7 +123,7 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
         states = ""
         while time.monotonic() < deadline:
             states = self.command("sinfo", "-h", "-N", "-o", "%N %T", check=False)
-            if states.count("idle") == 2:
+            if states.count("idle") == len(NODES):
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the Slurm nodes did not become idle in {timeout}s: {states!r}\n{self.logs()}")

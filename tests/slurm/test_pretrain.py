@@ -132,7 +132,8 @@ def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(
     # The second node hangs where its torchrun would start (as a node with a stuck filesystem or a
     # wrong network would): the first must give up after cluster.rendezvous_timeout_s and
     # --kill-on-bad-exit must end the whole job, instead of both holding their nodes until the
-    # time limit. The job's own limit only bounds the test if that path breaks; it must exceed the
+    # time limit; the job names the node as hung. With no hang requeue left it fails (the requeue
+    # itself: tests/slurm/test_hang_requeue.py). The job's own limit only bounds the test if that path breaks; it must exceed the
     # script's warning time (--signal=B:USR1@300), or Slurm signals the job as it starts.
     stuck = f"zf-stuck-node-{uuid.uuid4().hex[:8]}"  # its process name: unique to this test run
     shim = tmp_path / "bin" / "python"
@@ -154,12 +155,16 @@ def test_a_node_that_never_joins_fails_the_job_at_the_rendezvous_timeout(
         *exact_overrides(data_cache, tmp_path / "run", 0),
         *ONE_CPU_RANK_PER_NODE,
         f"cluster.rendezvous_timeout_s={timeout_s}",
+        "cluster.max_hang_requeues=0",
         path=shim.parent,
     )
     job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     assert job["JobState"] == "FAILED" and job["Restarts"] == "0", f"{job}\n{log[-4000:]}"
     assert "RendezvousTimeoutError" in log, log[-4000:]
+    stuck_node = slurm_cluster.command("scontrol", "show", "hostnames", job["NodeList"]).split()[1]
+    assert f"{stuck_node} never started torchrun" in log and f"hosts to exclude: {stuck_node}\n" in log, log[-4000:]
+    assert "not requeued: cluster.max_hang_requeues=0 reached" in log and job["ExitCode"] == "76:0", f"{job}\n{log[-4000:]}"
     # torchrun's own join timeout is 600 s, beyond the job's limit: failing well before that means
     # the configured one applied (the rest is the job's start-up on a busy 2-core machine).
     minutes, seconds = map(int, job["RunTime"].split(":")[-2:])

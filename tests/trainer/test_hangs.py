@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import psutil
 import pytest
@@ -54,7 +54,8 @@ class Hung(NamedTuple):
     ended_s: float  # from the SIGSTOP to the launcher's exit
 
 
-def _start(data_cache: Path, run_dir: Path) -> subprocess.Popen:
+def _start(data_cache: Path, run_dir: Path, extra: Sequence[str] = ()) -> subprocess.Popen:
+    """A 2-rank `zeroforge launch` that trains until stopped (or for `extra`'s train.steps)."""
     args = [
         "experiment=smoke",
         f"data.cache_dir={data_cache}",
@@ -66,6 +67,7 @@ def _start(data_cache: Path, run_dir: Path) -> subprocess.Popen:
         "checkpoint.every=0",
         "launcher.harness=false",
         f"cluster.hang_timeout_s={HANG_TIMEOUT_S}",
+        *extra,
     ]
     cmd = [sys.executable, "-m", "zeroforge.launcher", *args]
     # Another test's process group may have left its RANK and WORLD_SIZE in this worker's environment.

@@ -12,6 +12,7 @@ from tests.conftest import read_metrics
 from zeroforge.trainer.config import compose_config
 from zeroforge.trainer.distributed import DistInfo
 from zeroforge.trainer.metrics import MetricsLogger, Stopwatch, _Sinks, mfu, peak_for_device, peak_tflops, timing
+from zeroforge.trainer.stragglers import StragglerWatch
 from zeroforge.trainer.topology import Topology
 
 
@@ -112,6 +113,7 @@ def _logger(tmp_path: Path, every: int, steps: int, world_size: int, seq_len: in
         dist=DistInfo(rank=0, world_size=world_size, local_rank=0),
         topology=topology,
         flops_per_token=1e6,
+        stragglers=StragglerWatch(DistInfo(rank=0, world_size=1, local_rank=0), factor=1.5, intervals=3, hosts=["here"]),
         clock=clock,
     )
 
