@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from zeroforge.trainer.distributed import DistInfo, gather
+from zeroforge.trainer.watchdog import FLIGHT_RECORDER_ENTRIES
 
-# Collectives per rank and interval whose arrivals are compared.
-ARRIVALS = 256
+# Collectives per rank and interval whose arrivals are compared: all the recorder keeps.
+ARRIVALS = FLIGHT_RECORDER_ENTRIES
 
 
 @dataclass

@@ -35,8 +35,10 @@ HANG_EXIT_CODE = 76
 DEFAULT_HANG_TIMEOUT_S = 600
 # How long a rank that dumped waits for the other live ranks' dumps before it exits.
 HANG_GRACE_S = 15.0
-# Flight Recorder entries kept per rank (torch's ring buffer; 0, torch's default, records nothing).
-FLIGHT_RECORDER_ENTRIES = 2000
+# Flight Recorder entries kept per rank (torch's ring buffer; 0, torch's default, records nothing):
+# a hang report keeps the last few of each process group, and the straggler timing reads them all
+# every logging interval, at a cost that grows with the buffer (trainer/stragglers.py).
+FLIGHT_RECORDER_ENTRIES = 256
 # Collectives of each process group a dump keeps, the newest last.
 DUMPED_ENTRIES = 8
 PENDING = "pending"

@@ -137,7 +137,7 @@ def test_killed_at_random_moments_always_resumes_from_a_committed_checkpoint(dat
     cmd = [sys.executable, "-m", "zeroforge.trainer.train", *exact_overrides(data_cache, killed, 2), *args]
     rng = random.Random(1234)
     kills = 0
-    for _ in range(7):
+    for _ in range(5):
         before = _committed_step(killed)
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
         # Armed once this restart has committed a step of its own, so the kill lands in the
@@ -154,7 +154,7 @@ def test_killed_at_random_moments_always_resumes_from_a_committed_checkpoint(dat
         kills += 1
         committed = sorted((killed / "checkpoints").glob("step_???????"))
         assert len(committed) <= 3, "retention must not let checkpoints pile up"
-    assert kills >= 5
+    assert kills >= 3
     _ok(run_module("zeroforge.trainer.train", [*exact_overrides(data_cache, killed, 2), *args], cwd=REPO))
     assert [r["step"] for r in read_metrics(killed)] == list(range(1, 31))
     assert train_losses(killed) == train_losses(straight)
