@@ -21,9 +21,9 @@ entered during an evaluation or a save are left out, as that time is.
 from __future__ import annotations
 
 import pickle
-from collections import deque
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
