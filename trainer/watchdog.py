@@ -34,7 +34,7 @@ HANG_EXIT_CODE = 76
 # default collective timeout.
 DEFAULT_HANG_TIMEOUT_S = 600
 # How long a rank that dumped waits for the other live ranks' dumps before it exits.
-HANG_GRACE_S = 15.0
+HANG_GRACE_S = 10.0
 # Flight Recorder entries kept per rank (torch's ring buffer; 0, torch's default, records nothing):
 # a hang report keeps the last few of each process group, and the straggler timing reads them all
 # every logging interval, at a cost that grows with the buffer (trainer/stragglers.py).

@@ -44,7 +44,9 @@ def _binary(name: str) -> str:
 class SlurmCluster:
     def __init__(self, root: Path):
         self.root = root
-        self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+        # Not the test process's wandb service (set where a test used wandb in this process): a
+        # job would register its runs there, beyond the job's end.
+        self.env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "SLURM_CONF": str(root / "slurm.conf")}
 
     def start(self) -> None:
         root = self.root
