@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import time
 from pathlib import Path
 
 import psutil
@@ -63,21 +62,10 @@ def test_a_hung_rank_requeues_the_job_without_its_node_and_the_run_finishes(
     stuck, rank = stopped.environ()["SLURMD_NODENAME"], stopped.environ()["RANK"]  # the rendezvous orders the ranks
     stopped.send_signal(signal.SIGSTOP)
 
-    deadline = time.monotonic() + HANG_TIMEOUT_S + 180
-    while slurm_cluster.job(job_id)["Restarts"] != "1":
-        assert time.monotonic() < deadline, f"job {job_id} was not requeued: {slurm_cluster.job(job_id)}\n{slurm_cluster.logs()}"
-        time.sleep(1)
-    pending = slurm_cluster.wait_for_state(job_id, {"PENDING"}, timeout=120)
-    assert pending["ExcNodeList"] == stuck, pending
-    # As in the preemption test: start it now rather than after Slurm's requeue delay.
-    slurm_cluster.wait_for_idle_nodes()
-    time.sleep(2)
-    slurm_cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
-
+    job = slurm_cluster.rerun_requeued(job_id)
     log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", f"{job}\n{log[-4000:]}"
-    assert stuck not in slurm_cluster.command("scontrol", "show", "hostnames", job["NodeList"]).split(), job
+    assert job["ExcNodeList"] == stuck and stuck not in slurm_cluster.command("scontrol", "show", "hostnames", job["NodeList"]).split(), job
     # The job's log and the report name the node; the requeue is counted against the limit.
     assert f"stuck: rank {rank} on {stuck}" in log and f"hosts to exclude: {stuck}" in log, log[-4000:]
     assert f"requeueing it without {stuck} (1 of cluster.max_hang_requeues=2)" in log, log[-4000:]

@@ -98,19 +98,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster: SlurmClu
 
     _wait_for_step(run_dir, 5, slurm_cluster, job_id)
     slurm_cluster.command("scancel", "--signal=USR1", "--batch", job_id)
-    deadline = time.monotonic() + 300
-    while slurm_cluster.job(job_id)["Restarts"] != "1":
-        assert time.monotonic() < deadline, f"job {job_id} was not requeued: {slurm_cluster.job(job_id)}"
-        time.sleep(1)
-    # Slurm holds a requeued job for about two minutes before it may start again; not worth waiting.
-    # Lifted within the second of the requeue, the relaunch's credential counts as revoked (Slurm
-    # compares credential times in whole seconds; "Killing non-startable batch JobId=2: Job
-    # credential revoked", seen once in CI). So: pending, both nodes idle, and two seconds later.
-    slurm_cluster.wait_for_state(job_id, {"PENDING"}, timeout=120)
-    slurm_cluster.wait_for_idle_nodes()
-    time.sleep(2)
-    slurm_cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    job = slurm_cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=420)
+    job = slurm_cluster.rerun_requeued(job_id)
 
     log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", f"{job}\n{log[-4000:]}\n{slurm_cluster.logs()}"

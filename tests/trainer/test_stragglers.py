@@ -17,7 +17,7 @@ from zeroforge.trainer.distributed import DistInfo
 from zeroforge.trainer.stragglers import RankTimes, StragglerWatch, own_seconds
 
 EVERY = 5
-NORMAL_STEPS = 300
+NORMAL_STEPS = 200
 INTERVALS = 3
 
 
