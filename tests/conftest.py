@@ -34,13 +34,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow end-to-end files first (collection order otherwise), the quick ones after: under
-    `pytest -n 2 --dist loadfile` a worker takes the next file as it finishes one, so the many
-    quick files even out the end instead of one long file running alone on one worker."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """The directory `name`, made by build(directory) once per test session. Under pytest-xdist
     (`pytest -n 2`) the workers share it: the first to ask builds it, the others wait on its lock;
