@@ -18,12 +18,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
-from zeroforge.trainer.hang_report import newest_report, write_report
-from zeroforge.trainer.watchdog import HANG_EXIT_CODE, PENDING, hangs_dir, write_json
+from zeroforge.trainer.hang_report import newest_report, write_rendezvous_report, write_report
+from zeroforge.trainer.watchdog import HANG_EXIT_CODE, PENDING, hangs_dir
 
 REQUEUES = "requeues.jsonl"
 # Written by the script in the started dir as the attempt begins: its time is the attempt's.
@@ -50,20 +49,7 @@ def find_hang(run_dir: Path, status: int, started: Path, job_nodes: list[str]) -
     missing = [node for node in job_nodes if not (started / node).exists()]
     if not missing or len(missing) == len(job_nodes):  # none, or all: no node to tell apart
         return None
-    return Hang(rendezvous_report(hangs, missing, job_nodes), missing)
-
-
-def rendezvous_report(hangs: Path, missing: list[str], job_nodes: list[str]) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    hangs.mkdir(parents=True, exist_ok=True)
-    text = (
-        f"zeroforge hang report {stamp}: {len(job_nodes)} nodes; {', '.join(missing)} never started torchrun, "
-        f"so the rendezvous never formed (cluster.rendezvous_timeout_s)\n"
-        f"hosts to exclude: {','.join(missing)}\n"
-    )
-    write_json(hangs / f"{stamp}.json", {"time": stamp, "stuck_hosts": missing, "nodes": job_nodes, "stage": "rendezvous"})
-    (hangs / f"{stamp}.txt").write_text(text)
-    return hangs / f"{stamp}.txt"
+    return Hang(write_rendezvous_report(hangs, missing, job_nodes), missing)
 
 
 def record_requeue(hangs: Path, job_id: str, nodes: list[str], max_requeues: int) -> Optional[int]:

@@ -91,11 +91,29 @@ def write_report(hangs: Path) -> Optional[Path]:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     v = verdict(dumps)
-    write_json(hangs / f"{stamp}.json", {"time": stamp, **v, "dumps": dumps})
-    text = hangs / f"{stamp}.txt"
-    text.write_text(summary(v, stamp))
+    text = _save(hangs, stamp, {**v, "dumps": dumps}, summary(v, stamp))
     pending.replace(hangs / stamp)
     return text
+
+
+def write_rendezvous_report(hangs: Path, missing: list[str], nodes: list[str]) -> Path:
+    """The report of a job whose `missing` nodes never started torchrun (launcher/hang_requeue.py)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    text = (
+        f"zeroforge hang report {stamp}: {len(nodes)} nodes; {', '.join(missing)} never started torchrun, "
+        f"so the rendezvous never formed (cluster.rendezvous_timeout_s)\n"
+        f"hosts to exclude: {','.join(missing)}\n"
+    )
+    return _save(hangs, stamp, {"stuck_hosts": missing, "nodes": nodes, "stage": "rendezvous"}, text)
+
+
+def _save(hangs: Path, stamp: str, report: dict[str, Any], text: str) -> Path:
+    """`<stamp>.json` (with `stuck_hosts`, what the job script excludes) and `<stamp>.txt`."""
+    hangs.mkdir(parents=True, exist_ok=True)
+    write_json(hangs / f"{stamp}.json", {"time": stamp, **report})
+    path = hangs / f"{stamp}.txt"
+    path.write_text(text)
+    return path
 
 
 def newest_report(hangs: Path) -> Optional[Path]:
