@@ -24,7 +24,7 @@ from zeroforge.launcher.memory import (
     model_states,
 )
 from zeroforge.launcher.model_shape import ModelShape, model_shape
-from zeroforge.trainer.checkpoint import newest_checkpoint, saved_run
+from zeroforge.trainer.checkpoint import newest_checkpoint, saved_expert_parallel, saved_run
 from zeroforge.trainer.config import AnyConfig, CheckpointConfig, ClusterConfig, DeepSpeedConfig, LauncherConfig, ModelConfig, TrainConfig
 from zeroforge.trainer.loss import resolve_loss
 from zeroforge.trainer.topology import Topology, accelerator_is_cuda
@@ -48,6 +48,8 @@ class Resume:
     path: Path
     world_size: int
     sizes: CheckpointSizes
+    # The parallel.expert that saved it: experts move between ranks only through the universal form too.
+    expert: int = 1
 
 
 def unconverted_resume(checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig) -> Optional[Resume]:
@@ -55,7 +57,8 @@ def unconverted_resume(checkpoint: CheckpointConfig, deepspeed: DeepSpeedConfig)
     path = newest_checkpoint(checkpoint.dir, checkpoint.resume)
     if path is None or not converts(deepspeed) or (path / UNIVERSAL).is_dir():
         return None
-    return Resume(path, int(saved_run(path)["world_size"]), checkpoint_sizes(path))
+    run = saved_run(path)
+    return Resume(path, int(run["world_size"]), checkpoint_sizes(path), saved_expert_parallel(run))
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class Conversion:
     # The checkpoint this job resumes and converts first; None: the plan is for this job's own
     # checkpoints, resumed on another world size later.
     checkpoint: Optional[Path]
+    # The parallel.expert that saved it.
+    saved_expert: int = 1
 
 
 @dataclass(frozen=True)
@@ -335,9 +340,9 @@ class Planner:
         another world size), or else the one its own checkpoints would need, on the model's size."""
         budget, timeout = conversion_budget(self.cluster.host_memory_gb), self.checkpoint.universal_timeout_s
         resume = self.resume
-        if resume is not None and resume.world_size != topology.world_size:
+        if resume is not None and (resume.world_size, resume.expert) != (topology.world_size, topology.expert):
             plan = plan_conversion(resume.sizes, budget, self.cluster.storage_gb_s)
-            return Conversion(plan, plan.timeout_s(timeout), resume.world_size, resume.path)
+            return Conversion(plan, plan.timeout_s(timeout), resume.world_size, resume.path, resume.expert)
         if not converts(setup):
             return None
         sizes = model_sizes(self.shape.params, self.shape.largest_layer, topology.world_size, setup.stage, e)

@@ -16,6 +16,8 @@ class ModelShape:
 
     name: str
     params: int
+    # Those one token's forward uses (a mixture of experts': its routed share of the experts).
+    active_params: int
     # The largest single module's parameters: what ZeRO-3 gathers at once (as DeepSpeed counts it).
     largest_layer: int
     vocab_size: int
@@ -32,6 +34,7 @@ def model_shape(m: ModelConfig, data: DataConfig) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
     from zeroforge.trainer.model import flops_per_token, hf_config, model_fields
+    from zeroforge.trainer.moe import active_params
 
     vocab = planned_vocab_size(m, data)
     config = hf_config(m, vocab)
@@ -42,6 +45,7 @@ def model_shape(m: ModelConfig, data: DataConfig) -> ModelShape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())  # a tied embedding is counted once
+    active = active_params(((name, p.numel()) for name, p in model.named_parameters()), config)
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
     return ModelShape(
         name=m.name,
@@ -53,7 +57,8 @@ def model_shape(m: ModelConfig, data: DataConfig) -> ModelShape:
         intermediate=int(has["intermediate_size"]),
         layers=int(has["num_layers"]),
         heads=heads,
-        flops_per_token=flops_per_token(config, params, data.seq_len),
+        active_params=active,
+        flops_per_token=flops_per_token(config, active, data.seq_len),
     )
 
 

@@ -95,7 +95,8 @@ def _conversion_line(conversion: Optional[Conversion], world_size: int) -> str:
         )
     verdict = "" if p.fits is None else f", {'fits in' if p.fits else 'DOES NOT FIT in'} {_gib(p.budget or 0.0)}"
     return (
-        f"resume on another world size: {conversion.checkpoint} (saved by {conversion.saved_by} ranks, this job has "
+        f"resume on another world size: {conversion.checkpoint} (saved by {conversion.saved_by} ranks"
+        f"{f' with parallel.expert={conversion.saved_expert}' if conversion.saved_expert > 1 else ''}, this job has "
         f"{world_size}) is converted to DeepSpeed's universal checkpoint before the ranks start, {figures}{verdict}"
     )
 

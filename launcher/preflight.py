@@ -68,7 +68,14 @@ def check_continuation(
         check_init_from(model, vocab_size, manifest["tokenizer_hash"])
     resume = newest_checkpoint(checkpoint.dir, checkpoint.resume)
     if resume is not None and check_resumable(
-        resume, model=model, data=data, seed=seed, deepspeed=deepspeed, data_manifest=manifest, world_size=topology.world_size
+        resume,
+        model=model,
+        data=data,
+        seed=seed,
+        deepspeed=deepspeed,
+        data_manifest=manifest,
+        world_size=topology.world_size,
+        expert=topology.expert,
     ):
         return resume
     return None

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
@@ -169,15 +170,22 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable[..., None], 
     fn(*args)
 
 
-def run_distributed(fn: Callable[..., None], *args: object, world_size: int = 2) -> None:
+def run_distributed(fn: Callable[..., None], *args: object, world_size: int = 2, timeout_s: Optional[float] = None) -> None:
     """fn(*args) on `world_size` fresh processes with a torchrun rank's environment (they join
     with distributed.init_distributed("cpu"), on gloo); a rank's exception fails the caller with
-    its traceback. For mechanisms below train(); end-to-end tests run torchrun itself."""
+    its traceback, and ranks still running after timeout_s are killed and fail it. For mechanisms
+    below train(); end-to-end tests run torchrun itself."""
     import torch.multiprocessing as mp
 
     from zeroforge.trainer.distributed import free_port
 
-    mp.spawn(_rank_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    context = mp.spawn(_rank_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=False)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if deadline is not None and time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__} on {world_size} ranks did not finish within {timeout_s} s (a hang)")
 
 
 def smoke_run_overrides(data_cache: Path, run_dir: Path) -> list[str]:

@@ -131,7 +131,7 @@ class Checkpointer:
         self.engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client_state, save_latest=False)
         # What a resume must check before DeepSpeed touches the files (a model of another shape
         # fails inside DeepSpeed's loader, not with a clear message).
-        run = {k: client_state[k] for k in ("tokens", "data", "tokenizer_hash", "world_size")}
+        run = {k: client_state[k] for k in ("tokens", "data", "tokenizer_hash", "world_size", "expert_parallel")}
         run["model"] = self.identity["config"]["model"]
         self._in_flight = _InFlight(state.step, tmp, final, run)
         if self.writer is None:
@@ -419,13 +419,26 @@ def saved_run(path: Path) -> dict[str, Any]:
     return run
 
 
+def saved_expert_parallel(run: dict[str, Any]) -> int:
+    """The parallel.expert that saved a checkpoint (1 before it was recorded)."""
+    return int(run.get("expert_parallel", 1))
+
+
 def check_resumable(
-    path: Path, *, model: ModelConfig, data: DataConfig, seed: int, deepspeed: DeepSpeedConfig, data_manifest: dict, world_size: int
+    path: Path,
+    *,
+    model: ModelConfig,
+    data: DataConfig,
+    seed: int,
+    deepspeed: DeepSpeedConfig,
+    data_manifest: dict,
+    world_size: int,
+    expert: int = 1,
 ) -> bool:
     """Refuse to continue a run as a different one (steps, cadences and such may change).
 
-    Returns whether the checkpoint was saved by another world size with partitioned (ZeRO)
-    optimizer state, which only DeepSpeed's universal form of it can load.
+    Returns whether the checkpoint was saved by another world size (or parallel.expert) with
+    partitioned (ZeRO) optimizer state, which only DeepSpeed's universal form of it can load.
     """
     run = saved_run(path)
     problems = model_differences(run["model"], plain(model))
@@ -438,6 +451,21 @@ def check_resumable(
             + "; ".join(problems)
             + ". Use another run.dir for a new run, or checkpoint.resume=never."
         )
+    saved_expert = saved_expert_parallel(run)
+    if saved_expert != expert and not converts(deepspeed):
+        raise ConfigError(
+            f"cannot resume from {path}: it was saved with parallel.expert={saved_expert} and this run has parallel.expert={expert}; "
+            f"only DeepSpeed's universal checkpoint moves experts between ranks, which deepspeed={deepspeed.name} does not write. "
+            f"Resume with parallel.expert={saved_expert}."
+        )
+    if saved_expert != expert:
+        log.info(
+            "%s was saved with parallel.expert=%d; resuming with parallel.expert=%d through DeepSpeed's universal checkpoint",
+            path,
+            saved_expert,
+            expert,
+        )
+        return True
     if run["world_size"] == world_size or deepspeed.stage == 0:
         return False  # without ZeRO every rank holds the whole optimizer state: any world size loads it
     if not converts(deepspeed):

@@ -185,6 +185,9 @@ class LoggingConfig:
     # (trainer/stragglers.py); null: no rank is timed or named.
     straggler_factor: Optional[float] = field(default=1.5, metadata={"above": 1})
     straggler_intervals: int = field(default=3, metadata={"min": 1})
+    # A mixture of experts: an expert that receives no token for this many logging intervals in a
+    # row is warned about (trainer/routing.py).
+    dead_expert_intervals: int = field(default=3, metadata={"min": 1})
     level: str = field(default="INFO", metadata={"choices": ["DEBUG", "INFO", "WARNING", "ERROR"], "ignore_case": True})
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from zeroforge.data.config import plain
 from zeroforge.trainer.config import DeepSpeedConfig, OptimConfig
@@ -20,9 +20,16 @@ def zero_optimization(ds: DeepSpeedConfig, device: str) -> dict[str, Any]:
     return zero
 
 
-def deepspeed_config(*, optim: OptimConfig, deepspeed: DeepSpeedConfig, topology: Topology, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(
+    *,
+    optim: OptimConfig,
+    deepspeed: DeepSpeedConfig,
+    topology: Topology,
+    load_universal: bool = False,
+    expert_parallel: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
     """The batch split comes from the topology; load_universal: the engine will load a universal
-    checkpoint (a resume on another world size)."""
+    checkpoint (a resume on another world size); expert_parallel: AutoEP's section (trainer/moe.py)."""
     ds = deepspeed
     zero = zero_optimization(ds, topology.device)
     config = {
@@ -43,6 +50,8 @@ def deepspeed_config(*, optim: OptimConfig, deepspeed: DeepSpeedConfig, topology
         # Where DeepSpeed reads this config without the engine's groups (zero.Init), this is
         # what divides the world into data-parallel ranks for its batch arithmetic.
         config["sequence_parallel_size"] = topology.sequence
+    if expert_parallel is not None:
+        config["expert_parallel"] = expert_parallel
     if ds.offload_optimizer:
         # ZeRO-Offload needs DeepSpeed's own CPU Adam, which DeepSpeed builds from this section.
         config["optimizer"] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,9 @@ from zeroforge.trainer.deepspeed_config import deepspeed_config
 from zeroforge.trainer.faults import FaultGuard, SkippableAdamW
 from zeroforge.trainer.fp8 import apply_fp8
 from zeroforge.trainer.loss import install_loss, installed_loss, resolve_loss
+from zeroforge.trainer.moe import accept_string_keys_in_output_recorders, autoep_section, autoep_serves, mark_leaf_blocks
 from zeroforge.trainer.partitioned import full_shape, zero3_startup
+from zeroforge.trainer.routing import Routing, router_aux_loss_coef, routes_tokens, routing
 from zeroforge.trainer.schedule import lr_factor
 from zeroforge.trainer.sequence_parallel import SequenceSlices
 from zeroforge.trainer.tiled_mlp import tile_mlps
@@ -105,8 +107,9 @@ def build_engine(
 ) -> DeepSpeedEngine:
     """The plain `model` wrapped for training: kernels (and FP8's linear layers), loss, checkpointing, the optimizer and
     schedule, DeepSpeed's engine on the generated config (with the sequence-parallel groups of
-    `sequence`), then compile."""
+    `sequence`, and AutoEP's expert-parallel MoE blocks where parallel.expert > 1), then compile."""
     import deepspeed as ds
+    from deepspeed.moe.utils import configure_moe_param_groups
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.addFilter(_KNOWN_OPTIMIZER)  # added once: the same filter object is not added twice
@@ -123,27 +126,44 @@ def build_engine(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
+    if deepspeed.stage == 3:
+        blocks = mark_leaf_blocks(model)
+        if blocks:
+            log.info("ZeRO-3 gathers each MoE block whole (leaf modules: %s)", ", ".join(blocks))
+    expert_parallel = None
+    if autoep_serves(model.config):
+        accept_string_keys_in_output_recorders()
+        expert_parallel = autoep_section(model.config, topology.expert)
     factor = lr_factor(optim, train.steps)
     groups = param_groups(model, optim.weight_decay)
     # With ZeRO-Offload DeepSpeed builds its CPU Adam from the generated config instead.
     fused = fused_adamw(optim, topology)
-    optimizer = (
-        None
-        if deepspeed.offload_optimizer
-        else SkippableAdamW(
-            groups,
-            lr=optim.lr,
-            betas=(optim.betas[0], optim.betas[1]),  # validate() checked there are two
-            eps=optim.eps,
-            fused=fused,
+
+    def adamw(groups: list[dict]) -> SkippableAdamW:
+        return SkippableAdamW(
+            groups, lr=optim.lr, betas=(optim.betas[0], optim.betas[1]), eps=optim.eps, fused=fused
+        )  # validate() checked there are two betas
+
+    optimizer: Union[None, SkippableAdamW, Callable[[list[dict]], SkippableAdamW]]
+    if deepspeed.offload_optimizer:
+        optimizer = None
+    elif expert_parallel is not None:
+        # AutoEP replaces the MoE blocks' parameters inside initialize(), and DeepSpeed's ZeRO
+        # wants the experts in groups of their own ("moe", split by group name): it builds the
+        # optimizer from the replaced parameters through this callable.
+        optimizer = lambda replaced: adamw(  # noqa: E731
+            configure_moe_param_groups([{**group, "name": name} for name, group in zip(("decay", "no_decay"), replaced)])
         )
-    )
+    else:
+        optimizer = adamw(groups)
     with zero3_startup() if deepspeed.stage == 3 else contextlib.nullcontext():
         engine, _, _, _ = ds.initialize(
             model=model,
             optimizer=optimizer,
-            model_parameters=groups if optimizer is None else None,
-            config=deepspeed_config(optim=optim, deepspeed=deepspeed, topology=topology, load_universal=load_universal),
+            model_parameters=None if isinstance(optimizer, SkippableAdamW) else groups,
+            config=deepspeed_config(
+                optim=optim, deepspeed=deepspeed, topology=topology, load_universal=load_universal, expert_parallel=expert_parallel
+            ),
             lr_scheduler=lambda optimizer: LambdaLR(optimizer, factor),
             mpu=None if sequence is None else sequence.mpu,
         )
@@ -170,19 +190,27 @@ def build_engine(
     return engine
 
 
-def causal_lm_loss(
+class Losses(NamedTuple):
+    """One forward's mean next-token loss, and for a mixture of experts its routing (the
+    load-balancing loss and the tokens each expert received)."""
+
+    lm: torch.Tensor
+    routing: Optional[Routing]
+
+
+def forward_losses(
     model: torch.nn.Module,
     tokens: torch.Tensor,
     boundaries: Optional[DocumentBoundaries] = None,
     sequence: Optional[SequenceSlices] = None,
-) -> torch.Tensor:
-    """Mean next-token loss of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:].
+) -> Losses:
+    """The losses of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:].
 
     With boundaries, positions restart per document and/or the pair after each EOS is left out.
     With sequence parallelism this rank computes its slice of every window, and returns its
     share of the group's mean loss. A model (or engine) that build_engine gave the chunked or
     Liger loss computes it in its own forward (trainer/loss.py); any other model returns logits
-    and takes the plain loss here.
+    and takes the plain loss here. A mixture of experts also hands out its router logits.
     """
     inputs = tokens[:, :-1]
     targets = tokens[:, 1:] if boundaries is None else boundaries.targets(tokens)
@@ -192,12 +220,24 @@ def causal_lm_loss(
         if position_ids is None:
             position_ids = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
         inputs, targets, position_ids = sequence.slice(inputs), sequence.slice(targets), sequence.slice(position_ids)
+    router = {"output_router_logits": True} if routes_tokens(model) else {}
     if installed_loss(model) != "plain":
-        loss = model(input_ids=inputs, position_ids=position_ids, loss_targets=targets)
+        loss, router_logits = model(input_ids=inputs, position_ids=position_ids, loss_targets=targets, **router)
     else:
-        logits = model(input_ids=inputs, position_ids=position_ids).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    return loss if sequence is None else sequence.loss_share(loss, targets)
+        out = model(input_ids=inputs, position_ids=position_ids, **router)
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        router_logits = getattr(out, "router_logits", None)
+    return Losses(loss if sequence is None else sequence.loss_share(loss, targets), routing(model, router_logits))
+
+
+def causal_lm_loss(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    boundaries: Optional[DocumentBoundaries] = None,
+    sequence: Optional[SequenceSlices] = None,
+) -> torch.Tensor:
+    """Mean next-token loss of [batch, seq_len + 1] windows (forward_losses without the routing)."""
+    return forward_losses(model, tokens, boundaries, sequence).lm
 
 
 def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:
@@ -207,13 +247,16 @@ def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:
 
 class StepResult(NamedTuple):
     """One optimizer step: this rank's mean loss and the gradient norm (tensors, so that a GPU is
-    not synchronised on steps that log nothing), the learning rate it used, and whether the update
-    was skipped (trainer/faults.py)."""
+    not synchronised on steps that log nothing), the learning rate it used, whether the update
+    was skipped (trainer/faults.py), and for a mixture of experts the mean load-balancing loss and
+    the tokens each expert received."""
 
     loss: torch.Tensor
     grad_norm: Optional[torch.Tensor]
     lr: float
     skipped: bool
+    aux_loss: Optional[torch.Tensor] = None
+    expert_tokens: Optional[torch.Tensor] = None
 
 
 def train_step(
@@ -231,12 +274,18 @@ def train_step(
     engine.train()
     lr = engine.get_lr()[0]  # DeepSpeed advances the scheduler inside the last engine.step()
     total = torch.zeros((), device=device)
+    aux_total, expert_tokens = None, None
     norm = None
     skipped_before = engine.skipped_steps
+    coef = router_aux_loss_coef(engine)
     for i, batch in enumerate(micro_batches):
-        loss = causal_lm_loss(engine, batch.to(device, non_blocking=True), boundaries, sequence)
-        engine.backward(loss if sequence is None else loss * sequence.backward_scale)
+        loss, routed = forward_losses(engine, batch.to(device, non_blocking=True), boundaries, sequence)
+        objective = loss if routed is None else loss + coef * routed.aux_loss
+        engine.backward(objective if sequence is None else objective * sequence.backward_scale)
         total += loss.detach() if sequence is None else sequence.group_sum(loss)
+        if routed is not None:
+            aux_total = routed.aux_loss.detach() if aux_total is None else aux_total + routed.aux_loss.detach()
+            expert_tokens = routed.expert_tokens if expert_tokens is None else expert_tokens + routed.expert_tokens
         last = i == len(micro_batches) - 1
         if last and (measure_grad_norm or guard.checks_grad_norm) and engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed clips but does not keep the norm; gradients are already
@@ -249,7 +298,8 @@ def train_step(
     if reported is not None:
         norm = torch.as_tensor(reported)
     skipped = guard.after_update(step, skipped_by_deepspeed=engine.skipped_steps > skipped_before)
-    return StepResult(total / len(micro_batches), norm, lr, skipped)
+    aux = None if aux_total is None else aux_total / len(micro_batches)
+    return StepResult(total / len(micro_batches), norm, lr, skipped, aux, expert_tokens)
 
 
 @torch.no_grad()

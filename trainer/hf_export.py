@@ -3,13 +3,14 @@ named as the plain model names them, written one tensor at a time and swapped in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, cast
 
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -36,19 +37,47 @@ def export_entries(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return entries
 
 
-def gathered_tensors(model: torch.nn.Module, dist: DistInfo) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-    """The export's tensors (export_entries), each in full on rank 0's host (None elsewhere), one
-    at a time: a ZeRO-3 parameter is gathered from every rank (all of them must iterate) and copied
-    out before it is partitioned again."""
-    import deepspeed
+class Entry(NamedTuple):
+    """One tensor of the export: its plain name, shape and dtype, and how to get it in full on rank
+    0's host (None on the other ranks; every rank must fetch every entry, in the same order)."""
 
-    for name, tensor in export_entries(model):
-        if hasattr(tensor, "ds_id"):
-            with deepspeed.zero.GatheredParameters([tensor]):
-                host = tensor.detach().to("cpu", copy=True) if dist.is_main else None
-        else:
-            host = tensor.detach().to("cpu") if dist.is_main else None
-        yield name, host
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fetch: Callable[[], Optional[torch.Tensor]]
+
+
+@contextlib.contextmanager
+def gathered(tensor: torch.Tensor) -> Iterator[None]:
+    """A ZeRO-3 parameter in full for the duration, from every rank (any other tensor is whole already)."""
+    if hasattr(tensor, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            yield
+    else:
+        yield
+
+
+def host_copy(tensor: torch.Tensor, dist: DistInfo) -> Callable[[], Optional[torch.Tensor]]:
+    """Fetches the tensor in full onto rank 0's host, copied out before ZeRO-3 partitions it again."""
+
+    def fetch() -> Optional[torch.Tensor]:
+        with gathered(tensor):
+            return tensor.detach().to("cpu", copy=True) if dist.is_main else None
+
+    return fetch
+
+
+def planned_entries(model: torch.nn.Module, dist: DistInfo) -> list[Entry]:
+    """The export's tensors (export_entries); a model whose MoE blocks AutoEP replaced is written
+    back in the plain layout (trainer/autoep_export.py)."""
+    from zeroforge.trainer.autoep_export import autoep_blocks, plain_entries
+
+    entries = export_entries(model)
+    if autoep_blocks(model):
+        return plain_entries(model, entries, dist)
+    return [Entry(name, tuple(full_shape(t)), t.dtype, host_copy(t, dist)) for name, t in entries]
 
 
 def export_hf(
@@ -64,9 +93,10 @@ def export_hf(
     it arrives, so its host holds one parameter at a time, whatever the model's size."""
     out = Path(out_dir)
     model = engine.module
-    tensors = gathered_tensors(model, dist)
+    entries = planned_entries(model, dist)
+    tensors = ((entry.name, entry.fetch()) for entry in entries)
     if dist.is_main:
-        specs = [TensorSpec(name, tuple(full_shape(t)), t.dtype) for name, t in export_entries(model)]
+        specs = [TensorSpec(e.name, e.shape, e.dtype) for e in entries]
         write_export(
             model.config, specs, cast(Iterator[tuple[str, torch.Tensor]], tensors), tokenizer, out, meta, shard_bytes
         )  # all of them on rank 0

@@ -13,7 +13,8 @@ How it is wired so that every DeepSpeed hook fires (ZeRO-3 gathers a module's pa
 forward pre-hook, so a weight read outside its module's forward is an empty partition): the
 plain model's *instance* gets a forward that, given `loss_targets`, runs the decoder and then
 calls the output-embedding module ONCE with the hidden states and the targets; that module
-instance's forward computes the loss with its (then gathered) weight. Without `loss_targets`
+instance's forward computes the loss with its (then gathered) weight; the model returns that loss
+and, for a mixture of experts, its router logits (trainer/moe.py). Without `loss_targets`
 both forwards are the class's own, so evaluation, generation and export see the plain model.
 Nothing is wrapped: parameter names, state dicts and checkpoints are the plain model's.
 """
@@ -194,8 +195,8 @@ def install_loss(model: PreTrainedModel, loss: str, chunk_tokens: int) -> None:
     def forward(self, *args, loss_targets: Optional[torch.Tensor] = None, **kwargs):
         if loss_targets is None:
             return plain_forward(self, *args, **kwargs)
-        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
-        return self.get_output_embeddings()(hidden, loss_targets)
+        outputs = self.get_decoder()(*args, **kwargs)
+        return self.get_output_embeddings()(outputs.last_hidden_state, loss_targets), getattr(outputs, "router_logits", None)
 
     forward.zeroforge_loss = loss
     model.forward = types.MethodType(forward, model)

@@ -17,6 +17,7 @@ from zeroforge.trainer.config import LoggingConfig, RunSection
 from zeroforge.trainer.distributed import DistInfo, all_reduce_mean
 from zeroforge.trainer.host_memory import peak_rss_bytes
 from zeroforge.trainer.progress import open_progress
+from zeroforge.trainer.routing import ExpertLoad
 from zeroforge.trainer.stragglers import StragglerWatch
 from zeroforge.trainer.topology import Topology
 
@@ -181,7 +182,9 @@ class _Sinks:
     def write(self, record: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+            # Lists (each MoE layer's expert shares) stay in metrics.jsonl; wandb plots the scalars.
+            scalars = {k: v for k, v in record.items() if k != "step" and v is not None and not isinstance(v, list)}
+            self.wandb.log(scalars, step=record["step"])
 
     def alert(self, title: str, text: str) -> None:
         """A wandb alert (e-mail, Slack) where the run is online; offline runs have none to send."""
@@ -256,25 +259,41 @@ class MetricsLogger:
         self._tokens_per_s: Optional[float] = None
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_steps = 0
+        self._aux_sum: Optional[torch.Tensor] = None
+        self.experts = ExpertLoad(cfg.dead_expert_intervals)
 
     def logs_at(self, step: int) -> bool:
         return step == 1 or step % self.every == 0 or step == self.last_step
 
     def step(
-        self, step: int, loss: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor], lr: float, skipped_steps: int = 0
+        self,
+        step: int,
+        loss: Optional[torch.Tensor],
+        grad_norm: Optional[torch.Tensor],
+        lr: float,
+        skipped_steps: int = 0,
+        aux_loss: Optional[torch.Tensor] = None,
+        expert_tokens: Optional[torch.Tensor] = None,
     ) -> Optional[dict]:
-        """loss: None for a skipped step, whose loss (perhaps not finite) stays out of the mean."""
+        """loss: None for a skipped step, whose loss (perhaps not finite) stays out of the mean (and
+        so does its load-balancing loss); expert_tokens: a mixture of experts' [layers, experts]."""
         self.tokens += self.tokens_per_step
         if loss is not None:
             self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
             self._loss_steps += 1
+            if aux_loss is not None:
+                self._aux_sum = aux_loss.detach() if self._aux_sum is None else self._aux_sum + aux_loss.detach()
+        if expert_tokens is not None:
+            self.experts.add(expert_tokens)
         if not self.logs_at(step):
             self.progress.update(step, self._tokens_per_s)
             return None
         # Skips are agreed across ranks, so every rank takes part in this reduction or none does.
         loss_value = all_reduce_mean(self._loss_sum / self._loss_steps).item() if self._loss_sum is not None else None
         norm_value = None if grad_norm is None else float(grad_norm)
-        self._loss_sum, self._loss_steps = None, 0
+        aux_value = all_reduce_mean(self._aux_sum / self._loss_steps).item() if self._aux_sum is not None else None
+        self._loss_sum, self._aux_sum, self._loss_steps = None, None, 0
+        routing, dead = self.experts.interval()
         now = self.clock()
         paused = self.paused.windows
         seconds = now - self._last_time - self.paused.lap()
@@ -294,8 +313,12 @@ class MetricsLogger:
             "mem_gb": peak_memory_gb(self.device),
             "skipped_steps": skipped_steps,
             **ranks,
+            **({} if aux_value is None else {"aux_loss": aux_value}),
+            **routing,
         }
         self.write(record)
+        for dead_expert in dead:
+            log.warning("step %d: %s", step, dead_expert)
         warning = self.stragglers.warning(record)
         if warning is not None:
             log.warning("step %d: %s", step, warning)

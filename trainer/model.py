@@ -134,7 +134,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None) ->
 
 
 def flops_per_token(config: PretrainedConfig, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (matmul parameters) + the attention term 12 x L x d x T.
+    """Training FLOPs per token: 6 x (matmul parameters) + the attention term 12 x L x d x T;
+    num_params: those a token uses (a mixture of experts' active ones, trainer/moe.py).
 
     The input embedding is a lookup, not a matmul, but the output projection is one whether or
     not it is tied to the embedding.

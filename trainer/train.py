@@ -27,6 +27,7 @@ from zeroforge.trainer.host_memory import log_startup, rss_bytes
 from zeroforge.trainer.log import setup_logging
 from zeroforge.trainer.metrics import MetricsLogger
 from zeroforge.trainer.model import check_init_from, flops_per_token, resolve_vocab_size
+from zeroforge.trainer.moe import active_params
 from zeroforge.trainer.partitioned import build_for_training, full_numel
 from zeroforge.trainer.preemption import Preempted, StopRequest
 from zeroforge.trainer.rundir import check_run_dir, library_versions, write_run_dir
@@ -84,6 +85,7 @@ def train(composed: DictConfig) -> dict:
         deepspeed=composed.deepspeed,
         data_manifest=train_data.manifest,
         world_size=dist.world_size,
+        expert=topology.expert,
     ):
         universal, resume_from = True, universal_checkpoint(resume_from, dist)
     if dist.is_main:
@@ -100,7 +102,8 @@ def train(composed: DictConfig) -> dict:
         eos_id=tokenizer.eos_token_id,
     )
     num_params = sum(full_numel(p) for p in model.parameters())
-    fpt = flops_per_token(model.config, num_params, cfg.data.seq_len)
+    active = active_params(((name, full_numel(p)) for name, p in model.named_parameters()), model.config)
+    fpt = flops_per_token(model.config, active, cfg.data.seq_len)
     sequence = sequence_parallel(model, topology, cfg.deepspeed.stage)
     engine = build_engine(
         model,
@@ -116,11 +119,14 @@ def train(composed: DictConfig) -> dict:
     log_startup(dist, time.perf_counter() - started, "partitioned construction" if partitioned else "whole model on every rank", before)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
     log.info(
-        "%s: %.2fM parameters | world size %d (sequence parallel %d) | ZeRO-%d | %s | micro batch %d x grad accum %d x dp %d = %d",
+        "%s: %.2fM parameters (%.2fM active) | world size %d (sequence parallel %d, expert parallel %d) | ZeRO-%d | %s"
+        " | micro batch %d x grad accum %d x dp %d = %d",
         cfg.model.name,
         num_params / 1e6,
+        active / 1e6,
         dist.world_size,
         topology.sequence,
+        topology.expert,
         cfg.deepspeed.stage,
         topology.precision,
         cfg.train.micro_batch_size,
@@ -133,6 +139,7 @@ def train(composed: DictConfig) -> dict:
     identity = {
         "tokenizer_hash": train_data.manifest["tokenizer_hash"],
         "world_size": dist.world_size,
+        "expert_parallel": topology.expert,
         "config": plain(composed),
         "versions": library_versions(),
     }
@@ -194,7 +201,18 @@ def train(composed: DictConfig) -> dict:
         with metrics.data_wait:
             batch = loader.next_batch()
         result = train_step(engine, batch, device, metrics.logs_at(step), guard, step, boundaries, sequence)
-        last = metrics.step(step, None if result.skipped else result.loss, result.grad_norm, result.lr, guard.skipped) or last
+        last = (
+            metrics.step(
+                step,
+                None if result.skipped else result.loss,
+                result.grad_norm,
+                result.lr,
+                guard.skipped,
+                aux_loss=result.aux_loss,
+                expert_tokens=result.expert_tokens,
+            )
+            or last
+        )
         with metrics.paused:
             checkpointer.commit_pending()  # an async save commits once the next step is done
         if cfg.data.mixture and metrics.logs_at(step):

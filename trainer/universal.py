@@ -105,7 +105,9 @@ def checkpoint_sizes(path: Path) -> CheckpointSizes:
     """A checkpoint's sizes from its files: their sizes on disk, and the parameters' shapes from the
     first model-states file's pickle (memory-mapped, weights-only: no tensor is read)."""
     optimizer = [p.stat().st_size for p in path.glob("*optim_states.pt")]
-    models = sorted(path.glob("*model_states.pt"))
+    # The ranks' module files; a mixture of experts' expert-parallel layers also save each expert
+    # apart (layer_<l>_expert_<e>_mp_rank_<r>_model_states.pt), without the parameter shapes.
+    models = sorted(p for p in path.glob("*model_states.pt") if not p.name.startswith("layer_"))
     if not optimizer or not models:
         raise ConfigError(
             f"{path} has no DeepSpeed optimizer or model states (*optim_states.pt, *model_states.pt); "

@@ -15,7 +15,7 @@ import logging
 import re
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Optional, cast
+from typing import TYPE_CHECKING, Any, Iterator, Optional, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -36,8 +36,12 @@ from zeroforge.trainer.config import (
     TrainConfig,
 )
 from zeroforge.trainer.fp8 import fp8_problems, gpu_capability
+from zeroforge.trainer.moe import experts_problems
 from zeroforge.trainer.schedule import decay_steps
 from zeroforge.trainer.topology import Topology, accelerator_is_cuda, job_is_on_gpus, job_world_size, resolve_precision
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger("zeroforge")
 
@@ -45,10 +49,7 @@ log = logging.getLogger("zeroforge")
 SEQUENCE_PARALLEL_ATTENTION = frozenset({"sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"})
 
 # Degrees above 1 are refused until each parallelism lands (its issue).
-_NOT_YET = {
-    "tensor": "tensor parallelism (AutoTP)",
-    "expert": "expert parallelism (issue 22)",
-}
+_NOT_YET = {"tensor": "tensor parallelism (AutoTP)"}
 
 
 # What sbatch --time accepts: its manual's formats ("a time limit of zero requests that no time
@@ -135,8 +136,9 @@ def field_problems(schema: type, node: Any, prefix: str = "") -> Iterator[tuple[
                 yield key, f"{'every element of ' if 'each' in f.metadata else ''}{key} must be {expected}, found {value!r}"
 
 
-def _check_model(m: ModelConfig, problems: list[str]) -> None:
-    """Build the (weightless) transformers config now, so a bad model fails before any job starts."""
+def _check_model(m: ModelConfig, problems: list[str]) -> Optional[PretrainedConfig]:
+    """Build the (weightless) transformers config now, so a bad model fails before any job starts;
+    the config, where transformers could build it."""
     from zeroforge.trainer.model import HF_NAMES, hf_config, hf_names, model_fields
 
     vocab_size = m.vocab_size or 64  # null: the tokenizer's, which is not known yet
@@ -149,14 +151,14 @@ def _check_model(m: ModelConfig, problems: list[str]) -> None:
             f"model={m.name} (model.model_type={m.model_type!r}, model.hidden_size={m.hidden_size}, model.num_heads="
             f"{m.num_heads}, model.extra={dict(m.extra)}) is not a causal LM config transformers can build: {reason}"
         )
-        return
+        return None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         problems.append(
             f"model.model_type={m.model_type!r} has no causal LM model in transformers; expected a decoder such as llama, qwen2 or gpt2"
         )
-        return
+        return None
     # Every field, as the model built from this config will have it: a field that does not reach
     # the config must not train (and be planned) as a model other than the one configured.
     found, names, config_name = model_fields(config), hf_names(m.model_type), type(config).__name__
@@ -174,6 +176,7 @@ def _check_model(m: ModelConfig, problems: list[str]) -> None:
             )
         else:
             problems.append(f"{where}: its {theirs} is {found[ours]!r}; set that model type's own field through model.extra")
+    return config
 
 
 def _check_kernels(m: ModelConfig, train: TrainConfig, cuda: bool, problems: list[str]) -> None:
@@ -423,7 +426,9 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
     _check_zero_section(cfg.deepspeed, cuda, problems)
     model_keys = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings", "vocab_size")
     if fine(*(f"model.{key}" for key in model_keys)):
-        _check_model(cfg.model, problems)
+        config = _check_model(cfg.model, problems)
+        if config is not None:
+            problems += experts_problems(topology, config, m.name)
     _check_kernels(cfg.model, cfg.train, cuda, problems)
     if topology.precision == "fp8" and fine("train.fp8_recipe"):
         problems += fp8_problems(t.fp8_recipe, cuda, gpu_capability() if here else cfg.cluster.gpu_capability)

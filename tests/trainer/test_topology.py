@@ -17,10 +17,9 @@ def test_the_topology_splits_the_global_batch_over_the_data_parallel_ranks() -> 
     assert (topology.device, topology.precision) == ("cpu", "fp32")
 
 
-@pytest.mark.parametrize("degree", ["tensor", "expert"])
-def test_a_parallel_degree_above_one_is_refused_until_it_lands(degree: str) -> None:
-    cfg = compose_config([f"parallel.{degree}=2", "train.micro_batch_size=1", "train.global_batch_size=8"])
-    with pytest.raises(ConfigError, match=rf"parallel\.{degree}=2: .* is not available yet; expected 1"):
+def test_tensor_parallelism_is_refused_until_it_lands() -> None:
+    cfg = compose_config(["parallel.tensor=2", "train.micro_batch_size=1", "train.global_batch_size=8"])
+    with pytest.raises(ConfigError, match=r"parallel\.tensor=2: .* is not available yet; expected 1"):
         validate(cfg, 4, cuda=False)
 
 

@@ -1,0 +1,141 @@
+"""Mixture-of-experts models: which models route tokens to experts, what parallel.expert needs
+of them, ZeRO-3's leaf blocks and DeepSpeed's AutoEP (the router's loss and the experts' load are
+in trainer/routing.py).
+
+The model stays the plain transformers MoE. At parallel.expert=1 every rank holds every expert
+(as transformers builds it); above 1 DeepSpeed's engine replaces each MoE block by AutoEP's
+(`expert_parallel` in the generated DeepSpeed config), whose ranks each hold experts / parallel.expert
+of every layer and exchange tokens with an all-to-all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Iterable
+
+from zeroforge.trainer.topology import Topology
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+# transformers' alias of every MoE config's routed-expert count (num_experts in Qwen3-MoE and
+# OLMoE, n_routed_experts in DeepSeek-V3, num_local_experts in Mixtral).
+EXPERT_COUNT = "num_local_experts"
+# The child every transformers MoE block keeps its routed experts in (shared experts are apart).
+EXPERT_MODULE = "experts"
+
+
+def num_experts(config: PretrainedConfig) -> int:
+    """Routed experts per MoE layer; 0 for a dense model."""
+    return int(getattr(config, EXPERT_COUNT, None) or 0)
+
+
+def experts_per_token(config: PretrainedConfig) -> int:
+    return int(getattr(config, "num_experts_per_tok", None) or 0)
+
+
+def autoep_model_types() -> dict[str, str]:
+    """The model types DeepSpeed's AutoEP can shard, and the preset it shards each with."""
+    registry = importlib.import_module("deepspeed.module_inject.auto_ep_presets.registry")
+    return {model_type: name for name, preset in registry.PRESET_MODELS.items() for model_type in preset.hf_model_types}
+
+
+def experts_problems(topology: Topology, config: PretrainedConfig, model_name: str) -> list[str]:
+    """What stops this run's parallel degrees from training this model's experts: parallel.expert
+    must shard a MoE that AutoEP serves into equal parts; a MoE's load-balancing loss is of whole
+    sequences, which Ulysses' slices are not."""
+    experts, expert = num_experts(config), topology.expert
+    if experts and topology.sequence > 1:
+        return [
+            f"parallel.sequence={topology.sequence} with a mixture of experts (model={model_name}): each rank would balance "
+            "the routing of its slice of the sequence only; expected parallel.sequence=1"
+        ]
+    if expert == 1:
+        return []
+    if experts == 0:
+        return [f"parallel.expert={expert} needs a mixture-of-experts model, but model={model_name} ({config.model_type}) is dense"]
+    served = autoep_model_types()
+    if config.model_type not in served:
+        return [
+            f"parallel.expert={expert}: DeepSpeed's AutoEP cannot shard model_type {config.model_type!r} (model={model_name}); "
+            f"it shards {sorted(served)}; train this model with parallel.expert=1 (every rank holds every expert)"
+        ]
+    if experts % expert:
+        divisors = [d for d in range(1, experts + 1) if experts % d == 0]
+        return [
+            f"model={model_name} has {experts} experts per layer, not divisible by parallel.expert={expert}; expected one of {divisors}"
+        ]
+    return []
+
+
+def autoep_serves(config: PretrainedConfig) -> bool:
+    """A mixture of experts whose blocks DeepSpeed's AutoEP replaces, at any parallel.expert."""
+    return num_experts(config) > 0 and config.model_type in autoep_model_types()
+
+
+def autoep_section(config: PretrainedConfig, expert: int) -> dict[str, Any]:
+    """DeepSpeed's expert_parallel section: AutoEP with the preset of this model type."""
+    return {"enabled": True, "autoep_size": expert, "preset_model": autoep_model_types()[config.model_type]}
+
+
+def accept_string_keys_in_output_recorders() -> None:
+    """Let DeepSpeed's AutoEP register its router as transformers' recorder of router logits.
+
+    transformers 5 keeps each model class's recorded outputs in `_CAN_RECORD_REGISTRY`, a dict keyed
+    by `str(model class)` whose get() and item assignment take a *model* and derive the key
+    (transformers/utils/output_capturing.py). DeepSpeed 0.19.8's AutoEP (auto_ep_presets/base.py)
+    was written against the plain dict it used to be: it reads `registry.get(key, default)` and
+    restores `registry[key] = entry` with the string keys, and the first raises "TypeError:
+    _CanRecordRegistry.get() takes 2 positional arguments but 3 were given". The registry here
+    takes either: a string key as the key itself, a model as transformers does. Models behave as
+    before; string keys are what the dict stores anyway.
+    """
+    from transformers.utils import output_capturing
+
+    registry = output_capturing._CAN_RECORD_REGISTRY
+    if isinstance(registry, _KeyOrModelRegistry):
+        return
+    registry.__class__ = type("_KeyOrModelRegistry", (_KeyOrModelRegistry, type(registry)), {})
+
+
+class _KeyOrModelRegistry(dict):
+    def get(self, key: Any, default: Any = None) -> Any:  # type: ignore[override]
+        if isinstance(key, str):
+            return dict.get(self, key, default)
+        return super().get(key)  # type: ignore[call-arg]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(key, str):
+            dict.__setitem__(self, key, value)
+        else:
+            super().__setitem__(key, value)
+
+
+def mark_leaf_blocks(model: torch.nn.Module) -> list[str]:
+    """Make every MoE block a ZeRO-3 leaf: DeepSpeed gathers all of a leaf's parameters when the
+    block starts, instead of each expert's when that expert runs. Otherwise a rank whose tokens
+    miss an expert never gathers it, its ranks' gathers fall out of step and training hangs
+    (DeepSpeed PR #4966). A block is any module with a child named `experts`: the layout of every
+    transformers MoE, so no per-model list. Returns the blocks' class names."""
+    import torch
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted(
+        {type(module) for module in model.modules() if isinstance(getattr(module, EXPERT_MODULE, None), torch.nn.Module)}, key=str
+    )
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return [cls.__name__ for cls in classes]
+
+
+def active_params(named_numels: Iterable[tuple[str, int]], config: PretrainedConfig) -> int:
+    """The parameters one token's forward uses: all but the routed experts, and of those the
+    experts_per_token / num_experts it is routed to (a dense model: all of them). What its FLOPs,
+    and so its MFU, count; its memory counts them all."""
+    experts = num_experts(config)
+    total = 0.0
+    for name, numel in named_numels:
+        routed = experts and f".{EXPERT_MODULE}." in f".{name}"
+        total += numel * experts_per_token(config) / experts if routed else numel
+    return round(total)
