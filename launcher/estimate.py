@@ -21,7 +21,7 @@ from zeroforge.launcher.memory import (
     buffer_bytes,
     conversion_budget,
     host_memory,
-    model_states,
+    moe_model_states,
 )
 from zeroforge.launcher.model_shape import ModelShape, model_shape
 from zeroforge.trainer.checkpoint import newest_checkpoint, saved_expert_parallel, saved_run
@@ -267,6 +267,8 @@ class Planner:
         up to `nodes` nodes: what the fix search may offer."""
         from zeroforge.trainer.validate import sequence_parallel_problems
 
+        if self.shape.experts:
+            return [1]  # a mixture of experts balances whole sequences' routing (trainer/moe.py)
         ranks = self.cluster.nproc_per_node * nodes
         degrees = (1 << k for k in range(ranks.bit_length()) if 1 << k <= ranks)
         return [sp for sp in degrees if not sequence_parallel_problems(sp, self.model, self.data, self.deepspeed)]
@@ -289,7 +291,7 @@ class Planner:
         seq, shards = topology.seq_len, topology.zero_shards
         zero_extra = plain(self.deepspeed.zero_extra)
         sub_group = float(zero_extra.get("sub_group_size", DS_SUB_GROUP_SIZE))
-        states = model_states(shape.params, shape.largest_layer, setup, shards, e, sub_group)
+        states = moe_model_states(shape.params, shape.expert_params, shape.largest_layer, setup, shards, topology.expert, e, sub_group)
         act, other = (
             activation_bytes(
                 shape,

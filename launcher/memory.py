@@ -28,6 +28,7 @@ cluster.host_memory_gb.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -90,6 +91,9 @@ class ModelStates:
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer
+
+    def __add__(self, other: ModelStates) -> ModelStates:
+        return ModelStates(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,25 @@ def model_states(params: int, largest_layer: int, setup: Setup, dp: int, e: int,
         host += e * n / dp
         weights -= e * n / dp
     return ModelStates(weights, gradients, master, moments, fp32_grads, host)
+
+
+def moe_model_states(
+    params: int,
+    expert_params: int,
+    largest_layer: int,
+    setup: Setup,
+    shards: int,
+    expert: int,
+    e: int,
+    sub_group: float = DS_SUB_GROUP_SIZE,
+) -> ModelStates:
+    """model_states of a model whose routed experts (expert_params of its params) are split over
+    `expert` ranks: each rank holds experts / expert of them, and ZeRO partitions those over the
+    shards / expert ranks that hold the same experts (a dense model: expert_params 0)."""
+    dense = model_states(params - expert_params, largest_layer, setup, shards, e, sub_group)
+    if expert_params == 0:
+        return dense
+    return dense + model_states(expert_params // expert, 0, setup, max(shards // expert, 1), e, sub_group)
 
 
 def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:

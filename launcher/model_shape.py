@@ -18,6 +18,9 @@ class ModelShape:
     params: int
     # Those one token's forward uses (a mixture of experts': its routed share of the experts).
     active_params: int
+    # A mixture of experts: its routed experts' parameters, and experts per MoE layer (0: dense).
+    expert_params: int
+    experts: int
     # The largest single module's parameters: what ZeRO-3 gathers at once (as DeepSpeed counts it).
     largest_layer: int
     vocab_size: int
@@ -34,7 +37,7 @@ def model_shape(m: ModelConfig, data: DataConfig) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
     from zeroforge.trainer.model import flops_per_token, hf_config, model_fields
-    from zeroforge.trainer.moe import active_params
+    from zeroforge.trainer.moe import active_params, is_expert_param, num_experts
 
     vocab = planned_vocab_size(m, data)
     config = hf_config(m, vocab)
@@ -45,7 +48,8 @@ def model_shape(m: ModelConfig, data: DataConfig) -> ModelShape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())  # a tied embedding is counted once
-    active = active_params(((name, p.numel()) for name, p in model.named_parameters()), config)
+    named = [(name, p.numel()) for name, p in model.named_parameters()]
+    active = active_params(named, config)
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
     return ModelShape(
         name=m.name,
@@ -58,6 +62,8 @@ def model_shape(m: ModelConfig, data: DataConfig) -> ModelShape:
         layers=int(has["num_layers"]),
         heads=heads,
         active_params=active,
+        expert_params=sum(numel for name, numel in named if is_expert_param(name)),
+        experts=num_experts(config),
         flops_per_token=flops_per_token(config, active, data.seq_len),
     )
 

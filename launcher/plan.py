@@ -217,6 +217,17 @@ def _longest_line(planner: Planner) -> list[str]:
     return [f"longest data.seq_len that fits this setup: {longest:,} (model.max_position_embeddings={most:,})"]
 
 
+def _experts_line(plan: MemoryPlan) -> list[str]:
+    m, expert = plan.model, plan.topology.expert
+    if not m.experts:
+        return []
+    return [
+        f"mixture of experts: {m.experts} experts per MoE layer, {m.experts // expert} on each rank (parallel.expert={expert}); "
+        f"{m.active_params / 1e9:.3f}B of the parameters active per token (the FLOPs and MFU count these), "
+        f"{m.expert_params / 1e9:.3f}B in the routed experts (the memory counts {1 / expert:.3g} of these per rank)"
+    ]
+
+
 def format_plan(planner: Planner, plan: MemoryPlan) -> str:
     m = plan.model
     verdict = _verdict(plan.gpu_fits, plan.gpu_memory, "GPU memory unknown (set cluster.gpu_memory_gb): not checked")
@@ -225,6 +236,7 @@ def format_plan(planner: Planner, plan: MemoryPlan) -> str:
     lines = [
         f"{m.name}: {m.params / 1e9:.3f}B parameters (vocabulary {m.vocab_size}), "
         f"{m.flops_per_token / 1e9:.2f} GFLOPs per token (6N + attention at seq_len {plan.seq_len})",
+        *_experts_line(plan),
         f"setup: {_where(plan)}",
         "",
         "| per GPU | |",

@@ -124,7 +124,9 @@ def checkpoint_weights(step_dir: Path) -> CheckpointWeights:
     path = step_dir / "mp_rank_00_model_states.pt"
     if not path.exists():
         raise ConfigError(f"checkpoint {step_dir} holds no DeepSpeed model states (mp_rank_00_model_states.pt).")
-    module = _load(path)["module"]
+    states = _load(path)
+    _refuse_expert_layers(step_dir, states)
+    module = states["module"]
     # A tied weight is saved once and named twice: keep its first name.
     seen, unique = set(), {}
     for name, tensor in module.items():
@@ -141,12 +143,26 @@ def checkpoint_weights(step_dir: Path) -> CheckpointWeights:
     return CheckpointWeights(step_dir, [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in unique.items()], read)
 
 
+def _refuse_expert_layers(step_dir: Path, states: dict[str, Any]) -> None:
+    """A mixture of experts trained through DeepSpeed's AutoEP saves its experts in AutoEP's layout,
+    split over the ranks and its optimizer groups (listed in `ds_autoep_layers`), which this reader
+    does not assemble."""
+    if states.get("ds_autoep_layers"):
+        step = read_manifest(step_dir)["step"]
+        raise ConfigError(
+            f"checkpoint {step_dir} holds the expert layers of DeepSpeed's AutoEP (a mixture of experts), which zeroforge "
+            "reads only through training: evaluate, generate and export read the HF export that training writes at its "
+            f"end; for this checkpoint's, resume it with train.steps={step} (it writes the export without training)."
+        )
+
+
 def _zero3_weights(step_dir: Path, model_files: list[Path]) -> CheckpointWeights:
     optim_files = _ranked(step_dir, _ZERO3_OPTIM)
     world = len(model_files)
     if len(optim_files) != world:
         raise ConfigError(f"checkpoint {step_dir}: expected {world} ZeRO-3 optimizer files (one a rank), found {len(optim_files)}.")
     meta = _load(model_files[0])
+    _refuse_expert_layers(step_dir, meta)
     flats = [_load(f)["optimizer_state_dict"]["fp32_flat_groups"] for f in optim_files]
     # Where each parameter's slices lie: in its sub-group's flat fp32 partition, at the same offset
     # on every rank, ceil(numel / world) values a rank (the last one zero-padded).

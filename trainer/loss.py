@@ -53,6 +53,11 @@ LINEAR_HEAD_MODEL_TYPES = frozenset(
         "gemma",
         "starcoder2",
         "smollm3",
+        "qwen2_moe",
+        "qwen3_moe",
+        "mixtral",
+        "olmoe",
+        "deepseek_v3",
     }
 )
 

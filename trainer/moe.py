@@ -136,6 +136,10 @@ def active_params(named_numels: Iterable[tuple[str, int]], config: PretrainedCon
     experts = num_experts(config)
     total = 0.0
     for name, numel in named_numels:
-        routed = experts and f".{EXPERT_MODULE}." in f".{name}"
-        total += numel * experts_per_token(config) / experts if routed else numel
+        total += numel * experts_per_token(config) / experts if experts and is_expert_param(name) else numel
     return round(total)
+
+
+def is_expert_param(name: str) -> bool:
+    """A routed expert's parameter, by its name in the model (shared experts are not routed)."""
+    return f".{EXPERT_MODULE}." in f".{name}"

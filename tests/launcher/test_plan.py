@@ -578,3 +578,20 @@ def test_a_hang_timeout_shorter_than_a_save_is_refused_and_a_null_one_is_sized_f
         check_fits(Planner.of(short, job_topology(short)))
     long = compose_config([*seventy, "cluster.hang_timeout_s=3600"])
     assert check_fits(Planner.of(long, job_topology(long))).hang_timeout_s == 3600
+
+
+def test_a_mixture_of_experts_is_planned_on_its_active_flops_and_its_experts_per_rank() -> None:
+    """Qwen3-30B-A3B, as Qwen publishes it: 30.5B parameters, 3.3B activated per token. Its FLOPs
+    count the active ones; with parallel.expert=8 each rank holds an eighth of the routed experts."""
+    common = [*H100[:3], "model=qwen3-30b-a3b", "model.vocab_size=151936", "data.seq_len=4096", "cluster.nodes=2", "deepspeed=zero2"]
+    _, replicated = _plan([*common, "train.micro_batch_size=1", "train.global_batch_size=64"])
+    cfg, sharded = _plan([*common, "train.micro_batch_size=1", "train.global_batch_size=64", "parallel.expert=8"])
+    m = sharded.model
+    assert m.params == pytest.approx(30.5e9, rel=0.01) and m.active_params == pytest.approx(3.3e9, rel=0.02)
+    assert m.experts == 128 and m.expert_params == pytest.approx(29.0e9, rel=0.01)
+    assert m.flops_per_token == pytest.approx(6 * (m.active_params - 151936 * 2048) + 12 * 48 * 2048 * 4096)
+    # bf16 weights: the dense part whole, the routed experts an eighth on each rank.
+    assert sharded.weights == pytest.approx(2 * (m.params - m.expert_params + m.expert_params / 8))
+    assert replicated.weights == pytest.approx(2 * m.params)
+    printed = format_plan(Planner.of(cfg, job_topology(cfg)), sharded)
+    assert "mixture of experts: 128 experts per MoE layer, 16 on each rank (parallel.expert=8)" in printed

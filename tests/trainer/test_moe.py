@@ -222,3 +222,12 @@ def test_a_resume_on_another_expert_split_continues_the_losses(
         with torch.no_grad():
             logits.append(AutoModelForCausalLM.from_pretrained(run / "export", dtype=torch.float32)(tokens).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_checkpoint_reader_refuses_expert_layers_and_names_the_way_to_an_export(moe_runs: dict[str, tuple[Path, str]]) -> None:
+    from zeroforge.trainer.consolidate import checkpoint_weights
+
+    sharded, _ = moe_runs["expert2"]
+    with pytest.raises(ConfigError, match=r"expert layers of DeepSpeed's AutoEP .* resume it with train.steps=5 \(it writes the export"):
+        checkpoint_weights(sharded / "checkpoints" / "step_0000005")
