@@ -213,7 +213,7 @@ def measure(run: dict, gpu_memory_gb: float, seconds: float, warmup: int, extra:
     torch.cuda.reset_peak_memory_stats()
     first_loss = None
     for step in range(1, warmup + 1):
-        loss, _, _, _ = train_step(engine, batch(), DEVICE, False, guard, step)
+        loss = train_step(engine, batch(), DEVICE, False, guard, step).loss
         first_loss = first_loss if first_loss is not None else loss
     torch.cuda.synchronize()
     warm = time.perf_counter()

@@ -1,9 +1,13 @@
-"""Rank-aware logging, set up once: rank 0 prints info, every rank prints warnings and errors."""
+"""Rank-aware logging, set up once: rank 0 prints info, every rank prints warnings and errors;
+a warning every rank reaches alike (from numbers reduced over the ranks) is printed by rank 0 only:
+`log.warning(..., extra=SAME_ON_EVERY_RANK)`."""
 
 from __future__ import annotations
 
 import logging
 import sys
+
+SAME_ON_EVERY_RANK = {"same_on_every_rank": True}
 
 
 class _RankFilter(logging.Filter):
@@ -13,6 +17,8 @@ class _RankFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank_tag = "" if self.rank == 0 else f"[rank {self.rank}] "
+        if getattr(record, "same_on_every_rank", False):
+            return self.rank == 0
         return self.rank == 0 and record.levelno >= self.level or record.levelno >= logging.WARNING
 
 

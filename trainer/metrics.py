@@ -16,6 +16,7 @@ import torch
 from zeroforge.trainer.config import LoggingConfig, RunSection
 from zeroforge.trainer.distributed import DistInfo, all_reduce_mean
 from zeroforge.trainer.host_memory import peak_rss_bytes
+from zeroforge.trainer.log import SAME_ON_EVERY_RANK
 from zeroforge.trainer.progress import open_progress
 from zeroforge.trainer.routing import ExpertLoad
 from zeroforge.trainer.stragglers import StragglerWatch
@@ -318,7 +319,7 @@ class MetricsLogger:
         }
         self.write(record)
         for dead_expert in dead:
-            log.warning("step %d: %s", step, dead_expert)
+            log.warning("step %d: %s", step, dead_expert, extra=SAME_ON_EVERY_RANK)
         warning = self.stragglers.warning(record)
         if warning is not None:
             log.warning("step %d: %s", step, warning)

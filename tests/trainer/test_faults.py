@@ -65,9 +65,9 @@ class Run:
     def step(self, poison: float | None = None) -> tuple[float, bool]:
         self.poison = poison
         self.step_count += 1
-        loss, _, _, skipped = train_step(self.engine, self.loader.next_batch(), "cpu", True, self.guard, self.step_count)
+        result = train_step(self.engine, self.loader.next_batch(), "cpu", True, self.guard, self.step_count)
         self.poison = None
-        return float(loss), skipped
+        return float(result.loss), result.skipped
 
     def weights(self) -> dict[str, torch.Tensor]:
         """This rank's copy of every weight (ZeRO-3's gathered from the shards)."""

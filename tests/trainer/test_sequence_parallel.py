@@ -115,7 +115,7 @@ def test_sequence_parallel_training_on_packed_documents_matches_one_process(
 ) -> None:
     """ZeRO-2 and the chunked loss: 2 ranks that split every sequence give one process's losses."""
     run_dir, stdout = two_rank_run(2, "parallel.sequence=2", *PACKED)
-    assert "world size 2 (sequence parallel 2)" in stdout and "dp 1 " in stdout and "loss chunked" in stdout
+    assert "world size 2 (sequence parallel 2, expert parallel 1)" in stdout and "dp 1 " in stdout and "loss chunked" in stdout
     expected, found = train_losses(packed_reference), train_losses(run_dir)
     assert len(found) == len(expected) == 20
     torch.testing.assert_close(torch.tensor(found), torch.tensor(expected), rtol=1e-5, atol=0)
@@ -137,7 +137,7 @@ def test_a_zero3_sequence_parallel_run_resumes_without_it_on_another_world_size(
         launcher=TORCHRUN,
     )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "(sequence parallel 2)" in first.stdout
+    assert "(sequence parallel 2, expert parallel 1)" in first.stdout
     # A rank started by hand loads the universal form that `zeroforge universal` converts for it.
     converted = run_module("zeroforge.launcher.universal", args, cwd=REPO)
     assert converted.returncode == 0, converted.stdout[-3000:] + converted.stderr[-3000:]
