@@ -62,7 +62,6 @@ WIDE = [
 
 def worker(expert: int, steps: int, warmup: int, cuda: bool, overrides: list[str]) -> None:
     import torch
-    import torch.distributed as dist
 
     from zeroforge.trainer import distributed
     from zeroforge.trainer.config import compose_config
