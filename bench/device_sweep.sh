@@ -2,10 +2,11 @@
 # The single call for a lent GPU machine (one H100/H200, 16 cores): the throughput sweep
 # (bench/gpu.py --sweep), then the data benchmark on the machine's cores (bench/data.py --workers
 # 1 8 16) and the per-worker profile of prepare (bench/prepare_profile.py: perf stat where perf
-# exists, /proc otherwise). Everything lands in $OUT (at most 8 files come back from a call).
+# exists, /proc otherwise), then the MoE row (bench/moe.py --cuda). Everything lands in $OUT (at
+# most 8 files come back from a call).
 #
 # Here, once: PY=<project python> bash bench/device_wheels.sh   (fills the git-ignored .whl/)
-# Then one device call, with carry [".whl"] and timeout_s 540:
+# Then one device call, with carry [".whl"] and timeout_s 580:
 #   bash bench/device_sweep.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ export PYTHONPATH=/tmp/zf:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 echo "setup: $(( $(date +%s) - started )) s"; cat "$OUT/env.txt"
 
 # 1. The sweep: no run starts after --budget-s; the slowest run (llama-1b, compiling) takes < 60 s.
-timeout 360 python3 bench/gpu.py --sweep --budget-s 290 --out "$OUT/gpu_sweep.json" 2>&1 | tee "$OUT/sweep.log" \
+timeout 300 python3 bench/gpu.py --sweep --budget-s 220 --out "$OUT/gpu_sweep.json" 2>&1 | tee "$OUT/sweep.log" \
     | grep -v -E "Warning|warn\(|^\s*$"
 echo "sweep done at $(( $(date +%s) - started )) s"
 
@@ -37,4 +38,9 @@ echo "sweep done at $(( $(date +%s) - started )) s"
 timeout 120 python3 bench/data.py --workers 1 8 16 --loader-steps 50 --stream-steps 20 > "$OUT/data.log" 2>&1
 tail -n 20 "$OUT/data.log"; cp bench/results/data.json "$OUT/data.json" 2>/dev/null
 timeout 60 python3 bench/prepare_profile.py --workers 1 16 --out "$OUT/prepare_profile.json" 2>&1 | tail -n 6
+
+# 3. A small Qwen3-MoE shape in bf16: tokens/s and MFU (active parameters) at parallel.expert=1, and
+#    against parallel.expert=2 where the machine has 2 GPUs (NCCL takes one rank a GPU).
+timeout 100 python3 bench/moe.py --cuda --steps 10 --warmup 3 --repeats 1 --out "$OUT/moe.json" 2>&1 \
+    | grep -v -E "Warning|warn\(|^\s*$" | tail -n 8
 echo "all done at $(( $(date +%s) - started )) s"
