@@ -2,10 +2,13 @@
 of them, ZeRO-3's leaf blocks and DeepSpeed's AutoEP (the router's loss and the experts' load are
 in trainer/routing.py).
 
-The model stays the plain transformers MoE. At parallel.expert=1 every rank holds every expert
-(as transformers builds it); above 1 DeepSpeed's engine replaces each MoE block by AutoEP's
-(`expert_parallel` in the generated DeepSpeed config), whose ranks each hold experts / parallel.expert
-of every layer and exchange tokens with an all-to-all.
+The model is built as the plain transformers MoE. Where AutoEP has a preset for its type,
+DeepSpeed's engine replaces each MoE block by AutoEP's (`expert_parallel` in the generated DeepSpeed
+config), whose ranks each hold experts / parallel.expert of every layer and exchange tokens with an
+all-to-all. That happens at parallel.expert=1 too, so that a checkpoint's layout is the same at
+every degree and a resume on another one goes through DeepSpeed's universal checkpoint; the export
+writes the plain layout back (trainer/autoep_export.py). Other MoEs train as transformers builds
+them, every expert on every rank.
 """
 
 from __future__ import annotations
