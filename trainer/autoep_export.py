@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+from deepspeed.moe.fused_expert_layout import classify_fused_gate_up_layout
 
 from zeroforge.trainer.distributed import DistInfo
 from zeroforge.trainer.hf_export import Entry, export_entries, gathered, host_copy
@@ -56,8 +57,12 @@ def _expert_entries(prefix: str, block: Any, preset: Any, plain_shapes: dict[str
         return [Entry(names[w], plain_shapes[names[w]], dtype, fetch(w)) for w in ("w1", "w3", "w2")]
     fused, down = names["w1"], names["w2"]
     # transformers' fused gate-up is [experts, 2 x ffn, hidden] (gate first), or in some models
-    # [experts, hidden, 2 x ffn] with down [experts, ffn, hidden]; the plain model's shape says which.
-    transposed = plain_shapes[fused][1] != 2 * int(getattr(experts.w1, "ds_shape", experts.w1.shape)[1])
+    # [experts, hidden, 2 x ffn] with down [experts, ffn, hidden]: told apart from the plain model's
+    # two shapes as DeepSpeed told them apart to repack them.
+    layout = classify_fused_gate_up_layout(plain_shapes[fused], plain_shapes[down])
+    if layout is None:
+        raise RuntimeError(f"{fused} {plain_shapes[fused]} and {down} {plain_shapes[down]}: not a fused expert layout AutoEP repacks")
+    transposed = layout.needs_transpose
 
     def gate_up() -> Optional[torch.Tensor]:
         gate, up = _all_experts(experts.w1, block, dist), _all_experts(experts.w3, block, dist)

@@ -22,16 +22,16 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
-# transformers' alias of every MoE config's routed-expert count (num_experts in Qwen3-MoE and
-# OLMoE, n_routed_experts in DeepSeek-V3, num_local_experts in Mixtral).
-EXPERT_COUNT = "num_local_experts"
+# transformers' names for a MoE config's routed-expert count (some configs alias num_local_experts
+# to theirs, Qwen2-MoE and DeepSeek-V2 do not).
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
 # The child every transformers MoE block keeps its routed experts in (shared experts are apart).
 EXPERT_MODULE = "experts"
 
 
 def num_experts(config: PretrainedConfig) -> int:
     """Routed experts per MoE layer; 0 for a dense model."""
-    return int(getattr(config, EXPERT_COUNT, None) or 0)
+    return int(next((n for n in (getattr(config, name, None) for name in EXPERT_COUNTS) if n), 0))
 
 
 def experts_per_token(config: PretrainedConfig) -> int:
@@ -44,18 +44,28 @@ def autoep_model_types() -> dict[str, str]:
     return {model_type: name for name, preset in registry.PRESET_MODELS.items() for model_type in preset.hf_model_types}
 
 
-def experts_problems(topology: Topology, config: PretrainedConfig, model_name: str) -> list[str]:
+def experts_problems(topology: Topology, config: PretrainedConfig, model_name: str, zero_stage: int) -> list[str]:
     """What stops this run's parallel degrees from training this model's experts: parallel.expert
-    must shard a MoE that AutoEP serves into equal parts; a MoE's load-balancing loss is of whole
-    sequences, which Ulysses' slices are not."""
+    must shard a MoE that AutoEP serves into equal parts, under ZeRO (at ZeRO-0 zeroforge takes the
+    gradient norm itself, and would see only this rank's experts); a MoE's load-balancing loss is of
+    whole sequences, which Ulysses' slices are not, and needs the router's logits."""
     experts, expert = num_experts(config), topology.expert
     if experts and topology.sequence > 1:
         return [
             f"parallel.sequence={topology.sequence} with a mixture of experts (model={model_name}): each rank would balance "
             "the routing of its slice of the sequence only; expected parallel.sequence=1"
         ]
+    coef = getattr(config, "router_aux_loss_coef", None) or 0.0
+    if coef and autoep_serves(config) and not autoep_hands_out_router_logits(config.model_type):
+        return [
+            f"model={model_name}: DeepSpeed's AutoEP layer for {config.model_type} does not hand out the router logits its "
+            f"load-balancing loss needs (model.extra.router_aux_loss_coef={coef}); set it to 0, or use a model type whose "
+            "router logits AutoEP records (qwen3_moe, qwen2_moe, mixtral)"
+        ]
     if expert == 1:
         return []
+    if zero_stage == 0:
+        return [f"parallel.expert={expert} needs ZeRO 1-3, found deepspeed stage 0 (each rank holds other experts' gradients)"]
     if experts == 0:
         return [f"parallel.expert={expert} needs a mixture-of-experts model, but model={model_name} ({config.model_type}) is dense"]
     served = autoep_model_types()
@@ -75,6 +85,17 @@ def experts_problems(topology: Topology, config: PretrainedConfig, model_name: s
 def autoep_serves(config: PretrainedConfig) -> bool:
     """A mixture of experts whose blocks DeepSpeed's AutoEP replaces, at any parallel.expert."""
     return num_experts(config) > 0 and config.model_type in autoep_model_types()
+
+
+def autoep_hands_out_router_logits(model_type: str) -> bool:
+    """Whether AutoEP's layer for this type records the router's raw logits where transformers'
+    model reads them (its adapter retargets transformers' recorder; others record none, or the
+    routing scores after their softmax)."""
+    from deepspeed.module_inject.auto_ep_presets.base import TransformersTopLevelRouterLogitsAdapter
+    from deepspeed.module_inject.auto_ep_presets.registry import get_preset, get_preset_adapter
+
+    preset = get_preset(autoep_model_types()[model_type])
+    return isinstance(get_preset_adapter(preset.preset_adapter), TransformersTopLevelRouterLogitsAdapter)
 
 
 def autoep_section(config: PretrainedConfig, expert: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from zeroforge.trainer.moe import experts_per_token, num_experts
+from zeroforge.trainer.moe import autoep_hands_out_router_logits, autoep_serves, experts_per_token, num_experts
 
 
 class Routing(NamedTuple):
@@ -21,9 +21,12 @@ class Routing(NamedTuple):
 
 
 def routes_tokens(model: torch.nn.Module) -> bool:
-    """A transformers MoE whose forward can hand out its router logits."""
+    """A transformers MoE whose forward hands out its router's raw logits (through AutoEP's layer
+    only where AutoEP records them; trainer/moe.py)."""
     config = getattr(getattr(model, "module", model), "config", None)
-    return config is not None and num_experts(config) > 0 and hasattr(config, "output_router_logits")
+    if config is None or num_experts(config) == 0 or not hasattr(config, "output_router_logits"):
+        return False
+    return not autoep_serves(config) or autoep_hands_out_router_logits(config.model_type)
 
 
 def routing(model: torch.nn.Module, router_logits: Optional[tuple[torch.Tensor, ...]]) -> Optional[Routing]:
@@ -55,9 +58,10 @@ def router_aux_loss_coef(model: torch.nn.Module) -> float:
 
 class ExpertLoad:
     """The tokens each expert received over a logging interval, summed over the ranks, as
-    metrics.jsonl and wandb show them: per MoE layer the share of each expert, the imbalance (the
-    busiest expert's share over the mean share) and the dead experts (no token at all); an expert
-    dead for `dead_intervals` intervals in a row is warned about once."""
+    metrics.jsonl and wandb show them: per MoE layer (numbered among the MoE layers, a dense
+    layer has none) the share of each expert, the imbalance (the busiest expert's share over the
+    mean share) and the dead experts (no token at all); an expert dead for `dead_intervals`
+    intervals in a row is warned about once (again if it revives and dies)."""
 
     def __init__(self, dead_intervals: int):
         self.dead_intervals = dead_intervals
@@ -91,6 +95,7 @@ class ExpertLoad:
             record[f"experts/layer_{layer}/imbalance"] = round(float(share[layer].max() * share.shape[1]), 4)
             record[f"experts/layer_{layer}/dead"] = int(dead[layer].sum())
         warnings = []
+        self._warned -= {(layer, expert) for layer, expert in (~dead).nonzero().tolist()}  # revived: warned again if it dies
         for layer, expert in (self._dead_for >= self.dead_intervals).nonzero().tolist():
             if (layer, expert) not in self._warned:
                 self._warned.add((layer, expert))

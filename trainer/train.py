@@ -22,7 +22,7 @@ from zeroforge.trainer.config import as_config
 from zeroforge.trainer.engine import build_engine, train_step
 from zeroforge.trainer.entry import entry_point
 from zeroforge.trainer.faults import FaultGuard
-from zeroforge.trainer.hf_export import export_hf
+from zeroforge.trainer.hf_export import export_hf, planned_entries
 from zeroforge.trainer.host_memory import log_startup, rss_bytes
 from zeroforge.trainer.log import setup_logging
 from zeroforge.trainer.metrics import MetricsLogger
@@ -115,6 +115,7 @@ def train(composed: DictConfig) -> dict:
         sequence=sequence,
         load_universal=universal,
     )
+    planned_entries(engine.module, dist)  # the export's names and shapes, checked now rather than after training
     partitioned = cfg.deepspeed.stage == 3 and cfg.deepspeed.zero_init
     log_startup(dist, time.perf_counter() - started, "partitioned construction" if partitioned else "whole model on every rank", before)
     guard = FaultGuard(cfg.train, engine.basic_optimizer, cfg.deepspeed.stage)
@@ -182,7 +183,8 @@ def train(composed: DictConfig) -> dict:
         tokenizer,
         metrics,
         device,
-        synced_gpus=cfg.deepspeed.stage == 3 and dist.world_size > 1,
+        # Every forward is collective under ZeRO-3 (gathers) and expert parallelism (all-to-all).
+        synced_gpus=(cfg.deepspeed.stage == 3 or topology.expert > 1) and dist.world_size > 1,
     )
 
     def snapshot() -> TrainState:

@@ -428,7 +428,7 @@ def validate(cfg: DictConfig, world_size: int, cuda: Optional[bool] = None) -> T
     if fine(*(f"model.{key}" for key in model_keys)):
         config = _check_model(cfg.model, problems)
         if config is not None:
-            problems += experts_problems(topology, config, m.name)
+            problems += experts_problems(topology, config, m.name, ds.stage)
     _check_kernels(cfg.model, cfg.train, cuda, problems)
     if topology.precision == "fp8" and fine("train.fp8_recipe"):
         problems += fp8_problems(t.fp8_recipe, cuda, gpu_capability() if here else cfg.cluster.gpu_capability)

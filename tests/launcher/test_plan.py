@@ -593,5 +593,9 @@ def test_a_mixture_of_experts_is_planned_on_its_active_flops_and_its_experts_per
     # bf16 weights: the dense part whole, the routed experts an eighth on each rank.
     assert sharded.weights == pytest.approx(2 * (m.params - m.expert_params + m.expert_params / 8))
     assert replicated.weights == pytest.approx(2 * m.params)
-    printed = format_plan(Planner.of(cfg, job_topology(cfg)), sharded)
-    assert "mixture of experts: 128 experts per MoE layer, 16 on each rank (parallel.expert=8)" in printed
+    # ZeRO shards the experts' optimizer states over the ranks that hold each expert: 16 / 8 ranks
+    # share each eighth, so a rank's share is the same as without expert parallelism.
+    assert sharded.optimizer == pytest.approx(replicated.optimizer)
+    planner = Planner.of(cfg, job_topology(cfg))
+    assert "mixture of experts: 128 experts per MoE layer, 16 on each rank (parallel.expert=8)" in format_plan(planner, sharded)
+    assert planner.sequence_splits(2) == [1]  # never offered: a MoE's routing is balanced over whole sequences

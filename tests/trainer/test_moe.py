@@ -40,8 +40,14 @@ def _small(*overrides: str) -> list[str]:
             "parallel.expert=2: DeepSpeed's AutoEP cannot shard model_type 'olmoe' (model=olmoe-1b-7b); it shards ['deepseek_v2', ",
         ),
         (["model=tiny-moe", "parallel.sequence=2", "data.seq_len=64"], 2, "parallel.sequence=2 with a mixture of experts (model=tiny-moe)"),
+        (["model=tiny-moe", "parallel.expert=2", "deepspeed=zero0"], 2, "parallel.expert=2 needs ZeRO 1-3, found deepspeed stage 0"),
+        (
+            ["model=tiny-moe", "model.model_type=deepseek_v2", "model.extra.router_aux_loss_coef=0.01"],
+            2,
+            "AutoEP layer for deepseek_v2 does not hand out the router logits its load-balancing loss needs",
+        ),
     ],
-    ids=["dense-model", "indivisible-experts", "unsupported-type", "sequence-parallel"],
+    ids=["dense-model", "indivisible-experts", "unsupported-type", "sequence-parallel", "zero0", "no-router-logits"],
 )
 def test_what_expert_parallelism_cannot_serve_is_refused_with_the_numbers(overrides: list[str], world_size: int, expected: str) -> None:
     with pytest.raises(ConfigError) as refused:
@@ -54,6 +60,18 @@ def test_the_launcher_refuses_an_indivisible_expert_split_before_torchrun(data_c
     result = run_module("zeroforge.launcher", [*args, "train.global_batch_size=48"], cwd=REPO, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "not divisible by parallel.expert=3" in result.stderr and "launching" not in result.stdout + result.stderr
+
+
+def test_every_config_names_its_experts_count_its_own_way() -> None:
+    from transformers import AutoConfig
+
+    from zeroforge.trainer.moe import num_experts
+
+    counts = {
+        t: num_experts(AutoConfig.for_model(t))
+        for t in ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "llama")
+    }
+    assert counts == {"qwen3_moe": 128, "qwen2_moe": 60, "mixtral": 8, "olmoe": 64, "deepseek_v2": 64, "deepseek_v3": 256, "llama": 0}
 
 
 @pytest.mark.parametrize("loss", ["plain", "chunked"])
@@ -103,6 +121,7 @@ def _expert_parallel_holds_half_and_exports_the_plain_layout(out: str, tokenizer
 
     from zeroforge.data.tokenizer import load_tokenizer
     from zeroforge.trainer import distributed
+    from zeroforge.trainer.engine import forward_losses
     from zeroforge.trainer.hf_export import export_hf
 
     info = distributed.init_distributed("cpu")
@@ -113,9 +132,10 @@ def _expert_parallel_holds_half_and_exports_the_plain_layout(out: str, tokenizer
     model = model_for_training(cfg, topology, len(tokenizer))
     gate_up = model.model.layers[1].mlp.experts.gate_up_proj.detach().clone()  # [4 experts, gate then up, hidden]
     all_experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    tokens = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, len(tokenizer), (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(tokens).logits
+        plain_aux = forward_losses(model, tokens).routing.aux_loss
     engine = engine_for(model, cfg, topology)
     experts = engine.module.model.layers[1].mlp.experts
     mine = slice(2 * info.rank, 2 * info.rank + 2)
@@ -126,6 +146,8 @@ def _expert_parallel_holds_half_and_exports_the_plain_layout(out: str, tokenizer
     engine.eval()
     with torch.no_grad():
         torch.testing.assert_close(engine(tokens).logits, expected, rtol=1e-5, atol=1e-6)
+        # AutoEP's router hands transformers the raw logits: the load-balancing loss is the plain model's.
+        torch.testing.assert_close(forward_losses(engine, tokens).routing.aux_loss, plain_aux, rtol=1e-6, atol=0)
     export_hf(engine, tokenizer, out, info, {}, shard_bytes=2**30)
     if info.is_main:
         loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
