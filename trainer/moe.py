@@ -13,6 +13,7 @@ them, every expert on every rank.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -38,6 +39,7 @@ def experts_per_token(config: PretrainedConfig) -> int:
     return int(getattr(config, "num_experts_per_tok", None) or 0)
 
 
+@functools.cache
 def autoep_model_types() -> dict[str, str]:
     """The model types DeepSpeed's AutoEP can shard, and the preset it shards each with."""
     registry = importlib.import_module("deepspeed.module_inject.auto_ep_presets.registry")
@@ -87,6 +89,7 @@ def autoep_serves(config: PretrainedConfig) -> bool:
     return num_experts(config) > 0 and config.model_type in autoep_model_types()
 
 
+@functools.cache  # asked at every training forward
 def autoep_hands_out_router_logits(model_type: str) -> bool:
     """Whether AutoEP's layer for this type records the router's raw logits where transformers'
     model reads them (its adapter retargets transformers' recorder; others record none, or the
