@@ -19,11 +19,12 @@ from deepspeed.moe.fused_expert_layout import classify_fused_gate_up_layout
 
 from zeroforge.trainer.distributed import DistInfo
 from zeroforge.trainer.hf_export import Entry, export_entries, gathered, host_copy
-from zeroforge.trainer.moe import autoep_model_types
+from zeroforge.trainer.moe import EXPERT_MODULE, autoep_model_types
 from zeroforge.trainer.partitioned import full_shape
 
-# The names AutoEP gives a block's parts (deepspeed/module_inject/auto_ep_layer.py).
-ROUTER, EXPERTS, SHARED, SHARED_GATE = "router", "experts", "shared_experts", "shared_experts_gate"
+# The names AutoEP gives a block's parts (deepspeed/module_inject/auto_ep_layer.py); its experts keep
+# transformers' name, EXPERT_MODULE.
+ROUTER, SHARED, SHARED_GATE = "router", "shared_experts", "shared_experts_gate"
 
 
 def autoep_blocks(model: torch.nn.Module) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def plain_entries(model: torch.nn.Module, entries: list[tuple[str, torch.Tensor]
         prefix = next((p for p in blocks if name.startswith(p + ".")), None)
         if prefix is None:
             out.append(Entry(name, tuple(full_shape(tensor)), tensor.dtype, host_copy(tensor, dist)))
-        elif name.startswith(f"{prefix}.{EXPERTS}."):
+        elif name.startswith(f"{prefix}.{EXPERT_MODULE}."):
             if prefix not in done:
                 done.add(prefix)
                 out += _expert_entries(prefix, blocks[prefix], preset, plain_shapes, dist)

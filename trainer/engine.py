@@ -203,6 +203,7 @@ def forward_losses(
     tokens: torch.Tensor,
     boundaries: Optional[DocumentBoundaries] = None,
     sequence: Optional[SequenceSlices] = None,
+    with_routing: bool = True,
 ) -> Losses:
     """The losses of [batch, seq_len + 1] windows: inputs tokens[:, :-1], targets tokens[:, 1:].
 
@@ -220,14 +221,15 @@ def forward_losses(
         if position_ids is None:
             position_ids = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
         inputs, targets, position_ids = sequence.slice(inputs), sequence.slice(targets), sequence.slice(position_ids)
-    router = {"output_router_logits": True} if routes_tokens(model) else {}
+    routed = with_routing and routes_tokens(model)
+    router = {"output_router_logits": True} if routed else {}
     if installed_loss(model) != "plain":
         loss, router_logits = model(input_ids=inputs, position_ids=position_ids, loss_targets=targets, **router)
     else:
         out = model(input_ids=inputs, position_ids=position_ids, **router)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
         router_logits = getattr(out, "router_logits", None)
-    return Losses(loss if sequence is None else sequence.loss_share(loss, targets), routing(model, router_logits))
+    return Losses(loss if sequence is None else sequence.loss_share(loss, targets), routing(model, router_logits) if routed else None)
 
 
 def causal_lm_loss(
@@ -236,8 +238,9 @@ def causal_lm_loss(
     boundaries: Optional[DocumentBoundaries] = None,
     sequence: Optional[SequenceSlices] = None,
 ) -> torch.Tensor:
-    """Mean next-token loss of [batch, seq_len + 1] windows (forward_losses without the routing)."""
-    return forward_losses(model, tokens, boundaries, sequence).lm
+    """Mean next-token loss of [batch, seq_len + 1] windows (forward_losses without the router's
+    logits: evaluation does not train the router)."""
+    return forward_losses(model, tokens, boundaries, sequence, with_routing=False).lm
 
 
 def _grad_norm(model: torch.nn.Module) -> Optional[torch.Tensor]:

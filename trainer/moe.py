@@ -62,7 +62,7 @@ def experts_problems(topology: Topology, config: PretrainedConfig, model_name: s
         return [
             f"model={model_name}: DeepSpeed's AutoEP layer for {config.model_type} does not hand out the router logits its "
             f"load-balancing loss needs (model.extra.router_aux_loss_coef={coef}); set it to 0, or use a model type whose "
-            "router logits AutoEP records (qwen3_moe, qwen2_moe, mixtral)"
+            f"router logits AutoEP records ({', '.join(sorted(t for t in autoep_model_types() if autoep_hands_out_router_logits(t)))})"
         ]
     if expert == 1:
         return []
