@@ -1,7 +1,7 @@
 """Trainer overhead: tokens/s of zeroforge's loop against a bare DeepSpeed loop (and plain PyTorch
 at one rank), on 1 and 2 ranks.
 
-    python bench/overhead.py [--ranks 1 2] [--repeats 5] [--steps 60] [--warmup 10] [overrides ...]
+    python bench/overhead.py [--ranks 1 2] [--repeats 5] [--steps 160] [--warmup 10] [--slice 10] [overrides ...]
 
 Each loop runs in its own processes (torchrun on gloo for 2 ranks) on the same model, batches,
 sequence length and threads per rank (the machine's cores shared by the ranks). The trainer is
@@ -11,12 +11,22 @@ checkpointer's and validator's cadence checks. The bare loop is DeepSpeed's engi
 trainer's model, loss, optimizer, generated config and data loader (its batches drawn inside the
 timed step, as the trainer's are), and nothing else.
 
-A loop's speed is the 90th percentile of its steps' tokens/s after the warm-up (the trainer
-logs every step for it, a cost the bare loops do not pay): the speed of its fast steps, which a
-stretch in which the shared machine is slow does not reach (a median moved by 15% between
-rounds on this VM), while every step, fast or not, pays the loop's own per-step work. The loops take turns, round after round (--repeats), each round starting one loop later
-than the last: each round's trainer is divided by the same round's bare DeepSpeed, and the table
-shows the median of those ratios (every round is in the JSON). Prints a table and writes bench/results/overhead.json. Goal: trainer >= 0.97 x bare DeepSpeed at every rank count.
+A loop's speed is the 90th percentile of the tokens/s of its windows of WINDOW steps after the
+warm-up: the trainer's logging intervals at logging.every=WINDOW (its default, so it pays for
+logging, the loss all-reduce and the straggler exchange, as often as a run does), and the same
+steps of the bare loops, timed step by step and summed. The fast windows are the ones no pause
+cut into (below) and a stretch in which the shared machine ran slow did not reach, while every
+window, fast or not, pays the loop's own per-step work.
+
+The loops of one rank count run interleaved (`interleaved`): all start at once, but only one runs
+at a time, in turns of --slice seconds, the others stopped with SIGSTOP (their whole process
+trees). Run one after another, the loops met this VM's speed minutes apart, and it drifts by 15%
+over such stretches: five rounds' ratios spread from 0.75 to 1.18, ten times the goal's 3%.
+Interleaved, each loop meets the machine within seconds of the others; a window that a turn cuts
+in two is slow and falls below the 90th percentile. Each round (--repeats) starts a different
+loop first; a round's trainer is divided by the same round's bare DeepSpeed, and the table shows
+the median of those ratios (every round is in the JSON). Prints a table and writes
+bench/results/overhead.json. Goal: trainer >= 0.97 x bare DeepSpeed at every rank count.
 
 At 2 ranks it then prices the hang watchdog and straggler timing (watch_cost): the collectives the
 Flight Recorder notes each step, times what it adds to one, plus one straggler exchange per
@@ -40,6 +50,10 @@ sys.path.insert(0, str(REPO))
 
 # The same global batch on every rank count (grad accumulation 2 on one rank, 1 on two).
 BASE = ["train.micro_batch_size=8", "train.global_batch_size=16"]
+# Steps a speed is taken over: the trainer's default logging.every.
+WINDOW = 10
+# Steps of the bare loop that the watchdog's cost is priced on.
+WATCH_STEPS = 60
 GOAL = 0.97
 # The hang watchdog's and straggler timing's cost per step, as a share of a step (2 ranks).
 WATCH_GOAL = 0.01
@@ -47,9 +61,14 @@ TINY_COLLECTIVES = 2000
 EXCHANGES = 20
 
 
-def fast_steps(tokens_per_s: list[float]) -> float:
-    """The 90th percentile of the steps' tokens/s."""
+def fast_windows(tokens_per_s: list[float]) -> float:
+    """The 90th percentile of the windows' tokens/s."""
     return statistics.quantiles(tokens_per_s, n=10)[-1]
+
+
+def windows(seconds: list[float], tokens_per_step: int) -> list[float]:
+    """The tokens/s of each whole window of WINDOW steps, from the steps' seconds."""
+    return [WINDOW * tokens_per_step / sum(seconds[i : i + WINDOW]) for i in range(0, len(seconds) - WINDOW + 1, WINDOW)]
 
 
 def _launcher(ranks: int) -> list[str]:
@@ -75,7 +94,7 @@ def _model(cfg):
 
 def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> None:
     """One bare loop on this process's rank; rank 0 prints the tokens/s of all ranks at the 90th percentile
-    step after warmup."""
+    window after warmup."""
     import torch
 
     from zeroforge.data.loader import BatchLoader
@@ -146,7 +165,7 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> None:
         return
     distributed.close()
     if env.is_main:
-        print(json.dumps({"tokens_per_s": fast_steps([topology.tokens_per_step / s for s in seconds])}))
+        print(json.dumps({"tokens_per_s": fast_windows(windows(seconds, topology.tokens_per_step))}))
 
 
 def _recorded() -> int:
@@ -190,27 +209,106 @@ def watch_costs(kind: str, seconds: list[float], collectives_per_step: float, en
         print(json.dumps(result))
 
 
-def bare_tokens_per_s(kind: str, ranks: int, overrides: list[str], steps: int, warmup: int, env: dict) -> float:
-    args = ["--worker", kind, "--steps", str(steps), "--warmup", str(warmup), *overrides]
-    out = subprocess.run([*_launcher(ranks), __file__, *args], cwd=REPO, env=env, check=True, capture_output=True, text=True)
-    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))["tokens_per_s"]
+def _tree(process: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        root = psutil.Process(process.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
-def trainer_tokens_per_s(ranks: int, overrides: list[str], steps: int, warmup: int, env: dict) -> float:
-    with tempfile.TemporaryDirectory() as run_dir:
-        args = [
-            *overrides,
-            f"run.dir={run_dir}",
-            f"train.steps={steps}",
-            "logging.every=1",
-            "logging.wandb.mode=disabled",
-            "eval.every=0",
-            "checkpoint.every=0",
-        ]
-        subprocess.run([*_launcher(ranks), "-m", "zeroforge.trainer.train", *args], cwd=REPO, env=env, check=True, capture_output=True)
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    # Every step logs (a cost the bare loop does not pay); the steps after the warm-up.
-    return fast_steps([r["tokens_per_s"] for r in records if "loss" in r and r["step"] > warmup])
+def _signal(process: subprocess.Popen, sig: int) -> None:
+    import psutil
+
+    for p in _tree(process):
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def interleaved(jobs: dict[str, tuple[list[str], dict]], slice_s: float, log_dir: Path) -> dict[str, str]:
+    """Runs every job (name: command, environment) at once, one at a time: each in turn continues
+    for `slice_s` seconds while the others are stopped. Returns each job's stdout; a failed job
+    raises with its output."""
+    import signal
+
+    processes = {}
+    for name, (cmd, env) in jobs.items():
+        out = open(log_dir / f"{name}.log", "w")
+        processes[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _signal(processes[name], signal.SIGSTOP)
+    try:
+        while any(p.poll() is None for p in processes.values()):
+            for process in processes.values():
+                if process.poll() is not None:
+                    continue
+                _signal(process, signal.SIGCONT)
+                try:
+                    process.wait(timeout=slice_s)
+                except subprocess.TimeoutExpired:
+                    _signal(process, signal.SIGSTOP)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                _signal(process, signal.SIGCONT)
+                process.kill()
+    outputs = {name: (log_dir / f"{name}.log").read_text() for name in jobs}
+    for name, process in processes.items():
+        if process.returncode != 0:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{outputs[name][-3000:]}")
+    return outputs
+
+
+def bare_command(kind: str, ranks: int, overrides: list[str], steps: int, warmup: int) -> list[str]:
+    return [*_launcher(ranks), __file__, "--worker", kind, "--steps", str(steps), "--warmup", str(warmup), *overrides]
+
+
+def bare_tokens_per_s(output: str) -> float:
+    return json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("{")))["tokens_per_s"]
+
+
+def trainer_command(ranks: int, overrides: list[str], steps: int, run_dir: Path) -> list[str]:
+    args = [
+        *overrides,
+        f"run.dir={run_dir}",
+        f"train.steps={steps}",
+        f"logging.every={WINDOW}",
+        "logging.wandb.mode=disabled",
+        "eval.every=0",
+        "checkpoint.every=0",
+    ]
+    return [*_launcher(ranks), "-m", "zeroforge.trainer.train", *args]
+
+
+def trainer_tokens_per_s(run_dir: Path, warmup: int) -> float:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # The logging intervals that began after the warm-up (not the record of step 1).
+    return fast_windows([r["tokens_per_s"] for r in records if "loss" in r and r["step"] % WINDOW == 0 and r["step"] - WINDOW >= warmup])
+
+
+def one_round(ranks: int, kinds: list[str], overrides: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """The loops of one rank count, interleaved; `kinds` in the order of their first turns."""
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        jobs = {
+            kind: (
+                trainer_command(ranks, overrides, args.steps, run_dir)
+                if kind == "trainer"
+                else bare_command(kind, ranks, overrides, args.steps, args.warmup),
+                env,
+            )
+            for kind in kinds
+        }
+        outputs = interleaved(jobs, args.slice, Path(tmp))
+        return {
+            f"{ranks}:{kind}": trainer_tokens_per_s(run_dir, args.warmup) if kind == "trainer" else bare_tokens_per_s(outputs[kind])
+            for kind in kinds
+        }
 
 
 def watch_cost(overrides: list[str], args: argparse.Namespace) -> dict:
@@ -222,7 +320,7 @@ def watch_cost(overrides: list[str], args: argparse.Namespace) -> dict:
     for i in range(args.repeats):
         measured = {}
         for kind in ("watch", "unwatched")[i % 2 :] + ("watch", "unwatched")[: i % 2]:
-            cmd = [*_launcher(2), __file__, "--worker", kind, "--steps", str(args.steps), "--warmup", str(args.warmup), *overrides]
+            cmd = [*_launcher(2), __file__, "--worker", kind, "--steps", str(WATCH_STEPS), "--warmup", str(args.warmup), *overrides]
             out = subprocess.run(
                 cmd,
                 cwd=REPO,
@@ -257,9 +355,10 @@ def watch_cost(overrides: list[str], args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each loop runs once a round")
+    parser.add_argument("--slice", type=float, default=10.0, help="seconds a loop runs in its turn while the others are stopped")
     parser.add_argument("--worker", choices=["deepspeed", "pytorch", "watch", "unwatched"])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "overhead.json"))
     parser.add_argument("overrides", nargs="*")
@@ -267,21 +366,18 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.overrides, args.steps, args.warmup)
         return
+    if args.warmup % WINDOW:
+        parser.error(f"--warmup must be a multiple of {WINDOW} (the trainer's logging intervals), found {args.warmup}")
 
     overrides = [*BASE, *args.overrides]
     cases = [(ranks, kind) for ranks in args.ranks for kind in ("trainer", "deepspeed", *(["pytorch"] if ranks == 1 else []))]
     rounds: list[dict[str, float]] = []
     for i in range(args.repeats):
         measured = {}
-        # Each round starts one case later, so that no loop always runs right after the same other.
-        for ranks, kind in cases[i % len(cases) :] + cases[: i % len(cases)]:
-            threads = max(1, (os.cpu_count() or 1) // ranks)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-            if kind == "trainer":
-                tps = trainer_tokens_per_s(ranks, overrides, args.steps, args.warmup, env)
-            else:
-                tps = bare_tokens_per_s(kind, ranks, overrides, args.steps, args.warmup, env)
-            measured[f"{ranks}:{kind}"] = tps
+        for ranks in args.ranks:
+            kinds = [kind for r, kind in cases if r == ranks]
+            # Each round another loop takes the first turn.
+            measured.update(one_round(ranks, kinds[i % len(kinds) :] + kinds[: i % len(kinds)], overrides, args))
         rounds.append(measured)
 
     print(f"{'ranks':<7}{'loop':<11}{'p90 tokens/s':>17}{'median ratio to bare DeepSpeed':>32}")
@@ -305,6 +401,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "steps": args.steps,
                 "warmup": args.warmup,
+                "slice_s": args.slice,
                 "overrides": overrides,
                 "summary": summary,
                 "rounds": rounds,
