@@ -238,7 +238,9 @@ def interleaved(jobs: dict[str, tuple[list[str], dict]], slice_s: float, log_dir
     processes = {}
     for name, (cmd, env) in jobs.items():
         out = open(log_dir / f"{name}.log", "w")
-        processes[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # A session of its own: the kernel hangs up a stopped process group that the exit of the
+        # shell above this bench orphans.
+        processes[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         _signal(processes[name], signal.SIGSTOP)
     try:
         while any(p.poll() is None for p in processes.values()):
@@ -253,8 +255,7 @@ def interleaved(jobs: dict[str, tuple[list[str], dict]], slice_s: float, log_dir
     finally:
         for process in processes.values():
             if process.poll() is None:
-                _signal(process, signal.SIGCONT)
-                process.kill()
+                _signal(process, signal.SIGKILL)
     outputs = {name: (log_dir / f"{name}.log").read_text() for name in jobs}
     for name, process in processes.items():
         if process.returncode != 0:
