@@ -1,7 +1,7 @@
 """Trainer overhead: tokens/s of zeroforge's loop against a bare DeepSpeed loop (and plain PyTorch
 at one rank), on 1 and 2 ranks.
 
-    python bench/overhead.py [--ranks 1 2] [--repeats 5] [--steps 160] [--warmup 10] [--slice 10] [overrides ...]
+    python bench/overhead.py [--ranks 1 2] [--repeats 5] [--steps 160] [--warmup 10] [--slice 10] [--control] [overrides ...]
 
 Each loop runs in its own processes (torchrun on gloo for 2 ranks) on the same model, batches,
 sequence length and threads per rank (the machine's cores shared by the ranks). The trainer is
@@ -27,6 +27,9 @@ in two is slow and falls below the 90th percentile. Each round (--repeats) start
 loop first; a round's trainer is divided by the same round's bare DeepSpeed, and the table shows
 the median of those ratios (every round is in the JSON). Prints a table and writes
 bench/results/overhead.json. Goal: trainer >= 0.97 x bare DeepSpeed at every rank count.
+--control runs the bare DeepSpeed loop a second time in every round, in processes of its own: its
+ratio to the first is how far two runs of the same loop differ, the spread within which this
+machine cannot tell two loops apart.
 
 At 2 ranks it then prices the hang watchdog and straggler timing (watch_cost): the collectives the
 Flight Recorder notes each step, times what it adds to one, plus one straggler exchange per
@@ -50,6 +53,8 @@ sys.path.insert(0, str(REPO))
 
 # The same global batch on every rank count (grad accumulation 2 on one rank, 1 on two).
 BASE = ["train.micro_batch_size=8", "train.global_batch_size=16"]
+# --control's loop: the bare DeepSpeed loop again, in processes of its own.
+BARE_LOOP = {"control": "deepspeed"}
 # Steps a speed is taken over: the trainer's default logging.every.
 WINDOW = 10
 # Steps of the bare loop that the watchdog's cost is priced on.
@@ -300,7 +305,7 @@ def one_round(ranks: int, kinds: list[str], overrides: list[str], args: argparse
             kind: (
                 trainer_command(ranks, overrides, args.steps, run_dir)
                 if kind == "trainer"
-                else bare_command(kind, ranks, overrides, args.steps, args.warmup),
+                else bare_command(BARE_LOOP.get(kind, kind), ranks, overrides, args.steps, args.warmup),
                 env,
             )
             for kind in kinds
@@ -359,6 +364,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each loop runs once a round")
+    parser.add_argument(
+        "--control", action="store_true", help="also run the bare DeepSpeed loop a second time: its ratio is the spread the bench resolves"
+    )
     parser.add_argument("--slice", type=float, default=10.0, help="seconds a loop runs in its turn while the others are stopped")
     parser.add_argument("--worker", choices=["deepspeed", "pytorch", "watch", "unwatched"])
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "overhead.json"))
@@ -371,7 +379,8 @@ def main() -> None:
         parser.error(f"--warmup must be a multiple of {WINDOW} (the trainer's logging intervals), found {args.warmup}")
 
     overrides = [*BASE, *args.overrides]
-    cases = [(ranks, kind) for ranks in args.ranks for kind in ("trainer", "deepspeed", *(["pytorch"] if ranks == 1 else []))]
+    extra = ["control"] if args.control else []
+    cases = [(ranks, kind) for ranks in args.ranks for kind in ("trainer", "deepspeed", *(["pytorch"] if ranks == 1 else []), *extra)]
     rounds: list[dict[str, float]] = []
     for i in range(args.repeats):
         measured = {}
