@@ -11,8 +11,8 @@ checkpointer's and validator's cadence checks. The bare loop is DeepSpeed's engi
 trainer's model, loss, optimizer, generated config and data loader (its batches drawn inside the
 timed step, as the trainer's are), and nothing else.
 
-A loop's speed is the 90th percentile of the tokens/s of its windows of WINDOW steps after the
-warm-up: the trainer's logging intervals at logging.every=WINDOW (its default, so it pays for
+A loop's speed is the 90th percentile of the tokens/s of its windows of logging.every steps after
+the warm-up: the trainer's logging intervals (at the config's logging.every, so it pays for
 logging, the loss all-reduce and the straggler exchange, as often as a run does), and the same
 steps of the bare loops, timed step by step and summed. The fast windows are the ones no pause
 cut into (below) and a stretch in which the shared machine ran slow did not reach, while every
@@ -55,8 +55,6 @@ sys.path.insert(0, str(REPO))
 BASE = ["train.micro_batch_size=8", "train.global_batch_size=16"]
 # --control's loop: the bare DeepSpeed loop again, in processes of its own.
 BARE_LOOP = {"control": "deepspeed"}
-# Steps a speed is taken over: the trainer's default logging.every.
-WINDOW = 10
 # Steps of the bare loop that the watchdog's cost is priced on.
 WATCH_STEPS = 60
 GOAL = 0.97
@@ -71,9 +69,9 @@ def fast_windows(tokens_per_s: list[float]) -> float:
     return statistics.quantiles(tokens_per_s, n=10)[-1]
 
 
-def windows(seconds: list[float], tokens_per_step: int) -> list[float]:
-    """The tokens/s of each whole window of WINDOW steps, from the steps' seconds."""
-    return [WINDOW * tokens_per_step / sum(seconds[i : i + WINDOW]) for i in range(0, len(seconds) - WINDOW + 1, WINDOW)]
+def windows(seconds: list[float], tokens_per_step: int, every: int) -> list[float]:
+    """The tokens/s of each whole window of `every` steps (the trainer's logging.every), from the steps' seconds."""
+    return [every * tokens_per_step / sum(seconds[i : i + every]) for i in range(0, len(seconds) - every + 1, every)]
 
 
 def _launcher(ranks: int) -> list[str]:
@@ -170,7 +168,7 @@ def worker(kind: str, overrides: list[str], steps: int, warmup: int) -> None:
         return
     distributed.close()
     if env.is_main:
-        print(json.dumps({"tokens_per_s": fast_windows(windows(seconds, topology.tokens_per_step))}))
+        print(json.dumps({"tokens_per_s": fast_windows(windows(seconds, topology.tokens_per_step, cfg.logging.every))}))
 
 
 def _recorded() -> int:
@@ -242,10 +240,10 @@ def interleaved(jobs: dict[str, tuple[list[str], dict]], slice_s: float, log_dir
 
     processes = {}
     for name, (cmd, env) in jobs.items():
-        out = open(log_dir / f"{name}.log", "w")
-        # A session of its own: the kernel hangs up a stopped process group that the exit of the
-        # shell above this bench orphans.
-        processes[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log_dir / f"{name}.log", "w") as out:
+            # A session of its own: the kernel hangs up a stopped process group that the exit of
+            # the shell above this bench orphans.
+            processes[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         _signal(processes[name], signal.SIGSTOP)
     try:
         while any(p.poll() is None for p in processes.values()):
@@ -281,7 +279,6 @@ def trainer_command(ranks: int, overrides: list[str], steps: int, run_dir: Path)
         *overrides,
         f"run.dir={run_dir}",
         f"train.steps={steps}",
-        f"logging.every={WINDOW}",
         "logging.wandb.mode=disabled",
         "eval.every=0",
         "checkpoint.every=0",
@@ -289,13 +286,13 @@ def trainer_command(ranks: int, overrides: list[str], steps: int, run_dir: Path)
     return [*_launcher(ranks), "-m", "zeroforge.trainer.train", *args]
 
 
-def trainer_tokens_per_s(run_dir: Path, warmup: int) -> float:
+def trainer_tokens_per_s(run_dir: Path, warmup: int, every: int) -> float:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # The logging intervals that began after the warm-up (not the record of step 1).
-    return fast_windows([r["tokens_per_s"] for r in records if "loss" in r and r["step"] % WINDOW == 0 and r["step"] - WINDOW >= warmup])
+    return fast_windows([r["tokens_per_s"] for r in records if "loss" in r and r["step"] % every == 0 and r["step"] - every >= warmup])
 
 
-def one_round(ranks: int, kinds: list[str], overrides: list[str], args: argparse.Namespace) -> dict[str, float]:
+def one_round(ranks: int, kinds: list[str], overrides: list[str], every: int, args: argparse.Namespace) -> dict[str, float]:
     """The loops of one rank count, interleaved; `kinds` in the order of their first turns."""
     threads = max(1, (os.cpu_count() or 1) // ranks)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
@@ -312,12 +309,12 @@ def one_round(ranks: int, kinds: list[str], overrides: list[str], args: argparse
         }
         outputs = interleaved(jobs, args.slice, Path(tmp))
         return {
-            f"{ranks}:{kind}": trainer_tokens_per_s(run_dir, args.warmup) if kind == "trainer" else bare_tokens_per_s(outputs[kind])
+            f"{ranks}:{kind}": trainer_tokens_per_s(run_dir, args.warmup, every) if kind == "trainer" else bare_tokens_per_s(outputs[kind])
             for kind in kinds
         }
 
 
-def watch_cost(overrides: list[str], args: argparse.Namespace) -> dict:
+def watch_cost(overrides: list[str], every: int, args: argparse.Namespace) -> dict:
     """The hang watchdog's and straggler timing's cost per step on 2 ranks: what the Flight Recorder
     adds to each collective (a tiny all-reduce with it, less one without, the two in turns, round
     after round) times the collectives of a step, plus one straggler exchange per logging interval."""
@@ -351,10 +348,10 @@ def watch_cost(overrides: list[str], args: argparse.Namespace) -> dict:
     print(f"\nhang watchdog and straggler timing, 2 ranks (median of {args.repeats} rounds):")
     print(f"  Flight Recorder: {recorder_s * 1e6:+.1f} us per collective x {collectives:.0f} collectives a step")
     print(f"  straggler exchange: {exchange_s * 1e3:.2f} ms per logging interval; a step: {step_s * 1e3:.1f} ms")
-    for every in (10, 1):
-        share = (max(0.0, recorder_s) * collectives + exchange_s / every) / step_s
-        result[f"share_at_logging_every_{every}"] = share
-        print(f"  logging.every={every}: {share:.2%} of a step (goal < {WATCH_GOAL:.0%}): {'met' if share < WATCH_GOAL else 'NOT met'}")
+    for interval in sorted({every, 1}, reverse=True):
+        share = (max(0.0, recorder_s) * collectives + exchange_s / interval) / step_s
+        result[f"share_at_logging_every_{interval}"] = share
+        print(f"  logging.every={interval}: {share:.2%} of a step (goal < {WATCH_GOAL:.0%}): {'met' if share < WATCH_GOAL else 'NOT met'}")
     return result
 
 
@@ -375,10 +372,13 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.overrides, args.steps, args.warmup)
         return
-    if args.warmup % WINDOW:
-        parser.error(f"--warmup must be a multiple of {WINDOW} (the trainer's logging intervals), found {args.warmup}")
+    from zeroforge.trainer.config import compose_config
 
     overrides = [*BASE, *args.overrides]
+    every = compose_config(overrides).logging.every
+    if args.warmup % every:
+        parser.error(f"--warmup must be a multiple of logging.every={every} (the trainer's logging intervals), found {args.warmup}")
+
     extra = ["control"] if args.control else []
     cases = [(ranks, kind) for ranks in args.ranks for kind in ("trainer", "deepspeed", *(["pytorch"] if ranks == 1 else []), *extra)]
     rounds: list[dict[str, float]] = []
@@ -387,7 +387,7 @@ def main() -> None:
         for ranks in args.ranks:
             kinds = [kind for r, kind in cases if r == ranks]
             # Each round another loop takes the first turn.
-            measured.update(one_round(ranks, kinds[i % len(kinds) :] + kinds[: i % len(kinds)], overrides, args))
+            measured.update(one_round(ranks, kinds[i % len(kinds) :] + kinds[: i % len(kinds)], overrides, every, args))
         rounds.append(measured)
 
     print(f"{'ranks':<7}{'loop':<11}{'p90 tokens/s':>17}{'median ratio to bare DeepSpeed':>32}")
@@ -403,7 +403,7 @@ def main() -> None:
     for ranks in args.ranks:
         ratio = summary[f"{ranks}:trainer"]["vs_deepspeed"]
         print(f"{ranks} rank(s): trainer / bare DeepSpeed = {ratio:.3f} (goal >= {GOAL}): {'met' if ratio >= GOAL else 'NOT met'}")
-    watch = watch_cost(overrides, args) if 2 in args.ranks else None
+    watch = watch_cost(overrides, every, args) if 2 in args.ranks else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
